@@ -1,0 +1,183 @@
+"""`cache info` and `cache verify`: what a cache holds, and whether every byte of it is intact.
+
+Zarr reads a missing chunk file as fill values without complaint, so verify checks that every chunk
+file exists, then decompresses every chunk (unless quick), then checks the per-video tables against
+the arrays: offsets in range, no overlaps, no orphan rows, teacher rows consistent.
+"""
+import collections
+import itertools
+import json
+import math
+import os
+import shutil
+
+import zarr
+
+from cache.fingerprint import CacheError, read_cache_json
+from cache.reader import READABLE, committed_parts, load_index, read_part_table
+from cache.writer import LOCK_SUFFIX, PARTS_DIR, TMP_PREFIX, directory_bytes
+
+QUARANTINE_DIR = "quarantine"
+
+
+def cache_info(cache_dir):
+    """A summary dict: counts by status, frames, failure reasons, fingerprint, bytes."""
+    meta = read_cache_json(cache_dir)
+    index, duplicates = load_index(cache_dir)
+    records = [r for _, r in index.values()]
+    status = collections.Counter(r["status"] for r in records)
+    reasons = collections.Counter(r["error"] for r in records if r["status"] == "failed")
+    parts_dir = os.path.join(cache_dir, PARTS_DIR)
+    stale = [n for n in os.listdir(parts_dir) if n.startswith(TMP_PREFIX) and not n.endswith(LOCK_SUFFIX)] \
+        if os.path.isdir(parts_dir) else []
+    fps = meta["fingerprint"]["preprocessing"]["fps"]
+    frames = sum(r["frame_count"] for r in records if r["status"] in READABLE)
+    return {
+        "cache": cache_dir, "created": meta["created"], "fingerprint": meta["fingerprint"],
+        "videos": len(records), "ok": status["ok"], "partial": status["partial"], "failed": status["failed"],
+        "frames": frames, "video_seconds": frames / fps,
+        "teacher_frames": sum(r["teacher_count"] for r in records if r["status"] in READABLE),
+        "failure_reasons": reasons.most_common(),
+        "failed_videos": [(r["id"], r["error"]) for r in records if r["status"] == "failed"],
+        "partial_videos": [(r["id"], r["error"]) for r in records if r["status"] == "partial"],
+        "parts": len(committed_parts(cache_dir)), "stale_tmp_parts": len(stale), "duplicates": len(duplicates),
+        "bytes": directory_bytes(cache_dir),
+    }
+
+
+def _missing_chunks(part_path, name, array):
+    """Chunk files a non-empty array must have but does not (default v3 'c/i/j/..' keys)."""
+    grid = [range(math.ceil(s / c)) for s, c in zip(array.shape, array.chunks)]
+    missing = []
+    for idx in itertools.product(*grid):
+        if not os.path.isfile(os.path.join(part_path, name, "c", *map(str, idx))):
+            missing.append("/".join(map(str, idx)))
+    return missing
+
+
+def verify_part(cache_dir, part, fingerprint, quick=False):
+    """Problems found in one committed part (empty list: intact)."""
+    path = os.path.join(cache_dir, PARTS_DIR, part)
+    try:
+        videos = read_part_table(cache_dir, part)
+        group = zarr.open_group(path, mode="r")
+        if not group.attrs.get("complete"):
+            return [f"{part}: not marked complete"]
+    except Exception as e:  # any failure to open is damage to report, not to crash on
+        return [f"{part}: cannot open ({e})"]
+    problems = []
+    pre = fingerprint["preprocessing"]
+    expect = {"frames": (pre["height"], pre["width"], 3), "teacher_frame": (),
+              "logits": (fingerprint["teacher"]["num_classes"],), "embed": (fingerprint["teacher"]["embed_dim"],)}
+    if fingerprint["flow"]["method"] != "none":
+        expect["flow"] = (pre["height"], pre["width"], 2)
+    arrays = {}
+    for name, row in expect.items():
+        try:
+            arr = group[name]
+        except KeyError:
+            problems.append(f"{part}: array {name!r} is missing")
+            continue
+        if tuple(arr.shape[1:]) != row:
+            problems.append(f"{part}/{name}: row shape {tuple(arr.shape[1:])}, expected {row}")
+        missing = _missing_chunks(path, name, arr)
+        if missing:
+            problems.append(f"{part}/{name}: {len(missing)} chunk file(s) missing (e.g. c/{missing[0]})")
+        elif not quick:
+            step = arr.chunks[0]
+            for lo in range(0, arr.shape[0], step):
+                try:
+                    arr[lo:lo + step]
+                except Exception as e:
+                    problems.append(f"{part}/{name}: rows {lo}..{lo + step} unreadable ({type(e).__name__}: {e})")
+                    break
+        arrays[name] = arr
+    if problems:
+        return problems
+    n_frames, n_teacher = arrays["frames"].shape[0], arrays["logits"].shape[0]
+    for name in ("flow",):
+        if name in arrays and arrays[name].shape[0] != n_frames:
+            problems.append(f"{part}/{name}: {arrays[name].shape[0]} rows but frames has {n_frames}")
+    for name in ("teacher_frame", "embed"):
+        if arrays[name].shape[0] != n_teacher:
+            problems.append(f"{part}/{name}: {arrays[name].shape[0]} rows but logits has {n_teacher}")
+    frame_rows = sorted((r["frame_offset"], r["frame_count"], r["id"]) for r in videos if r["frame_count"])
+    teacher_rows = sorted((r["teacher_offset"], r["teacher_count"], r["id"]) for r in videos if r["teacher_count"])
+    for rows, total, what in ((frame_rows, n_frames, "frames"), (teacher_rows, n_teacher, "teacher rows")):
+        cursor = 0
+        for off, count, vid in rows:
+            if off != cursor:
+                problems.append(f"{part}: video {vid!r} {what} start at {off}, expected {cursor} "
+                                f"({'overlap' if off < cursor else 'orphan rows'})")
+            cursor = off + count
+        if cursor != total:
+            problems.append(f"{part}: table covers {cursor} {what} but the array has {total} "
+                            f"({'orphan rows' if cursor < total else 'records past the end'})")
+    return problems
+
+
+def verify_cache(cache_dir, quick=False):
+    """(problems, notes, checked): problems mean damage; notes are harmless (e.g. stale tmp parts)."""
+    meta = read_cache_json(cache_dir)
+    problems, notes, checked = [], [], {"parts": 0, "videos": 0}
+    parts_dir = os.path.join(cache_dir, PARTS_DIR)
+    for name in sorted(os.listdir(parts_dir)) if os.path.isdir(parts_dir) else []:
+        if name.startswith(TMP_PREFIX) and name.endswith(LOCK_SUFFIX):
+            continue
+        if name.startswith(TMP_PREFIX):
+            notes.append(f"{name}: unfinished part of a killed run; the next extract removes it and redoes its videos")
+        elif not (name.startswith("part-") and name.endswith(".zarr")):
+            problems.append(f"{name}: unexpected entry in {parts_dir} (orphan)")
+    for part in committed_parts(cache_dir):
+        problems += verify_part(cache_dir, part, meta["fingerprint"], quick=quick)
+        checked["parts"] += 1
+    try:
+        index, duplicates = load_index(cache_dir)
+        checked["videos"] = len(index)
+        for vid, part in duplicates:
+            problems.append(f"{part}: video {vid!r} is stored twice (ignored copy)")
+    except CacheError as e:
+        problems.append(str(e))
+    return problems, notes, checked
+
+
+def quarantine_damaged(cache_dir, problems):
+    """Move every part named in `problems` to CACHE/quarantine/; a rerun of extract redoes its videos."""
+    damaged = sorted({p.split("/")[0].split(":")[0] for p in problems if p.startswith("part-")})
+    os.makedirs(os.path.join(cache_dir, QUARANTINE_DIR), exist_ok=True)
+    moved = []
+    for part in damaged:
+        src = os.path.join(cache_dir, PARTS_DIR, part)
+        if os.path.isdir(src):
+            ids = []
+            try:
+                ids = [r["id"] for r in read_part_table(cache_dir, part)]
+            except CacheError:
+                pass
+            shutil.move(src, os.path.join(cache_dir, QUARANTINE_DIR, part))
+            moved.append((part, ids))
+    return moved
+
+
+def format_info(info):
+    fp = info["fingerprint"]
+    pre, flow, teacher = fp["preprocessing"], fp["flow"], fp["teacher"]
+    lines = [
+        f"cache      {info['cache']}  (created {info['created']}, {info['parts']} parts, {info['bytes'] / 1e6:.1f} MB)",
+        f"videos     {info['videos']}: {info['ok']} ok, {info['partial']} partial, {info['failed']} failed",
+        f"frames     {info['frames']} ({info['video_seconds']:.1f} video-seconds), teacher frames {info['teacher_frames']}",
+        f"frames at  {pre['fps']} fps, {pre['height']}x{pre['width']}; teacher sees {pre['teacher_size']}px, "
+        f"every {pre['teacher_every']} frame(s)",
+        f"teacher    {teacher['name']} sha256 {teacher['weights_sha256'][:16]}…",
+        f"flow       {flow['method']} {json.dumps(flow['params'])} bound ±{flow['bound']}px",
+        f"ffmpeg     {fp['ffmpeg_version']}; vidistill {fp['vidistill_version']}",
+    ]
+    if info["stale_tmp_parts"]:
+        lines.append(f"unfinished {info['stale_tmp_parts']} part(s) from killed runs (rerun extract to finish)")
+    for vid, err in info["partial_videos"][:20]:
+        lines.append(f"partial    {vid}: {err}")
+    for vid, err in info["failed_videos"][:50]:
+        lines.append(f"failed     {vid}: {err}")
+    if len(info["failed_videos"]) > 50:
+        lines.append(f"           … and {len(info['failed_videos']) - 50} more failed videos")
+    return "\n".join(lines)

