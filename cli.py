@@ -83,6 +83,54 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
         sys.exit(1)
 
 
+@cli.command()
+@click.option("--cache", required=True, type=click.Path(), help="Cache written by `extract`.")
+@click.option("--out", required=True, type=click.Path(), help="Run folder: checkpoint.pt, log.jsonl, losses.png.")
+@click.option("--objective", default="distinit", show_default=True, type=click.Choice(["distinit", "modist", "both"]),
+              help="distinit: match the image teacher; modist: contrast RGB with flow; both: the sum.")
+@click.option("--student", default="auto", show_default=True,
+              help="r2plus1d_18 | r3d_18 | mc3_18 | r3d_cpu | r3d_10_half | efficientnet3d_lite0 "
+                   "(auto: r2plus1d_18 on GPU, r3d_cpu on CPU).")
+@click.option("--clip-len", default=0, help="Frames per clip (0: 16 on GPU, 8 on CPU).")
+@click.option("--stride", default=2, show_default=True, help="Cached frames between clip frames.")
+@click.option("--crop", default=112, show_default=True, help="Random-resized-crop output size.")
+@click.option("--batch-size", default=0, help="Clips per step per process (0: 32 on GPU, 8 on CPU).")
+@click.option("--steps", default=0, help="Optimiser steps (0: --epochs over the cache).")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(["adamw", "sgd"]))
+@click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate after warm-up (cosine decay).")
+@click.option("--weight-decay", default=0.05, show_default=True)
+@click.option("--warmup-steps", default=50, show_default=True)
+@click.option("--tau", default=2.0, show_default=True, help="Distillation temperature.")
+@click.option("--target-mode", default="average", show_default=True, type=click.Choice(["average", "random"]),
+              help="Teacher target: frame-averaged probabilities over the clip, or one random frame.")
+@click.option("--embed-weight", default=0.0, show_default=True, help="Cosine regression onto the teacher embedding.")
+@click.option("--distinit-weight", default=1.0, show_default=True)
+@click.option("--modist-weight", default=1.0, show_default=True)
+@click.option("--cross-weight", default=1.0, show_default=True, help="RGB<->flow term inside MoDist.")
+@click.option("--queue-size", default=4096, show_default=True, help="Negatives kept from earlier batches.")
+@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--save-every", default=100, show_default=True, help="Checkpoint every N steps (and at the end).")
+@click.option("--device", default="auto", show_default=True)
+def distill(**kw):
+    """Stage two: train a 3D student from the cache alone (the teacher is never loaded).
+
+    Rerunning the same command resumes from RUN/checkpoint.pt. Multi-GPU:
+    torchrun --nproc_per_node=N cli.py distill ...
+    """
+    from pipeline.distill import DistillConfig, DistillError, run_distill
+    try:
+        s = run_distill(DistillConfig(**kw))
+    except DistillError as e:
+        _fail(str(e))
+    if s is None:
+        return
+    click.echo(f"trained {s['student']} for {s['steps_this_run']} steps ({s['steps']} total) on {s['videos']} videos "
+               f"in {s['wall_seconds']:.1f}s ({s['clips_per_s']:.1f} clips/s on {s['device']}); "
+               f"checkpoint: {s['checkpoint']}")
+
+
 @cli.group("cache")
 def cache_group():
     """Inspect and check a teacher-feature cache."""

@@ -1,0 +1,121 @@
+"""Stage-two throughput, in one run:
+
+(a) training steps/s reading clips from the cache (the real DataLoader) vs. from batches already in
+    memory on the device: how close the loader gets to compute-bound (goal >= 0.9 on GPU);
+(b) the cached DistInit step vs. an *online* step that runs the image teacher on the clip's frames
+    inside the loop (what a pipeline without a cache pays; decoding not even counted).
+
+    python bench/bench_distill.py                        # extracts ../shared/data/clips into a temp cache
+    python bench/bench_distill.py --cache CACHE --steps 30
+    python bench/bench_distill.py --student r2plus1d_18 --clip-len 16 --batch-size 32   # GPU figures
+"""
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from cache.dataset import ClipDataset  # noqa: E402
+from pipeline.distill import (ClipSampler, DistillConfig, autocast, build_training, check_cache,  # noqa: E402
+                              resolve, train_step)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_steps(step_fn, batches, steps, device, warmup=3):
+    for _ in range(warmup):
+        step_fn(next(batches))
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step_fn(next(batches))
+    sync(device)
+    return steps / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache", default=None)
+    ap.add_argument("--videos", default=None, help="extracted into a temporary cache when --cache is not given")
+    ap.add_argument("--student", default="auto")
+    ap.add_argument("--clip-len", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+
+    cache = args.cache
+    if cache is None:
+        from bench.bench_extract import default_videos
+        from pipeline.extract import ExtractConfig, run_extract
+        cache = os.path.join(tempfile.mkdtemp(prefix="bench-distill-"), "cache")
+        run_extract(ExtractConfig(videos=args.videos or default_videos(), cache=cache, progress=False))
+    cfg = resolve(DistillConfig(cache=cache, out="", student=args.student, clip_len=args.clip_len,
+                                batch_size=args.batch_size, workers=args.workers))
+    device = torch.device(cfg.device)
+    fingerprint = check_cache(cache, cfg.objective)
+    dataset = ClipDataset(cache, cfg.clip_len, cfg.stride, cfg.crop, seed=0)
+    model, opt, sched = build_training(cfg, fingerprint, 10 ** 6)
+    model.train()
+    amp = autocast(device)
+    print(f"{cfg.student}, clips {cfg.clip_len}x{cfg.crop}^2, batch {cfg.batch_size}, {cfg.workers} workers, "
+          f"{device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} cores'}), "
+          f"{len(dataset)} videos")
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=ClipSampler(len(dataset), 0, 0, 1, cfg.batch_size, 0),
+        num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers else None, multiprocessing_context="spawn" if cfg.workers else None)
+    it = iter(loader)
+
+    def to_device(b):
+        return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+    def cached_step(b):
+        train_step(model, model, opt, sched, to_device(b), amp)
+
+    in_memory = [to_device(next(it)) for _ in range(4)]
+
+    def cycle(xs):
+        while True:
+            yield from xs
+
+    def memory_step(b):
+        train_step(model, model, opt, sched, b, amp)
+
+    from models.teacher import load_teacher  # only the online baseline needs the teacher
+    teacher = load_teacher(device=cfg.device)
+
+    def online_step(b):
+        # what a cache-free pipeline does per step: the teacher on every frame of every clip
+        video = b["video"]  # [B,3,T,S,S] uint8
+        frames = video.permute(0, 2, 3, 4, 1).flatten(0, 1)  # [B*T,S,S,3]
+        frames = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=(224, 224), mode="bilinear")
+        logits, _ = teacher.predict(frames.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+        logits = torch.from_numpy(logits).to(device).view(video.shape[0], video.shape[2], -1)
+        b = dict(b, teacher_logits=logits, teacher_mask=torch.ones(logits.shape[:2], dtype=torch.bool, device=device))
+        train_step(model, model, opt, sched, to_device(b), amp)
+
+    results = {
+        "cache (DataLoader)": timed_steps(cached_step, it, args.steps, device),
+        "in-memory batches": timed_steps(memory_step, cycle(in_memory), args.steps, device),
+        "online teacher": timed_steps(online_step, it, max(3, args.steps // 4), device, warmup=1),
+    }
+    for name, sps in results.items():
+        print(f"{name:>20}: {sps:.2f} steps/s = {sps * cfg.batch_size:.1f} clips/s")
+    print(f"(a) cache / in-memory: {results['cache (DataLoader)'] / results['in-memory batches']:.2f} (goal >= 0.9 on GPU)")
+    print(f"(b) cached / online teacher: {results['cache (DataLoader)'] / results['online teacher']:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()

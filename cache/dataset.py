@@ -1,0 +1,134 @@
+"""Clips from the cache for training and evaluation.
+
+A clip is `clip_len` frames `stride` apart, cut by one crop box and resized to `crop` x `crop`; the
+same box, flip and resize apply to the flow, whose vectors are rescaled (and x negated on a flip) so
+they stay in output-pixel units. Teacher outputs of every teacher frame inside the clip's time span
+come along, padded to a fixed length with a mask. All geometry is done on whole tensors, never per frame.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cache.reader import CacheReader
+
+# Kinetics statistics used by torchvision's video models; flow is scaled by its bound to [-1, 1].
+VIDEO_MEAN = (0.43216, 0.394666, 0.37645)
+VIDEO_STD = (0.22803, 0.22145, 0.216989)
+
+
+def normalize_video(video_uint8):
+    """[B,3,T,H,W] uint8 (on any device) -> float normalised input for a student."""
+    mean = torch.tensor(VIDEO_MEAN, device=video_uint8.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(VIDEO_STD, device=video_uint8.device).view(1, 3, 1, 1, 1)
+    return (video_uint8.float() / 255 - mean) / std
+
+
+def random_box(h, w, rng, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A RandomResizedCrop box (top, left, bh, bw) inside an h x w frame."""
+    for _ in range(10):
+        area = h * w * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        bw, bh = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < bw <= w and 0 < bh <= h:
+            return int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1)), bh, bw
+    side = min(h, w)
+    return (h - side) // 2, (w - side) // 2, side, side
+
+
+def centre_box(h, w):
+    side = min(h, w)
+    return (h - side) // 2, (w - side) // 2, side, side
+
+
+def clip_frame_indices(n_frames, start, clip_len, stride):
+    """Frame indices of a clip; a video shorter than the span repeats its last frame (padding rule)."""
+    return np.minimum(start + np.arange(clip_len) * stride, n_frames - 1)
+
+
+def load_clip(reader, video_id, start, clip_len, stride, box, flip, crop, with_flow):
+    """Read and transform one clip. Returns video uint8 [3,T,S,S] and flow float16 [2,T,S,S] or None."""
+    n = reader.num_frames(video_id)
+    idx = clip_frame_indices(n, start, clip_len, stride)
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    data = reader.read(video_id, lo, hi, fields=("frames", "flow") if with_flow else ("frames",))
+    top, left, bh, bw = box
+    frames = torch.from_numpy(data["frames"][idx - lo, top:top + bh, left:left + bw])  # [T,bh,bw,3]
+    video = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=(crop, crop), mode="bilinear",
+                          antialias=True, align_corners=False)  # [T,3,S,S]
+    if flip:
+        video = video.flip(-1)
+    video = video.round().clamp(0, 255).to(torch.uint8).permute(1, 0, 2, 3).contiguous()  # [3,T,S,S]
+    flow = None
+    if with_flow:
+        f = torch.from_numpy(data["flow"][idx - lo, top:top + bh, left:left + bw]).permute(0, 3, 1, 2)  # [T,2,bh,bw]
+        f = F.interpolate(f, size=(crop, crop), mode="bilinear", antialias=True, align_corners=False)
+        f = f * torch.tensor([crop / bw, crop / bh]).view(1, 2, 1, 1)  # vectors into output pixels
+        if flip:
+            f = f.flip(-1) * torch.tensor([-1.0, 1.0]).view(1, 2, 1, 1)
+        flow = f.permute(1, 0, 2, 3).to(torch.float16).contiguous()  # [2,T,S,S]
+    return video, flow
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """One random clip (or two, for contrastive objectives) per video per epoch."""
+
+    def __init__(self, cache_dir, clip_len=8, stride=2, crop=112, with_flow=False, with_teacher=True,
+                 two_views=False, gap_seconds=(0.5, 10.0), min_frames=1, seed=0):
+        self.reader = CacheReader(cache_dir)  # only the index: Zarr opens lazily in each worker
+        self.cfg = dict(clip_len=clip_len, stride=stride, crop=crop, with_flow=with_flow,
+                        with_teacher=with_teacher, two_views=two_views, gap_seconds=gap_seconds)
+        self.fps = self.reader.fingerprint["preprocessing"]["fps"]
+        self.span = (clip_len - 1) * stride + 1
+        self.ids = [v for v in self.reader.ids if self.reader.num_frames(v) >= min_frames]
+        self.skipped = len(self.reader.ids) - len(self.ids)
+        self.max_teacher = self.span  # every frame in the span at most
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.ids)
+
+    def _window(self, n, rng, other=None):
+        last = max(0, n - self.span)
+        if other is None:
+            return int(rng.integers(0, last + 1))
+        lo_gap, hi_gap = (int(round(g * self.fps)) for g in self.cfg["gap_seconds"])
+        starts = np.arange(last + 1)
+        ok = starts[(np.abs(starts - other) >= lo_gap) & (np.abs(starts - other) <= hi_gap)]
+        return int(rng.choice(ok)) if len(ok) else int(rng.integers(0, last + 1))  # short video: any window
+
+    def __getitem__(self, key):
+        """key: a video index, or (epoch, index) so each epoch draws new clips."""
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        c = self.cfg
+        # deterministic per (seed, epoch, item): identical across worker counts and resumes
+        rng = np.random.default_rng([self.seed, epoch, i])
+        vid = self.ids[i]
+        n = self.reader.num_frames(vid)
+        h, w = self.reader.fingerprint["preprocessing"]["height"], self.reader.fingerprint["preprocessing"]["width"]
+        starts = [self._window(n, rng)]
+        if c["two_views"]:
+            starts.append(self._window(n, rng, other=starts[0]))
+        out = {"index": i}
+        for k, start in enumerate(starts):
+            suffix = "" if k == 0 else "2"
+            video, flow = load_clip(self.reader, vid, start, c["clip_len"], c["stride"],
+                                    random_box(h, w, rng), bool(rng.random() < 0.5), c["crop"], c["with_flow"])
+            out["video" + suffix] = video
+            if flow is not None:
+                out["flow" + suffix] = flow
+        if c["with_teacher"]:
+            out.update(self.teacher_window(vid, starts[0], n))
+        return out
+
+    def teacher_window(self, vid, start, n):
+        """Teacher logits/embeddings of the teacher frames inside [start, start+span), padded + mask."""
+        t = self.reader.read(vid, start, min(start + self.span, n), fields=("logits", "embed"))
+        m = len(t["logits"])
+        k, d = t["logits"].shape[1], t["embed"].shape[1]
+        logits = torch.zeros(self.max_teacher, k, dtype=torch.float16)
+        embed = torch.zeros(self.max_teacher, d, dtype=torch.float16)
+        mask = torch.zeros(self.max_teacher, dtype=torch.bool)
+        logits[:m], embed[:m], mask[:m] = torch.from_numpy(t["logits"]), torch.from_numpy(t["embed"]), True
+        return {"teacher_logits": logits, "teacher_embed": embed, "teacher_mask": mask}

@@ -1,0 +1,392 @@
+"""Stage two: train a 3D student against the cache alone (DistInit, MoDist, or both).
+
+Never imports or builds the teacher: soft targets and embeddings come from the cache, so a step
+costs only the student (and the motion pathway). Runs single-process or under torchrun (DDP).
+"""
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from cache.dataset import ClipDataset, normalize_video
+from cache.fingerprint import VIDISTILL_VERSION, CacheError, read_cache_json
+from models.students import ProjectionHead, build_motion_pathway, build_student
+from pipeline.losses import distill_kl, embed_cosine, info_nce, teacher_targets
+
+OBJECTIVES = ("distinit", "modist", "both")
+
+
+class DistillError(Exception):
+    """Bad arguments, an unusable cache or an incompatible checkpoint; one-line message."""
+
+
+@dataclass
+class DistillConfig:
+    cache: str
+    out: str
+    objective: str = "distinit"
+    student: str = "auto"  # r2plus1d_18 on CUDA, r3d_cpu on CPU
+    clip_len: int = 0  # 0: 16 on CUDA, 8 on CPU
+    stride: int = 2
+    crop: int = 112
+    batch_size: int = 0  # 0: 32 on CUDA, 8 on CPU
+    steps: int = 0  # total optimiser steps; 0: from epochs
+    epochs: int = 10
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    tau: float = 2.0  # distillation temperature
+    target_mode: str = "average"  # teacher target: frame-averaged probabilities, or one random frame
+    embed_weight: float = 0.0  # cosine regression onto the teacher embedding
+    distinit_weight: float = 1.0
+    modist_weight: float = 1.0
+    cross_weight: float = 1.0  # RGB<->flow term inside MoDist (1.0 in the released code)
+    nce_tau: float = 0.1
+    queue_size: int = 4096
+    momentum: float = 0.999
+    proj_dim: int = 128
+    workers: int = 2
+    seed: int = 0
+    save_every: int = 100
+    log_every: int = 10
+    device: str = "auto"
+    progress: bool = True
+
+
+def resolve(cfg):
+    """Fill the "auto" fields from the device; validate."""
+    if cfg.objective not in OBJECTIVES:
+        raise DistillError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
+    if cfg.target_mode not in ("average", "random"):
+        raise DistillError("--target-mode must be 'average' or 'random'")
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = device.startswith("cuda")
+    return dataclasses.replace(
+        cfg, device=device,
+        student=cfg.student if cfg.student != "auto" else ("r2plus1d_18" if gpu else "r3d_cpu"),
+        clip_len=cfg.clip_len or (16 if gpu else 8),
+        batch_size=cfg.batch_size or (32 if gpu else 8))
+
+
+class Distiller(nn.Module):
+    """The student backbone plus whatever the objective needs: heads, motion pathway, momentum copies."""
+
+    def __init__(self, cfg, num_classes, embed_dim):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_student(cfg.student)
+        d = self.backbone.feature_dim
+        self.use_distinit = cfg.objective in ("distinit", "both")
+        self.use_modist = cfg.objective in ("modist", "both")
+        if self.use_distinit:
+            self.distill_head = nn.Linear(d, num_classes)  # one head per teacher (the cache has one)
+            self.embed_head = nn.Linear(d, embed_dim) if cfg.embed_weight > 0 else None
+        if self.use_modist:
+            self.proj_rgb = ProjectionHead(d, dim_out=cfg.proj_dim)
+            self.motion = build_motion_pathway(d)
+            self.proj_flow = ProjectionHead(self.motion.feature_dim, dim_out=cfg.proj_dim)
+            # MoCo-style momentum encoders: keys change slowly so the queue stays consistent
+            self.key_rgb = nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.proj_rgb))
+            self.key_flow = nn.Sequential(copy.deepcopy(self.motion), copy.deepcopy(self.proj_flow))
+            for p in list(self.key_rgb.parameters()) + list(self.key_flow.parameters()):
+                p.requires_grad = False
+            self.register_buffer("queue_rgb", nn.functional.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
+            self.register_buffer("queue_flow", nn.functional.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self):
+        m = self.cfg.momentum
+        for q_mod, k_mod in ((nn.Sequential(self.backbone, self.proj_rgb), self.key_rgb),
+                             (nn.Sequential(self.motion, self.proj_flow), self.key_flow)):
+            for q, k in zip(q_mod.parameters(), k_mod.parameters()):
+                k.mul_(m).add_(q.detach(), alpha=1 - m)
+
+    @torch.no_grad()
+    def enqueue(self, k_rgb, k_flow):
+        k_rgb, k_flow = all_gather(k_rgb), all_gather(k_flow)
+        n, size = len(k_rgb), len(self.queue_rgb)
+        idx = (self.queue_ptr + torch.arange(n, device=k_rgb.device)) % size
+        self.queue_rgb[idx] = k_rgb.to(self.queue_rgb.dtype)
+        self.queue_flow[idx] = k_flow.to(self.queue_flow.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)
+
+    def forward(self, batch):
+        """Returns a dict of named scalar losses for one batch (already on the device)."""
+        cfg, losses = self.cfg, {}
+        feat = self.backbone(normalize_video(batch["video"]))  # [B,D]
+        if self.use_distinit:
+            target = teacher_targets(batch["teacher_logits"], batch["teacher_mask"], cfg.tau, cfg.target_mode)
+            losses["distinit"] = distill_kl(self.distill_head(feat), target, cfg.tau)
+            if self.embed_head is not None:
+                losses["embed"] = embed_cosine(self.embed_head(feat), batch["teacher_embed"], batch["teacher_mask"])
+        if self.use_modist:
+            flow1 = batch["flow"].float() / 20.0  # the cache's flow bound: inputs in [-1, 1]
+            q_rgb = self.proj_rgb(feat)  # [B,128]
+            q_flow = self.proj_flow(self.motion(flow1))  # [B,128]
+            with torch.no_grad():
+                self.momentum_update()
+                k_rgb = self.key_rgb(normalize_video(batch["video2"]))
+                k_flow = self.key_flow(batch["flow2"].float() / 20.0)
+            losses["rgb_nce"] = info_nce(q_rgb, k_rgb, self.queue_rgb.clone().detach(), cfg.nce_tau)
+            losses["flow_nce"] = info_nce(q_flow, k_flow, self.queue_flow.clone().detach(), cfg.nce_tau)
+            losses["cross_nce"] = 0.5 * (info_nce(q_rgb, k_flow, self.queue_flow.clone().detach(), cfg.nce_tau)
+                                         + info_nce(q_flow, k_rgb, self.queue_rgb.clone().detach(), cfg.nce_tau))
+            self.enqueue(k_rgb, k_flow)
+        return losses
+
+    def total(self, losses):
+        cfg = self.cfg
+        weights = {"distinit": cfg.distinit_weight, "embed": cfg.embed_weight * cfg.distinit_weight,
+                   "rgb_nce": cfg.modist_weight, "flow_nce": cfg.modist_weight,
+                   "cross_nce": cfg.modist_weight * cfg.cross_weight}
+        return sum(weights[k] * v for k, v in losses.items())
+
+
+def all_gather(x):
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def lr_lambda(step, warmup, total):
+    """Linear warmup, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+class ClipSampler(torch.utils.data.Sampler):
+    """Endless (epoch, index) pairs: a seeded permutation per epoch, split across ranks.
+
+    Starting from any step makes resume exact, and one DataLoader serves the whole run, so its
+    workers persist across epochs.
+    """
+
+    def __init__(self, n, seed, rank, world, batch_size, start_step):
+        self.n, self.seed, self.rank, self.world, self.batch_size = n, seed, rank, world, batch_size
+        self.per_rank = n // world  # drop the tail so every rank takes equal steps
+        self.steps_per_epoch = self.per_rank // batch_size
+        self.epoch, step_in_epoch = divmod(start_step, self.steps_per_epoch)
+        self.skip = step_in_epoch * batch_size
+
+    def __iter__(self):
+        epoch, skip = self.epoch, self.skip
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+            mine = perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+            mine = mine[:self.steps_per_epoch * self.batch_size]  # whole batches: epochs align with steps
+            for i in mine[skip:]:
+                yield epoch, i
+            epoch, skip = epoch + 1, 0
+
+
+def check_cache(cache_dir, objective):
+    """The cache must be a vidistill cache with what the objective reads. Returns its fingerprint."""
+    try:
+        meta = read_cache_json(cache_dir)
+    except CacheError as e:
+        raise DistillError(str(e)) from None
+    fp = meta["fingerprint"]
+    if fp.get("vidistill_version") != VIDISTILL_VERSION:
+        raise DistillError(f"{cache_dir} was written by vidistill {fp.get('vidistill_version')}, "
+                           f"this is {VIDISTILL_VERSION}; re-extract it")
+    if objective in ("modist", "both") and fp["flow"]["method"] == "none":
+        raise DistillError(f"{cache_dir} has no optical flow (extracted with --flow none); "
+                           f"--objective {objective} needs it")
+    return fp
+
+
+def save_checkpoint(path, state):
+    """Atomic: a kill during the write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """weights_only: a checkpoint never executes code when loaded."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DistillError(f"{path}: not a readable vidistill checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def load_student(path):
+    """The distilled backbone from a checkpoint, in eval mode, plus the checkpoint's config."""
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt or "model" not in ckpt:
+        raise DistillError(f"{path}: not a vidistill checkpoint (no config/model)")
+    backbone = build_student(ckpt["config"]["student"])
+    prefix = "backbone."
+    backbone.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
+    return backbone.eval(), ckpt
+
+
+def build_training(cfg, fingerprint, total_steps):
+    """Model (on cfg.device), optimiser and warmup+cosine schedule for a resolved config."""
+    tcfg = fingerprint["teacher"]
+    model = Distiller(cfg, tcfg["num_classes"], tcfg["embed_dim"]).to(cfg.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    else:
+        raise DistillError(f"--optimizer must be adamw or sgd, not {cfg.optimizer!r}")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps))
+    return model, opt, sched
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full precision on CPU (no fast bf16 on common CPUs)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def train_step(model, forward, opt, sched, batch, amp):
+    """One optimiser step. Returns (loss, losses, grad_norm), detached; loss None if not finite
+    (the update is skipped). `forward` is the model or its DDP wrapper."""
+    with amp:
+        losses = forward(batch)
+        loss = model.total(losses)
+    opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return None, {k: v.detach() for k, v in losses.items()}, None
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], model.cfg.grad_clip)
+    opt.step()
+    sched.step()
+    return loss.detach(), {k: v.detach() for k, v in losses.items()}, grad_norm
+
+
+# Settings that must not change between a run and its resumption.
+_RESUME_KEYS = ("cache", "objective", "student", "clip_len", "stride", "crop", "batch_size", "seed",
+                "tau", "target_mode", "embed_weight", "queue_size", "proj_dim")
+
+
+def run_distill(cfg):
+    """The whole of `cli.py distill`. Returns a summary dict."""
+    cfg = resolve(cfg)
+    fingerprint = check_cache(cfg.cache, cfg.objective)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+        if cfg.device.startswith("cuda"):
+            cfg = dataclasses.replace(cfg, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed + rank)
+    modist = cfg.objective in ("modist", "both")
+    dataset = ClipDataset(cfg.cache, cfg.clip_len, cfg.stride, cfg.crop, with_flow=modist,
+                          with_teacher=cfg.objective != "modist", two_views=modist, seed=cfg.seed)
+    per_epoch = len(dataset) // (cfg.batch_size * world)
+    if per_epoch == 0:
+        raise DistillError(f"{cfg.cache}: {len(dataset)} usable videos, fewer than one batch of "
+                           f"{cfg.batch_size} x {world} process(es); lower --batch-size")
+    total = cfg.steps or cfg.epochs * per_epoch
+    model, opt, sched = build_training(cfg, fingerprint, total)
+
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    step = 0
+    if os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        changed = [k for k in _RESUME_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
+        if changed:
+            raise DistillError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); "
+                               "use another --out to start a new run")
+        if ckpt["cache_fingerprint"] != fingerprint:
+            raise DistillError(f"{ckpt_path} was trained on a cache with another fingerprint; use another --out")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    def state():
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "step": step, "rng": {"torch": torch.get_rng_state()}, "config": dataclasses.asdict(cfg),
+                "cache_fingerprint": fingerprint, "feature_dim": model.backbone.feature_dim,
+                "vidistill_version": VIDISTILL_VERSION}
+
+    log_path = os.path.join(cfg.out, "log.jsonl")
+    amp = autocast(device)
+    bar = tqdm(total=total, initial=step, unit="step", desc=f"distill {cfg.objective}",
+               disable=not cfg.progress or rank != 0, dynamic_ncols=True)
+    t0, clips, bad_steps, first_step = time.time(), 0, 0, step
+    model.train()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size,
+        sampler=ClipSampler(len(dataset), cfg.seed, rank, world, cfg.batch_size, step),
+        num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers else None, multiprocessing_context="spawn" if cfg.workers else None)
+    batches = iter(loader)
+    while step < total:
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        loss, losses, grad_norm = train_step(model, ddp, opt, sched, batch, amp)
+        if loss is None:  # NaN guard: the update was skipped; stop if it keeps happening
+            bad_steps += 1
+            if bad_steps > 10:
+                raise DistillError(f"loss was not finite in {bad_steps} steps; lower --lr "
+                                   f"(last: {({k: float(v) for k, v in losses.items()})})")
+            continue
+        step += 1
+        clips += len(batch["video"]) * world
+        if rank == 0 and (step % cfg.log_every == 0 or step == total):
+            rec = {"step": step, "epoch": step // per_epoch, "loss": float(loss), "lr": sched.get_last_lr()[0],
+                   "grad_norm": float(grad_norm), "clips_per_s": clips / (time.time() - t0),
+                   **{k: float(v) for k, v in losses.items()}}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}", clips_s=f"{clips / (time.time() - t0):.1f}")
+        if rank == 0 and (step % cfg.save_every == 0 or step == total):
+            save_checkpoint(ckpt_path, state())
+    bar.close()
+    if rank == 0:
+        save_checkpoint(ckpt_path, state())
+        plot_losses(log_path, os.path.join(cfg.out, "losses.png"))
+    if world > 1:
+        dist.destroy_process_group()
+    return {"steps": step, "steps_this_run": step - first_step, "wall_seconds": time.time() - t0,
+            "clips_per_s": clips / max(time.time() - t0, 1e-9), "checkpoint": ckpt_path,
+            "videos": len(dataset), "skipped_steps": bad_steps, "student": cfg.student, "device": cfg.device}
+
+
+def plot_losses(log_path, png_path):
+    """Loss curves from the JSON-lines log (every named loss and the total)."""
+    if not os.path.exists(log_path):
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = [json.loads(l) for l in open(log_path)]
+    keys = [k for k in recs[-1] if k in ("loss", "distinit", "embed", "rgb_nce", "flow_nce", "cross_nce")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k in keys:
+        ax.plot([r["step"] for r in recs if k in r], [r[k] for r in recs if k in r], label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

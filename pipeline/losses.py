@@ -1,0 +1,55 @@
+"""Stage-two objectives as pure functions (no state, no modules): easy to test by hand."""
+import torch
+import torch.nn.functional as F
+
+
+def teacher_targets(teacher_logits, teacher_mask, tau, mode="average", generator=None):
+    """Soft targets for each clip from the teacher's per-frame logits.
+
+    teacher_logits [B,M,K] (padded), teacher_mask [B,M] bool (which rows are real frames).
+    mode "average": frame-averaged probabilities softmax(t/tau) over the clip's frames;
+    mode "random": the probabilities of one random real frame per clip.
+    Returns probabilities [B,K].
+    """
+    probs = F.softmax(teacher_logits.float() / tau, dim=-1)  # [B,M,K]
+    mask = teacher_mask.float()  # [B,M]
+    if mode == "random":
+        # one valid frame per clip: sample by the mask as a categorical distribution
+        pick = torch.multinomial(mask + 1e-12 * (mask.sum(1, keepdim=True) == 0), 1, generator=generator)  # [B,1]
+        return probs.gather(1, pick[:, :, None].expand(-1, -1, probs.shape[-1])).squeeze(1)
+    if mode != "average":
+        raise ValueError(f"unknown target mode {mode!r}")
+    return (probs * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)  # [B,K]
+
+
+def distill_kl(student_logits, target_probs, tau):
+    """DistInit: KL(p_teacher || softmax(student/tau)) * tau^2, mean over the batch.
+
+    student_logits [B,K], target_probs [B,K] -> scalar. The tau^2 keeps gradient scale independent
+    of tau (Hinton et al.).
+    """
+    log_p_student = F.log_softmax(student_logits.float() / tau, dim=-1)
+    return F.kl_div(log_p_student, target_probs, reduction="batchmean") * tau * tau
+
+
+def embed_cosine(student_embed, teacher_embed, teacher_mask):
+    """1 - cos(student prediction, the clip's mean teacher embedding), mean over the batch.
+
+    student_embed [B,D], teacher_embed [B,M,D], teacher_mask [B,M] -> scalar.
+    """
+    mask = teacher_mask.float()[..., None]
+    target = (teacher_embed.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # [B,D]
+    return (1 - F.cosine_similarity(student_embed.float(), target, dim=-1)).mean()
+
+
+def info_nce(query, key, queue=None, tau=0.1):
+    """InfoNCE with the matching key as positive; other keys in the batch and a queue as negatives.
+
+    query [B,D], key [B,D] (both L2-normalised; key from the momentum encoder, no gradient),
+    queue [Q,D] or None -> scalar. Positives sit on the diagonal of the in-batch similarity matrix.
+    """
+    logits = query @ key.t()  # [B,B]
+    if queue is not None and len(queue):
+        logits = torch.cat([logits, query @ queue.t()], dim=1)  # [B,B+Q]
+    labels = torch.arange(len(query), device=query.device)
+    return F.cross_entropy(logits.float() / tau, labels)

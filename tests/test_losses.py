@@ -1,0 +1,53 @@
+"""Objectives on hand-computed cases."""
+import math
+
+import torch
+
+from pipeline.losses import distill_kl, embed_cosine, info_nce, teacher_targets
+
+
+def test_kl_is_zero_for_identical_distributions_and_positive_otherwise():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]])
+    target = torch.softmax(logits / 2.0, dim=-1)
+    assert abs(float(distill_kl(logits, target, tau=2.0))) < 1e-6
+    assert float(distill_kl(-logits, target, tau=2.0)) > 0.1
+
+
+def test_kl_matches_a_hand_computed_value():
+    # p = [0.5, 0.5], q = softmax([log 3, 0]) = [0.75, 0.25]; KL = 0.5 log(0.5/0.75) + 0.5 log(0.5/0.25)
+    target = torch.tensor([[0.5, 0.5]])
+    student = torch.tensor([[math.log(3.0), 0.0]])
+    expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert abs(float(distill_kl(student, target, tau=1.0)) - expected) < 1e-6
+
+
+def test_targets_average_only_the_real_frames():
+    logits = torch.zeros(1, 3, 2)
+    logits[0, 0] = torch.tensor([10.0, 0.0])   # frame says class 0
+    logits[0, 1] = torch.tensor([0.0, 10.0])   # frame says class 1
+    logits[0, 2] = torch.tensor([0.0, 100.0])  # padding: must be ignored
+    mask = torch.tensor([[True, True, False]])
+    p = teacher_targets(logits, mask, tau=1.0)
+    assert torch.allclose(p, torch.tensor([[0.5, 0.5]]), atol=1e-4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        r = teacher_targets(logits, mask, tau=1.0, mode="random", generator=g)
+        assert r[0].max() > 0.99 and torch.allclose(r.sum(), torch.tensor(1.0))  # one real frame's target
+
+
+def test_embed_cosine_zero_when_aligned():
+    teacher = torch.tensor([[[1.0, 0.0], [3.0, 0.0]]])
+    mask = torch.tensor([[True, True]])
+    assert abs(float(embed_cosine(torch.tensor([[2.0, 0.0]]), teacher, mask))) < 1e-6
+    assert abs(float(embed_cosine(torch.tensor([[0.0, 1.0]]), teacher, mask)) - 1.0) < 1e-6
+
+
+def test_info_nce_prefers_the_positive():
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    queue = torch.nn.functional.normalize(torch.randn(32, 16), dim=1)
+    aligned = info_nce(q, q, queue, tau=0.1)
+    shuffled = info_nce(q, q.roll(1, dims=0), queue, tau=0.1)
+    assert float(aligned) < 0.5 < float(shuffled)
+    # with one query and one key and nothing else, the positive is certain: loss 0
+    assert abs(float(info_nce(q[:1], q[:1], None, tau=0.1))) < 1e-6
