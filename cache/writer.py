@@ -88,10 +88,10 @@ class PartWriter:
         self._lock = open(self._lock_path, "w")
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         self.group = zarr.open_group(self.tmp_path, mode="w", zarr_format=3)
-        specs = {"frames": ((height, width, 3), "uint8"),
-                 "teacher_frame": ((), "int32"),
-                 "logits": ((num_classes,), "float16"),
-                 "embed": ((embed_dim,), "float16")}
+        specs = {"frames": ((height, width, 3), "uint8")}
+        if num_classes:  # None: a frames-only cache (--teacher none, e.g. for evaluation data)
+            specs.update({"teacher_frame": ((), "int32"), "logits": ((num_classes,), "float16"),
+                          "embed": ((embed_dim,), "float16")})
         if with_flow:
             specs["flow"] = ((height, width, 2), "uint8")
         self.arrays = {}

@@ -206,6 +206,9 @@ def check_cache(cache_dir, objective):
     if fp.get("vidistill_version") != VIDISTILL_VERSION:
         raise DistillError(f"{cache_dir} was written by vidistill {fp.get('vidistill_version')}, "
                            f"this is {VIDISTILL_VERSION}; re-extract it")
+    if objective in ("distinit", "both") and fp["teacher"]["name"] == "none":
+        raise DistillError(f"{cache_dir} has no teacher outputs (extracted with --teacher none); "
+                           f"--objective {objective} needs them")
     if objective in ("modist", "both") and fp["flow"]["method"] == "none":
         raise DistillError(f"{cache_dir} has no optical flow (extracted with --flow none); "
                            f"--objective {objective} needs it")
@@ -241,7 +244,7 @@ def load_student(path):
 def build_training(cfg, fingerprint, total_steps):
     """Model (on cfg.device), optimiser and warmup+cosine schedule for a resolved config."""
     tcfg = fingerprint["teacher"]
-    model = Distiller(cfg, tcfg["num_classes"], tcfg["embed_dim"]).to(cfg.device)
+    model = Distiller(cfg, tcfg.get("num_classes"), tcfg.get("embed_dim")).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -98,7 +98,7 @@ def find_videos(root):
 
 def make_fingerprint(cfg, teacher):
     return {
-        "teacher": teacher_fingerprint(teacher),
+        "teacher": teacher_fingerprint(teacher) if teacher else {"name": "none"},
         "preprocessing": {"fps": cfg.fps, "height": cfg.height, "width": cfg.width,
                           "resize": "cover-scale + centre crop, SAR and rotation applied",
                           "teacher_size": cfg.teacher_size, "teacher_every": cfg.teacher_every},
@@ -156,7 +156,7 @@ def extract_videos(videos, cfg, tag, report):
     bounded, so memory does not grow with the number or length of videos.
     """
     device = _resolve_device(cfg.device)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device=device)
+    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device=device) if cfg.teacher != "none" else None
     with_flow = make_flow_fn(cfg.flow) is not None
     attrs = {"vidistill_version": VIDISTILL_VERSION, "config": _config_dict(cfg)}
     items = queue.Queue(maxsize=8)  # ~8 decode batches ahead: overlap without unbounded memory
@@ -194,14 +194,14 @@ def extract_videos(videos, cfg, tag, report):
                 break
             if writer is None:
                 writer = PartWriter(cfg.cache, tag, cfg.height, cfg.width, with_flow,
-                                    teacher.num_classes, teacher.embed_dim)
+                                    teacher.num_classes if teacher else None, teacher.embed_dim if teacher else None)
             vid, path = videos[idx]
             if kind == "batch":
                 if n_frames == 0:
                     start = wait_write(writer.begin_video)
                 (stored, teacher_in), flow_rows = a, b
                 pick = np.arange(n_frames, n_frames + len(stored))
-                pick = pick[pick % cfg.teacher_every == 0]
+                pick = pick[pick % cfg.teacher_every == 0] if teacher else pick[:0]
                 rows = [("frames", stored)] + ([("flow", flow_rows)] if with_flow else [])
                 if len(pick):
                     t = clock()
@@ -223,7 +223,7 @@ def extract_videos(videos, cfg, tag, report):
                            src_container=info.container, src_codec=info.codec, src_width=info.width,
                            src_height=info.height, src_fps=info.fps, src_duration=info.duration,
                            rotation=info.rotation, frame_offset=start["frames"], frame_count=n_frames,
-                           teacher_offset=start["logits"], teacher_count=n_teacher)
+                           teacher_offset=start.get("logits", 0), teacher_count=n_teacher)
             else:  # a decode error, possibly after some frames were already appended
                 if n_frames:
                     wait_write(writer.rollback_video)
@@ -300,7 +300,7 @@ def run_extract(cfg):
     videos = find_videos(cfg.videos)
     if cfg.overwrite and os.path.isdir(cfg.cache):
         _remove_cache(cfg.cache)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device="cpu")
+    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device="cpu") if cfg.teacher != "none" else None
     try:
         create_or_check(cfg.cache, make_fingerprint(cfg, teacher), _config_dict(cfg))
     except CacheError as e:

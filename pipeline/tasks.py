@@ -1,0 +1,161 @@
+"""Labelled evaluation tasks: UCF101, HMDB51 and a folder of class sub-folders.
+
+Each loader returns a Task: class names and train/test lists of (video id, path, label), plus the
+videos a split names that are not on disk (reported, never a crash). Video ids are paths relative
+to the data root, as in the cache.
+"""
+import collections
+import os
+import random
+from dataclasses import dataclass, field
+
+from pipeline.decode import VIDEO_EXTENSIONS
+
+
+class TaskError(Exception):
+    """A task that cannot be loaded (missing root or split files); one-line message."""
+
+
+@dataclass
+class Task:
+    name: str
+    split: str
+    root: str
+    classes: list
+    train: list  # [(video_id, path, label)]
+    test: list
+    missing: list = field(default_factory=list)  # video ids named by the split but not on disk
+
+    def describe(self):
+        text = (f"{self.name} split {self.split}: {len(self.classes)} classes, {len(self.train)} train / "
+                f"{len(self.test)} test videos")
+        if self.missing:
+            text += f"; {len(self.missing)} listed but missing on disk (e.g. {', '.join(self.missing[:3])})"
+        return text
+
+
+def _read_lines(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [l.strip() for l in f if l.strip()]  # the official UCF101 lists have CRLF endings
+    except FileNotFoundError:
+        raise TaskError(f"{path}: split file not found") from None
+
+
+def _locate(root, rel):
+    """A split entry's file: DATA/<Class>/<file> as listed, else the file directly under DATA."""
+    for candidate in (os.path.join(root, rel), os.path.join(root, os.path.basename(rel))):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _resolve(root, entries):
+    found, missing = [], []
+    for rel, label in entries:
+        path = _locate(root, rel)
+        if path is None:
+            missing.append(rel)
+        else:
+            found.append((os.path.relpath(path, root).replace(os.sep, "/"), path, label))
+    return found, missing
+
+
+def _check_root(root):
+    if not os.path.isdir(root):
+        raise TaskError(f"{root}: data folder does not exist")
+
+
+def load_ucf101(root, split=1, splits_dir=None):
+    """classInd.txt (1-based), trainlistNN.txt ('Class/v_x.avi label'), testlistNN.txt ('Class/v_x.avi')."""
+    _check_root(root)
+    splits_dir = splits_dir or _find_dir(root, "classInd.txt", "ucfTrainTestlist")
+    index = {}
+    for line in _read_lines(os.path.join(splits_dir, "classInd.txt")):
+        number, name = line.split()
+        index[name] = int(number) - 1
+    classes = [name for name, _ in sorted(index.items(), key=lambda kv: kv[1])]
+    train_entries = [(l.split()[0], int(l.split()[1]) - 1) for l in _read_lines(os.path.join(splits_dir, f"trainlist0{split}.txt"))]
+    test_entries = []
+    for l in _read_lines(os.path.join(splits_dir, f"testlist0{split}.txt")):
+        cls = l.split("/")[0]
+        if cls not in index:
+            raise TaskError(f"testlist0{split}.txt: class {cls!r} is not in classInd.txt")
+        test_entries.append((l, index[cls]))
+    train, missing_train = _resolve(root, train_entries)
+    test, missing_test = _resolve(root, test_entries)
+    return Task("ucf101", str(split), root, classes, train, test, missing_train + missing_test)
+
+
+def load_hmdb51(root, split=1, splits_dir=None):
+    """<class>_test_split<N>.txt: 'file.avi 1' = train, '2' = test, '0' = unused."""
+    _check_root(root)
+    splits_dir = splits_dir or _find_dir(root, None, "testTrainMulti_7030_splits", suffix=f"_test_split{split}.txt")
+    files = sorted(f for f in os.listdir(splits_dir) if f.endswith(f"_test_split{split}.txt"))
+    if not files:
+        raise TaskError(f"{splits_dir}: no *_test_split{split}.txt files")
+    classes = [f[:-len(f"_test_split{split}.txt")] for f in files]
+    train_entries, test_entries = [], []
+    for label, (cls, f) in enumerate(zip(classes, files)):
+        for line in _read_lines(os.path.join(splits_dir, f)):
+            name, which = line.split()
+            if which == "1":
+                train_entries.append((f"{cls}/{name}", label))
+            elif which == "2":
+                test_entries.append((f"{cls}/{name}", label))
+    train, missing_train = _resolve(root, train_entries)
+    test, missing_test = _resolve(root, test_entries)
+    return Task("hmdb51", str(split), root, classes, train, test, missing_train + missing_test)
+
+
+def load_folder(root, test_fraction=0.3, seed=0, train_list=None, test_list=None):
+    """One sub-folder per class. A seeded, stratified split, or explicit lists of relative paths."""
+    _check_root(root)
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if len(classes) < 2:
+        raise TaskError(f"{root}: needs at least two class sub-folders, found {len(classes)}")
+    by_class = collections.defaultdict(list)
+    for label, cls in enumerate(classes):
+        for dirpath, _, files in os.walk(os.path.join(root, cls)):
+            for f in sorted(files):
+                if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS:
+                    path = os.path.join(dirpath, f)
+                    by_class[label].append((os.path.relpath(path, root).replace(os.sep, "/"), path, label))
+    if train_list or test_list:
+        everything = {v[0]: v for vs in by_class.values() for v in vs}
+        train_ids = _read_lines(train_list) if train_list else []
+        test_ids = _read_lines(test_list) if test_list else [i for i in everything if i not in set(train_ids)]
+        missing = [i for i in train_ids + test_ids if i not in everything]
+        return Task("folder", "lists", root, classes, [everything[i] for i in train_ids if i in everything],
+                    [everything[i] for i in test_ids if i in everything], missing)
+    rng = random.Random(seed)
+    train, test = [], []
+    for label in range(len(classes)):
+        videos = sorted(by_class[label])
+        rng.shuffle(videos)
+        n_test = max(1, round(len(videos) * test_fraction)) if len(videos) > 1 else 0
+        test += videos[:n_test]
+        train += videos[n_test:]
+    return Task("folder", f"seed{seed}-test{test_fraction}", root, classes, sorted(train), sorted(test))
+
+
+def _find_dir(root, filename, conventional, suffix=None):
+    """Split files next to the data: ROOT/<conventional>/, ROOT/.., or ROOT itself."""
+    for d in (os.path.join(root, conventional), os.path.join(os.path.dirname(os.path.abspath(root)), conventional), root):
+        if not os.path.isdir(d):
+            continue
+        if filename and os.path.isfile(os.path.join(d, filename)):
+            return d
+        if suffix and any(f.endswith(suffix) for f in os.listdir(d)):
+            return d
+    raise TaskError(f"{root}: split files not found (looked in {conventional}/ beside and inside it); pass --splits DIR")
+
+
+def load_task(name, root, split=1, splits_dir=None, test_fraction=0.3, seed=0, train_list=None, test_list=None):
+    if name == "ucf101":
+        return load_ucf101(root, split, splits_dir)
+    if name == "hmdb51":
+        return load_hmdb51(root, split, splits_dir)
+    if name == "folder":
+        return load_folder(root, test_fraction, seed, train_list, test_list)
+    raise TaskError(f"unknown task {name!r}; choose ucf101, hmdb51 or folder")

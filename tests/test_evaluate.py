@@ -1,0 +1,158 @@
+"""Evaluation: task loaders on the real UCF101 split files, protocols on known answers, end to end."""
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import cli
+from conftest import make_video
+from pipeline.evaluate import EvalConfig, knn_classify, linear_probe, retrieval, run_eval
+from pipeline.tasks import TaskError, load_folder, load_hmdb51, load_ucf101
+
+UCF_SPLITS = os.path.join(os.path.dirname(__file__), "data", "ucfTrainTestlist")
+
+
+def test_ucf101_official_split_files(tmp_path):
+    for rel in ("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", "YoYo/v_YoYo_g01_c01.avi",
+                "HandstandPushups/v_HandStandPushups_g01_c01.avi"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    task = load_ucf101(str(tmp_path), split=1, splits_dir=UCF_SPLITS)
+    assert len(task.classes) == 101 and task.classes[0] == "ApplyEyeMakeup" and task.classes[100] == "YoYo"
+    assert len(task.train) + len(task.test) + len(task.missing) == 9537 + 3783  # split 1
+    assert ("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", str(tmp_path / "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi"), 0) in task.train
+    test = {vid: label for vid, _, label in task.test}
+    assert test == {"YoYo/v_YoYo_g01_c01.avi": 100, "HandstandPushups/v_HandStandPushups_g01_c01.avi": 36}
+    assert len(task.missing) == 9537 + 3783 - 3 and "missing on disk" in task.describe()
+    split2 = load_ucf101(str(tmp_path), split=2, splits_dir=UCF_SPLITS)
+    assert len(split2.train) + len(split2.test) + len(split2.missing) == 9586 + 3734
+    with pytest.raises(TaskError, match="split files not found"):
+        load_ucf101(str(tmp_path), split=1)
+
+
+def test_hmdb51_split_files_1_train_2_test_0_unused(tmp_path):
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for cls in ("wave", "cartwheel"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        lines = []
+        for i, which in enumerate("12102"):
+            (tmp_path / "data" / cls / f"{cls}_{i}.avi").write_bytes(b"x")
+            lines.append(f"{cls}_{i}.avi {which}")
+        (splits / f"{cls}_test_split1.txt").write_text("\n".join(lines) + "\n")
+    task = load_hmdb51(str(tmp_path / "data"), 1, str(splits))
+    assert task.classes == ["cartwheel", "wave"]
+    assert sorted(v for v, _, _ in task.train) == ["cartwheel/cartwheel_0.avi", "cartwheel/cartwheel_2.avi",
+                                                   "wave/wave_0.avi", "wave/wave_2.avi"]
+    assert {v: l for v, _, l in task.test} == {"cartwheel/cartwheel_1.avi": 0, "cartwheel/cartwheel_4.avi": 0,
+                                               "wave/wave_1.avi": 1, "wave/wave_4.avi": 1}
+
+
+def test_folder_split_is_stratified_and_seeded(tmp_path):
+    for cls, n in (("a", 10), ("b", 6), ("c", 3)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            (tmp_path / cls / f"{i}.mp4").write_bytes(b"x")
+    task = load_folder(str(tmp_path), test_fraction=0.3, seed=1)
+    per_class = {c: sum(1 for _, _, l in task.test if l == i) for i, c in enumerate(task.classes)}
+    assert per_class == {"a": 3, "b": 2, "c": 1}
+    assert len(task.train) == 19 - 6
+    assert load_folder(str(tmp_path), test_fraction=0.3, seed=1).test == task.test
+    assert load_folder(str(tmp_path), test_fraction=0.3, seed=2).test != task.test
+
+
+def clusters(centres, n_per_class, views, spread, seed):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(centres)), n_per_class)
+    feats = centres[labels][:, None, :] + rng.normal(size=(len(labels), views, centres.shape[1])) * spread
+    return feats.astype(np.float32), labels
+
+
+def test_protocols_on_separable_clusters_score_perfectly():
+    centres = np.random.default_rng(0).normal(size=(5, 16)) * 5
+    trf, trl = clusters(centres, 20, 3, 0.3, 1)
+    tef, tel = clusters(centres, 10, 3, 0.3, 2)
+    lin = linear_probe(trf, trl, tef, tel, 5)
+    assert lin["video_top1"] == 1.0 and lin["clip_top1"] > 0.97 and lin["video_top5"] == 1.0
+    knn = knn_classify(trf, trl, tef, tel, 5)
+    assert knn["k10_top1"] == 1.0 and knn["k20_top1"] == 1.0
+    assert retrieval(trf, trl, tef, tel)["R@1"] == 1.0
+
+
+def test_protocols_on_random_features_are_near_chance():
+    rng = np.random.default_rng(0)
+    trf, tef = rng.normal(size=(200, 2, 32)).astype(np.float32), rng.normal(size=(200, 2, 32)).astype(np.float32)
+    trl, tel = rng.integers(0, 10, 200), rng.integers(0, 10, 200)
+    assert linear_probe(trf, trl, tef, tel, 10)["video_top1"] < 0.2
+    assert knn_classify(trf, trl, tef, tel, 10)["k20_top1"] < 0.2
+    assert retrieval(trf, trl, tef, tel)["R@1"] < 0.2
+
+
+@pytest.fixture(scope="module")
+def tiny_folder_task(tmp_path_factory):
+    """Two classes of generated videos: texture moving left vs right; one broken file in a class."""
+    root = tmp_path_factory.mktemp("folder")
+    for i in range(6):
+        make_video(str(root / "left" / f"l{i}.mp4"), n=12, h=64, w=96, seed=10 + i, dx=-3)
+        make_video(str(root / "right" / f"r{i}.mp4"), n=12, h=64, w=96, seed=20 + i, dx=3)
+    (root / "right" / "broken.mp4").write_bytes(b"")
+    return root
+
+
+@pytest.mark.slow
+def test_eval_end_to_end_on_a_folder_task(tiny_folder_task, tmp_path):
+    from pipeline.distill import DistillConfig, run_distill
+    from pipeline.extract import ExtractConfig, run_extract
+    cache = tmp_path / "cache"
+    run_extract(ExtractConfig(videos=str(tiny_folder_task), cache=str(cache), height=64, width=80, teacher_every=4,
+                              progress=False))
+    run = tmp_path / "run"
+    run_distill(DistillConfig(cache=str(cache), out=str(run), student="r3d_cpu", clip_len=4, crop=48, batch_size=4,
+                              steps=2, workers=0, progress=False))
+    out = tmp_path / "eval"
+    cfg = EvalConfig(task="folder", root=str(tiny_folder_task), out=str(out), checkpoint=str(run / "checkpoint.pt"),
+                     inits=("checkpoint", "scratch", "teacher"), protocols=("linear", "knn", "retrieval", "finetune"),
+                     clips=2, crops=3, finetune_epochs=1, batch_size=4, progress=False)
+    rows, task, notes = run_eval(cfg)
+    assert len(task.train) + len(task.test) == 13
+    assert any("1 videos failed to decode" in n for n in notes)
+    got = {(r["init"], r["protocol"], r["metric"]) for r in rows}
+    assert ("checkpoint", "linear", "video_top1") in got and ("scratch", "knn", "k20_top1") in got
+    assert ("teacher", "retrieval", "R@1") in got and ("checkpoint", "finetune", "video_top1") in got
+    assert ("teacher", "finetune", "video_top1") not in got
+    for r in rows:
+        assert 0.0 <= r["value"] <= 1.0 or r["metric"] in ("weight_decay", "epochs")
+        assert {"task", "split", "protocol", "views", "checkpoint", "seed", "date"} <= set(r)
+    saved = json.load(open(out / "results.json"))
+    assert saved["results"] == json.loads(json.dumps(rows))
+    md = open(out / "results.md").read()
+    assert "| checkpoint |" in md and "linear video_top1" in md
+    with h5py.File(out / "features-folder-checkpoint.h5") as f:
+        assert f["train/features"].shape == (rows[0]["train_videos"], 6, 128)  # 2 clips x 3 crops, r3d_cpu
+        assert f["test/features"].shape == (rows[0]["test_videos"], 6, 128)
+        assert len(f["train/ids"]) == len(f["train/labels"]) == rows[0]["train_videos"]
+        assert json.loads(f.attrs["config"])["init"] == "checkpoint"
+    with h5py.File(out / "features-folder-teacher.h5") as f:
+        assert f["test/features"].shape[1:] == (1, 1280)
+    before = os.path.getmtime(out / "features-folder-checkpoint.h5")
+    run_eval(EvalConfig(**{**cfg.__dict__, "protocols": ("knn",), "inits": ("checkpoint",)}))
+    assert os.path.getmtime(out / "features-folder-checkpoint.h5") == before  # features reused, not recomputed
+
+    feats = tmp_path / "feats.h5"
+    result = CliRunner().invoke(cli, ["embed", "--videos", str(tiny_folder_task), "--checkpoint", str(run / "checkpoint.pt"),
+                                      "--out", str(feats), "--per-clip", "--clips", "2"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(feats) as f:
+        assert f["features"].shape == (12, 128) and f["clip_features"].shape == (12, 2, 128)
+        assert sorted(i.decode() for i in f["ids"][()])[0] == "left/l0.mp4"
+        assert json.loads(f.attrs["config"])["clips"] == 2
+
+
+def test_eval_cli_errors_are_one_line(tmp_path):
+    result = CliRunner().invoke(cli, ["eval", "--task", "folder", "--root", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "data folder does not exist" in result.output
+    result = CliRunner().invoke(cli, ["eval", "--task", "folder", "--root", str(tmp_path), "--checkpoint", str(tmp_path / "x.pt")])
+    assert result.exit_code == 2 and "checkpoint not found" in result.output
