@@ -10,7 +10,6 @@
     python bench/bench_distill.py --student r2plus1d_18 --clip-len 16 --batch-size 32   # GPU figures
 """
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile

@@ -6,6 +6,7 @@ different fingerprint; distill refuses a cache it cannot use. Job-level settings
 are not part of it: any mix of jobs with one fingerprint writes one consistent cache.
 """
 import datetime
+import hashlib
 import json
 import os
 import uuid
@@ -41,6 +42,11 @@ def read_cache_json(cache_dir):
         raise CacheError(f"{path}: cache format version {meta.get('format_version')} "
                          f"but this vidistill reads version {CACHE_FORMAT_VERSION}; re-extract")
     return meta
+
+
+def fingerprint_sha256(fingerprint):
+    """Every part records this; a part whose value differs from cache.json's was written otherwise."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
 
 def fingerprint_diff(expected, found, prefix=""):

@@ -13,8 +13,8 @@ import shutil
 
 import zarr
 
-from cache.fingerprint import CacheError, read_cache_json
-from cache.reader import READABLE, committed_parts, load_index, read_part_table
+from cache.fingerprint import CacheError, fingerprint_sha256, read_cache_json
+from cache.reader import READABLE, committed_parts, load_index, read_part_attrs, read_part_table
 from cache.writer import LOCK_SUFFIX, PARTS_DIR, TMP_PREFIX, directory_bytes
 
 QUARANTINE_DIR = "quarantine"
@@ -59,13 +59,17 @@ def verify_part(cache_dir, part, fingerprint, quick=False):
     """Problems found in one committed part (empty list: intact)."""
     path = os.path.join(cache_dir, PARTS_DIR, part)
     try:
-        videos = read_part_table(cache_dir, part)
+        attrs = read_part_attrs(cache_dir, part)
+        videos = attrs["videos"]
         group = zarr.open_group(path, mode="r")
         if not group.attrs.get("complete"):
             return [f"{part}: not marked complete"]
     except Exception as e:  # any failure to open is damage to report, not to crash on
         return [f"{part}: cannot open ({e})"]
     problems = []
+    if attrs.get("fingerprint_sha256") != fingerprint_sha256(fingerprint):
+        problems.append(f"{part}: written with other settings than cache.json records "
+                        "(cache.json edited, or parts of another cache mixed in)")
     pre = fingerprint["preprocessing"]
     expect = {"frames": (pre["height"], pre["width"], 3)}
     with_teacher = fingerprint["teacher"]["name"] != "none"

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import zarr
 
-from cache.fingerprint import CacheError, read_cache_json
+from cache.fingerprint import CacheError, fingerprint_sha256, read_cache_json
 from cache.writer import PARTS_DIR
 from pipeline.flow import dequantize_flow
 
@@ -23,15 +23,26 @@ def committed_parts(cache_dir):
     return sorted(n for n in os.listdir(parts) if n.startswith("part-") and n.endswith(".zarr"))
 
 
-def read_part_table(cache_dir, part):
-    """The per-video table of one committed part (read from its zarr.json, no array is opened)."""
+def read_part_attrs(cache_dir, part):
+    """A committed part's attributes (video table, config, fingerprint hash) from its zarr.json."""
     path = os.path.join(cache_dir, PARTS_DIR, part, "zarr.json")
     try:
         with open(path) as f:
             attrs = json.load(f)["attributes"]
+        attrs["videos"]
     except (OSError, ValueError, KeyError) as e:
         raise CacheError(f"{path}: unreadable part metadata ({e}); run `cli.py cache verify`") from None
-    return attrs["videos"]
+    return attrs
+
+
+def read_part_table(cache_dir, part):
+    return read_part_attrs(cache_dir, part)["videos"]
+
+
+def parts_not_matching(cache_dir, fingerprint):
+    """Committed parts written under another fingerprint than `fingerprint` (cache.json edited or mixed)."""
+    want = fingerprint_sha256(fingerprint)
+    return [p for p in committed_parts(cache_dir) if read_part_attrs(cache_dir, p).get("fingerprint_sha256") != want]
 
 
 def load_index(cache_dir):

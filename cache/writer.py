@@ -96,8 +96,11 @@ class PartWriter:
             specs["flow"] = ((height, width, 2), "uint8")
         self.arrays = {}
         for name, (row, dtype) in specs.items():
+            # write_empty_chunks: an all-zero chunk (black frames, still flow, teacher_frame [0]) is
+            # stored too, so a missing chunk file always means damage (cache verify relies on it)
             arr = self.group.create_array(name, shape=(0,) + row, chunks=(_chunk_rows(row, dtype),) + row,
-                                          dtype=dtype, compressors=_compressor(dtype), fill_value=0)
+                                          dtype=dtype, compressors=_compressor(dtype), fill_value=0,
+                                          config={"write_empty_chunks": True})
             self.arrays[name] = _Appender(arr)
         self.videos = []
         self._video_start = None

@@ -142,6 +142,8 @@ def decode_video(path, fps, height, width, teacher_size, batch_frames=32, stall_
     try:
         st = os.stat(path)
     except OSError as e:
+        if os.path.islink(path):
+            raise DecodeError(f"broken symbolic link (target {os.readlink(path)!r} is missing)") from None
         raise DecodeError(f"cannot stat file ({e.strerror})") from None
     if st.st_size == 0 and stat.S_ISREG(st.st_mode):  # FIFOs report 0 too; the watchdog covers them
         raise DecodeError("empty file (0 bytes)")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.fingerprint import VIDISTILL_VERSION, CacheError, create_or_check
+from cache.fingerprint import VIDISTILL_VERSION, CacheError, create_or_check, fingerprint_sha256, read_cache_json
 from cache.reader import load_index
 from cache.writer import PartWriter, remove_stale_parts
 from models.teacher import load_teacher, teacher_fingerprint
@@ -101,7 +101,9 @@ def make_fingerprint(cfg, teacher):
         "teacher": teacher_fingerprint(teacher) if teacher else {"name": "none"},
         "preprocessing": {"fps": cfg.fps, "height": cfg.height, "width": cfg.width,
                           "resize": "cover-scale + centre crop, SAR and rotation applied",
-                          "teacher_size": cfg.teacher_size, "teacher_every": cfg.teacher_every},
+                          # without a teacher these do not change the cache: keep them out of its identity
+                          "teacher_size": cfg.teacher_size if teacher else None,
+                          "teacher_every": cfg.teacher_every if teacher else None},
         "flow": {"method": cfg.flow, "params": FLOW_PARAMS[cfg.flow], "bound": FLOW_BOUND,
                  "convention": "flow[t] = motion from frame t to t+1 in stored pixels; last frame 0"},
         "ffmpeg_version": ffmpeg_version(),
@@ -158,7 +160,8 @@ def extract_videos(videos, cfg, tag, report):
     device = _resolve_device(cfg.device)
     teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device=device) if cfg.teacher != "none" else None
     with_flow = make_flow_fn(cfg.flow) is not None
-    attrs = {"vidistill_version": VIDISTILL_VERSION, "config": _config_dict(cfg)}
+    attrs = {"vidistill_version": VIDISTILL_VERSION, "config": _config_dict(cfg),
+             "fingerprint_sha256": fingerprint_sha256(read_cache_json(cfg.cache)["fingerprint"])}
     items = queue.Queue(maxsize=8)  # ~8 decode batches ahead: overlap without unbounded memory
     stop = threading.Event()
     producer = threading.Thread(target=_decode_ahead, args=(videos, cfg, items, stop), daemon=True)
@@ -337,8 +340,13 @@ def run_extract(cfg):
             bar.set_postfix(frames_per_s=f"{summary['frames'] / max(time.time() - t0, 1e-9):.0f}",
                             failed=summary["failed"])
 
-        _run_workers(todo, cfg, report)
-        bar.close()
+        try:
+            _run_workers(todo, cfg, report)
+        except OSError as e:  # e.g. a full disk: committed parts stay valid, the part in flight is dropped
+            raise ExtractError(f"{cfg.cache}: cannot write ({e.strerror or e}); the {summary['done'] + summary['failed']}"
+                               " videos finished in this run are committed - free space and rerun to resume") from None
+        finally:
+            bar.close()
     finally:
         lock.release()
     summary["wall_seconds"] = time.time() - t0

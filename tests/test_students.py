@@ -1,5 +1,4 @@
 """Students: shapes, and the inflated 3D EfficientNet-Lite0 reproducing the 2D teacher on a still clip."""
-import numpy as np
 import pytest
 import torch
 
