@@ -95,6 +95,8 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
 @click.option("--clip-len", default=0, help="Frames per clip (0: 16 on GPU, 8 on CPU).")
 @click.option("--stride", default=2, show_default=True, help="Cached frames between clip frames.")
 @click.option("--crop", default=112, show_default=True, help="Random-resized-crop output size.")
+@click.option("--crop-scale", default=0.25, show_default=True,
+              help="Smallest crop area as a share of the frame; raise it when objects are small in the frame.")
 @click.option("--batch-size", default=0, help="Clips per step per process (0: 32 on GPU, 8 on CPU).")
 @click.option("--steps", default=0, help="Optimiser steps (0: --epochs over the cache).")
 @click.option("--epochs", default=10, show_default=True)
@@ -110,6 +112,8 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
 @click.option("--modist-weight", default=1.0, show_default=True)
 @click.option("--cross-weight", default=1.0, show_default=True, help="RGB<->flow term inside MoDist.")
 @click.option("--queue-size", default=4096, show_default=True, help="Negatives kept from earlier batches.")
+@click.option("--momentum", default=0.999, show_default=True,
+              help="Key-encoder momentum; 0.999 suits long runs, use ~0.99 for runs of a few hundred steps.")
 @click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-every", default=100, show_default=True, help="Checkpoint every N steps (and at the end).")
@@ -199,6 +203,19 @@ def embed(videos, checkpoint, out, clips, crops, per_clip, device):
         _fail(str(e))
     click.echo(f"{s['videos']} videos x {s['dim']}-d features -> {s['out']}"
                + (f"; {len(s['failed'])} failed to decode" if s["failed"] else ""))
+
+
+@cli.command()
+@click.option("--out", default="demo_out", show_default=True, type=click.Path(), help="Data, cache, runs, report.")
+@click.option("--quick", is_flag=True, help="A ~1-minute smoke version (tiny data, a few steps).")
+@click.option("--seeds", default=1, show_default=True, help="Repeat distill + eval with this many seeds (mean ± std).")
+@click.option("--workers", default=0, show_default=True, help="DataLoader workers (0 is fastest on 2 cores).")
+def demo(out, quick, seeds, workers):
+    """The whole pipeline on a generated benchmark, on CPU: generate, extract, distill (distinit,
+    modist, both), evaluate against scratch / inflate / teacher on object and motion labels."""
+    from pipeline.demo import run_demo
+    run_demo(out, quick=quick, seeds=seeds, workers=workers, log=click.echo)
+    click.echo(f"report: {out}/report.md, {out}/report.png")
 
 
 @cli.group("cache")

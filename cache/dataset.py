@@ -75,9 +75,9 @@ class ClipDataset(torch.utils.data.Dataset):
     """One random clip (or two, for contrastive objectives) per video per epoch."""
 
     def __init__(self, cache_dir, clip_len=8, stride=2, crop=112, with_flow=False, with_teacher=True,
-                 two_views=False, gap_seconds=(0.5, 10.0), min_frames=1, seed=0):
+                 two_views=False, gap_seconds=(0.5, 10.0), min_frames=1, seed=0, crop_scale=0.25):
         self.reader = CacheReader(cache_dir)  # only the index: Zarr opens lazily in each worker
-        self.cfg = dict(clip_len=clip_len, stride=stride, crop=crop, with_flow=with_flow,
+        self.cfg = dict(clip_len=clip_len, stride=stride, crop=crop, with_flow=with_flow, crop_scale=crop_scale,
                         with_teacher=with_teacher, two_views=two_views, gap_seconds=gap_seconds)
         self.fps = self.reader.fingerprint["preprocessing"]["fps"]
         self.span = (clip_len - 1) * stride + 1
@@ -114,7 +114,8 @@ class ClipDataset(torch.utils.data.Dataset):
         for k, start in enumerate(starts):
             suffix = "" if k == 0 else "2"
             video, flow = load_clip(self.reader, vid, start, c["clip_len"], c["stride"],
-                                    random_box(h, w, rng), bool(rng.random() < 0.5), c["crop"], c["with_flow"])
+                                    random_box(h, w, rng, scale=(c["crop_scale"], 1.0)), bool(rng.random() < 0.5),
+                                    c["crop"], c["with_flow"])
             out["video" + suffix] = video
             if flow is not None:
                 out["flow" + suffix] = flow

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from cache.dataset import ClipDataset, normalize_video
 from cache.fingerprint import VIDISTILL_VERSION, CacheError, read_cache_json
+from cache.reader import parts_not_matching
 from models.students import ProjectionHead, build_motion_pathway, build_student
 from pipeline.losses import distill_kl, embed_cosine, info_nce, teacher_targets
 
@@ -37,6 +38,7 @@ class DistillConfig:
     clip_len: int = 0  # 0: 16 on CUDA, 8 on CPU
     stride: int = 2
     crop: int = 112
+    crop_scale: float = 0.25  # smallest random-resized-crop area (share of the frame)
     batch_size: int = 0  # 0: 32 on CUDA, 8 on CPU
     steps: int = 0  # total optimiser steps; 0: from epochs
     epochs: int = 10
@@ -206,6 +208,13 @@ def check_cache(cache_dir, objective):
     if fp.get("vidistill_version") != VIDISTILL_VERSION:
         raise DistillError(f"{cache_dir} was written by vidistill {fp.get('vidistill_version')}, "
                            f"this is {VIDISTILL_VERSION}; re-extract it")
+    try:
+        mismatched = parts_not_matching(cache_dir, fp)
+    except CacheError as e:
+        raise DistillError(str(e)) from None
+    if mismatched:
+        raise DistillError(f"{cache_dir}: {len(mismatched)} part(s) (e.g. {mismatched[0]}) were written with other "
+                           "settings than cache.json records; run `cli.py cache verify` on it")
     if objective in ("distinit", "both") and fp["teacher"]["name"] == "none":
         raise DistillError(f"{cache_dir} has no teacher outputs (extracted with --teacher none); "
                            f"--objective {objective} needs them")
@@ -280,7 +289,7 @@ def train_step(model, forward, opt, sched, batch, amp):
 
 
 # Settings that must not change between a run and its resumption.
-_RESUME_KEYS = ("cache", "objective", "student", "clip_len", "stride", "crop", "batch_size", "seed",
+_RESUME_KEYS = ("cache", "objective", "student", "clip_len", "stride", "crop", "crop_scale", "batch_size", "seed",
                 "tau", "target_mode", "embed_weight", "queue_size", "proj_dim")
 
 
@@ -298,7 +307,8 @@ def run_distill(cfg):
     torch.manual_seed(cfg.seed + rank)
     modist = cfg.objective in ("modist", "both")
     dataset = ClipDataset(cfg.cache, cfg.clip_len, cfg.stride, cfg.crop, with_flow=modist,
-                          with_teacher=cfg.objective != "modist", two_views=modist, seed=cfg.seed)
+                          with_teacher=cfg.objective != "modist", two_views=modist, seed=cfg.seed,
+                          crop_scale=cfg.crop_scale)
     per_epoch = len(dataset) // (cfg.batch_size * world)
     if per_epoch == 0:
         raise DistillError(f"{cfg.cache}: {len(dataset)} usable videos, fewer than one batch of "

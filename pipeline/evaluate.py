@@ -53,6 +53,8 @@ class EvalConfig:
     test_fraction: float = 0.3  # folder task: stratified split
     train_list: str = None
     test_list: str = None
+    work: str = None  # where the decoded-frames cache lives (default: out); share it between runs
+    teacher_every: int = 1  # teacher row: embeddings of every k-th frame are averaged
     device: str = "auto"
     progress: bool = True
 
@@ -80,13 +82,13 @@ def preprocessing_of(checkpoint):
                          source=checkpoint, fingerprint=ckpt["cache_fingerprint"])
 
 
-def build_eval_cache(root, out_dir, pre, with_teacher, progress):
+def build_eval_cache(root, out_dir, pre, with_teacher, progress, teacher_every=1):
     """Decode the labelled videos once (frames only; teacher embeddings if the teacher row needs them)."""
-    name = f"cache-{pre.fps:g}fps-{pre.height}x{pre.width}" + ("-teacher" if with_teacher else "")
+    name = f"cache-{pre.fps:g}fps-{pre.height}x{pre.width}" + (f"-teacher{teacher_every}" if with_teacher else "")
     cache = os.path.join(out_dir, name)
     run_extract(ExtractConfig(videos=root, cache=cache, fps=pre.fps, height=pre.height, width=pre.width,
                               flow="none", teacher="efficientnet_lite0" if with_teacher else "none",
-                              shard=(0, 1), progress=progress))
+                              teacher_every=teacher_every, shard=(0, 1), progress=progress))
     return CacheReader(cache)
 
 
@@ -337,7 +339,7 @@ def run_eval(cfg):
     task = load_task(cfg.task, cfg.root, cfg.split, cfg.splits, cfg.test_fraction, cfg.seed, cfg.train_list, cfg.test_list)
     os.makedirs(cfg.out, exist_ok=True)
     pre = preprocessing_of(cfg.checkpoint)
-    reader = build_eval_cache(cfg.root, cfg.out, pre, "teacher" in cfg.inits, cfg.progress)
+    reader = build_eval_cache(cfg.root, cfg.work or cfg.out, pre, "teacher" in cfg.inits, cfg.progress, cfg.teacher_every)
     train, test = _usable(reader, task.train), _usable(reader, task.test)
     unreadable = len(task.train) + len(task.test) - len(train) - len(test)
     if not train or not test:
@@ -348,7 +350,7 @@ def run_eval(cfg):
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []
     for init in cfg.inits:
-        views = "all teacher frames averaged (2D)" if init == "teacher" else \
+        views = f"teacher embeddings of every {cfg.teacher_every}. frame averaged (2D)" if init == "teacher" else \
             f"{cfg.clips} clips x {cfg.crops} crops, {pre.clip_len}x{pre.crop}^2 stride {pre.stride}"
         attrs = {"task": task.name, "split": task.split, "init": init, "views": views,
                  "checkpoint": os.path.abspath(cfg.checkpoint) if cfg.checkpoint and init in ("checkpoint", "scratch") else None,
