@@ -137,8 +137,9 @@ def distill(**kw):
 
 
 @cli.command("eval")
-@click.option("--task", required=True, type=click.Choice(["ucf101", "hmdb51", "folder"]),
-              help="ucf101 / hmdb51 with their official split files, or folder: one sub-folder per class.")
+@click.option("--task", required=True, type=click.Choice(["ucf101", "hmdb51", "folder", "csv"]),
+              help="ucf101 / hmdb51 with their official split files; folder: one sub-folder per class; "
+                   "csv: videos under --root, classes in --labels.")
 @click.option("--root", required=True, type=click.Path(), help="Folder with the labelled videos.")
 @click.option("--checkpoint", type=click.Path(), default=None, help="RUN/checkpoint.pt from `distill`.")
 @click.option("--init", "inits", multiple=True, type=click.Choice(["checkpoint", "scratch", "inflate", "teacher"]),
@@ -155,13 +156,16 @@ def distill(**kw):
 @click.option("--finetune-epochs", default=5, show_default=True)
 @click.option("--finetune-lr", default=1e-3, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
-@click.option("--test-fraction", default=0.3, show_default=True, help="folder task: stratified test share.")
-@click.option("--train-list", type=click.Path(), default=None, help="folder task: explicit train ids, one per line.")
-@click.option("--test-list", type=click.Path(), default=None, help="folder task: explicit test ids.")
+@click.option("--labels", type=click.Path(), default=None, help="csv task: CSV with a header, one row per video.")
+@click.option("--label-column", default=None, help="csv task: the column holding the class (one task per column).")
+@click.option("--id-column", default="id", show_default=True, help="csv task: the column holding the path under --root.")
+@click.option("--test-fraction", default=0.3, show_default=True, help="folder/csv task: stratified test share.")
+@click.option("--train-list", type=click.Path(), default=None, help="folder/csv task: explicit train ids, one per line.")
+@click.option("--test-list", type=click.Path(), default=None, help="folder/csv task: explicit test ids.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 def eval_cmd(task, root, checkpoint, inits, protocols, split, splits, clips, crops, out, student, finetune_epochs,
-             finetune_lr, batch_size, test_fraction, train_list, test_list, seed, device):
+             finetune_lr, batch_size, labels, label_column, id_column, test_fraction, train_list, test_list, seed, device):
     """Linear probe, kNN, retrieval and fine-tuning, with baselines in the same table.
 
     Every number is written with its task, split, protocol, views, checkpoint and seed.
@@ -174,7 +178,8 @@ def eval_cmd(task, root, checkpoint, inits, protocols, split, splits, clips, cro
                      inits=tuple(inits), protocols=tuple(protocols or ("linear", "knn", "retrieval")), clips=clips,
                      crops=int(crops), student=student, seed=seed, batch_size=batch_size,
                      finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, test_fraction=test_fraction,
-                     train_list=train_list, test_list=test_list, device=device)
+                     train_list=train_list, test_list=test_list, labels=labels, label_column=label_column,
+                     id_column=id_column, device=device)
     try:
         rows, _, notes = run_eval(cfg)
     except (EvalError, TaskError, ExtractError) as e:
@@ -209,12 +214,14 @@ def embed(videos, checkpoint, out, clips, crops, per_clip, device):
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(), help="Data, cache, runs, report.")
 @click.option("--quick", is_flag=True, help="A ~1-minute smoke version (tiny data, a few steps).")
 @click.option("--seeds", default=1, show_default=True, help="Repeat distill + eval with this many seeds (mean ± std).")
+@click.option("--steps", default=0, help="Distillation steps per student (0: 150, or 3 with --quick). "
+              "600 steps learn visibly more (BENCHMARKS.md) at ~4x the distillation time.")
 @click.option("--workers", default=0, show_default=True, help="DataLoader workers (0 is fastest on 2 cores).")
-def demo(out, quick, seeds, workers):
+def demo(out, quick, seeds, steps, workers):
     """The whole pipeline on a generated benchmark, on CPU: generate, extract, distill (distinit,
     modist, both), evaluate against scratch / inflate / teacher on object and motion labels."""
     from pipeline.demo import run_demo
-    run_demo(out, quick=quick, seeds=seeds, workers=workers, log=click.echo)
+    run_demo(out, quick=quick, seeds=seeds, steps=steps or None, workers=workers, log=click.echo)
     click.echo(f"report: {out}/report.md, {out}/report.png")
 
 

@@ -35,9 +35,9 @@ STUDENT = dict(student="r3d_cpu", clip_len=8, stride=2, crop=64, crop_scale=0.6,
 FRAMES = dict(height=96, width=128, teacher_every=2)
 
 
-def run_demo(out="demo_out", quick=False, seeds=1, workers=0, progress=True, log=print):
+def run_demo(out="demo_out", quick=False, seeds=1, steps=None, workers=0, progress=True, log=print):
     t0 = time.time()
-    size = SIZES["quick" if quick else "default"]
+    size = dict(SIZES["quick" if quick else "default"], **({"steps": steps} if steps else {}))
     data, cache = os.path.join(out, "data"), os.path.join(out, "cache")
     stage = _stages(log, t0)
 
@@ -57,20 +57,23 @@ def run_demo(out="demo_out", quick=False, seeds=1, workers=0, progress=True, log
         runs = {}
         for objective in OBJECTIVES:
             stage(f"distill --objective {objective} (seed {seed})")
-            run = os.path.join(out, "runs", f"{objective}-seed{seed}")
+            run = os.path.join(out, "runs", f"{objective}-seed{seed}-{size['steps']}steps")  # a rerun resumes it
             run_distill(DistillConfig(cache=cache, out=run, objective=objective, steps=size["steps"], seed=seed,
                                       workers=workers, progress=progress, device="cpu", **STUDENT))
             runs[objective] = os.path.join(run, "checkpoint.pt")
         for label_set in ("object", "motion"):
             stage(f"eval on {label_set} labels (seed {seed}): {', '.join(OBJECTIVES + BASELINES)}")
-            root = os.path.join(data, "labelled", label_set)
-            work = os.path.join(out, "eval", label_set)
             evals = [(o, dict(checkpoint=runs[o], inits=("checkpoint",))) for o in OBJECTIVES]
             # baselines use the distilled runs' preprocessing and architecture (via the checkpoint)
             evals.append((None, dict(checkpoint=runs["distinit"], inits=BASELINES)))
             for name, kw in evals:
-                result, _, _ = run_eval(EvalConfig(task="folder", root=root, out=os.path.join(work, name or "baselines", f"seed{seed}"),
-                                                   work=work, protocols=("linear", "knn"), clips=size["eval_clips"],
+                # both label sets are columns of one labels.csv over the same videos, so they share one
+                # decoded-frames cache and one feature store (work)
+                result, _, _ = run_eval(EvalConfig(task="csv", root=os.path.join(data, "labelled", "videos"),
+                                                   labels=os.path.join(data, "labelled", "labels.csv"),
+                                                   label_column=label_set, work=os.path.join(out, "eval"),
+                                                   out=os.path.join(out, "eval", label_set, name or "baselines", f"seed{seed}"),
+                                                   protocols=("linear", "knn"), clips=size["eval_clips"],
                                                    seed=seed, progress=progress, device="cpu", teacher_every=4, **kw))
                 for r in result:
                     rows.append(dict(r, row=name or r["init"], label_set=label_set))
@@ -114,8 +117,8 @@ def write_demo_report(out, rows, seeds, size, wall):
             f"{len(MOTIONS)} motions (chance {100 / len(MOTIONS):.1f} %).\n"
             f"Students: {STUDENT['student']}, {size['steps']} steps, batch {STUDENT['batch_size']}, clips "
             f"{STUDENT['clip_len']}x{STUDENT['crop']}^2 stride {STUDENT['stride']}.\n"
-            f"Protocol: folder task, stratified 70/30 split (seeded), {r0['views']}; linear = logistic regression "
-            f"on frozen features, video-level top-1; knn = cosine k=20, T 0.07. Accuracy in %, "
+            f"Protocol: labels.csv task per label set, stratified 70/30 split (seeded), {r0['views']}; linear = logistic "
+            f"regression on frozen features, video-level top-1; knn = cosine k=20, T 0.07. Accuracy in %, "
             + (f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed") + f". Wall time {wall / 60:.1f} min.\n\n"
             f"{table}\n")
     with open(os.path.join(out, "report.md"), "w") as f:

@@ -3,10 +3,12 @@
 The labelled videos are decoded once into a frames-only cache (stage one with --teacher none and
 --flow none, at the checkpoint's own fps and frame size), so evaluation reuses the same decoder,
 resumability and failure records as training data. Features of every video over clips x crops views
-are computed once per initialisation, stored in HDF5 and shared by every protocol.
+are computed once per initialisation, stored per video in HDF5 and shared by every protocol, split
+and label set over those videos.
 """
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -50,9 +52,12 @@ class EvalConfig:
     batch_size: int = 16
     finetune_epochs: int = 5
     finetune_lr: float = 1e-3
-    test_fraction: float = 0.3  # folder task: stratified split
+    test_fraction: float = 0.3  # folder and csv tasks: stratified split
     train_list: str = None
     test_list: str = None
+    labels: str = None  # csv task: the labels file, its label column and its video-path column
+    label_column: str = None
+    id_column: str = "id"
     work: str = None  # where the decoded-frames cache lives (default: out); share it between runs
     teacher_every: int = 1  # teacher row: embeddings of every k-th frame are averaged
     device: str = "auto"
@@ -149,24 +154,30 @@ def teacher_features(reader, ids):
                      for v in ids])
 
 
-def features_h5(path, build, attrs):
-    """Load features from HDF5 if they were computed with the same attrs, else build and store them."""
+def stored_features(path, ids, compute, attrs):
+    """[len(ids), V, D] features of these videos, computing only the ones the HDF5 store lacks.
+
+    The store holds one row per video (ids, features) for one backbone and view protocol (attrs), so
+    every task, split and label set over the same videos shares it: UCF101's three splits, or the
+    object and motion labels of one folder, compute each video's features once.
+    """
+    have = {}
     if os.path.exists(path):
         with h5py.File(path, "r") as f:
             if json.loads(f.attrs.get("config", "{}")) == attrs:
-                return {s: (f[s]["features"][()], f[s]["labels"][()], [i.decode() for i in f[s]["ids"][()]])
-                        for s in ("train", "test")}
-    data = build()
-    tmp = path + ".tmp"
-    with h5py.File(tmp, "w") as f:
-        f.attrs["config"] = json.dumps(attrs, sort_keys=True)
-        for s, (feats, labels, ids) in data.items():
-            g = f.create_group(s)
-            g.create_dataset("features", data=feats, compression="gzip")
-            g.create_dataset("labels", data=np.asarray(labels, np.int64))
-            g.create_dataset("ids", data=np.array([i.encode() for i in ids], dtype=h5py.string_dtype()))
-    os.replace(tmp, path)
-    return data
+                feats = f["features"][()]
+                have = {i.decode(): feats[k] for k, i in enumerate(f["ids"][()])}
+    todo = [i for i in ids if i not in have]
+    if todo:
+        have.update(zip(todo, compute(todo)))
+        keys = sorted(have)
+        tmp = path + ".tmp"
+        with h5py.File(tmp, "w") as f:
+            f.attrs["config"] = json.dumps(attrs, sort_keys=True)
+            f.create_dataset("ids", data=np.array([i.encode() for i in keys], dtype=h5py.string_dtype()))
+            f.create_dataset("features", data=np.stack([have[i] for i in keys]), compression="gzip")
+        os.replace(tmp, path)  # atomic: a killed eval leaves the old store or the new one
+    return np.stack([have[i] for i in ids])
 
 
 # ---- protocols on frozen features ----------------------------------------------------------------
@@ -336,10 +347,12 @@ def run_eval(cfg):
         raise EvalError(f"{cfg.checkpoint}: checkpoint not found")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    task = load_task(cfg.task, cfg.root, cfg.split, cfg.splits, cfg.test_fraction, cfg.seed, cfg.train_list, cfg.test_list)
+    task = load_task(cfg.task, cfg.root, cfg.split, cfg.splits, cfg.test_fraction, cfg.seed, cfg.train_list, cfg.test_list,
+                     cfg.labels, cfg.label_column, cfg.id_column)
     os.makedirs(cfg.out, exist_ok=True)
     pre = preprocessing_of(cfg.checkpoint)
-    reader = build_eval_cache(cfg.root, cfg.work or cfg.out, pre, "teacher" in cfg.inits, cfg.progress, cfg.teacher_every)
+    work = cfg.work or cfg.out
+    reader = build_eval_cache(cfg.root, work, pre, "teacher" in cfg.inits, cfg.progress, cfg.teacher_every)
     train, test = _usable(reader, task.train), _usable(reader, task.test)
     unreadable = len(task.train) + len(task.test) - len(train) - len(test)
     if not train or not test:
@@ -352,25 +365,23 @@ def run_eval(cfg):
     for init in cfg.inits:
         views = f"teacher embeddings of every {cfg.teacher_every}. frame averaged (2D)" if init == "teacher" else \
             f"{cfg.clips} clips x {cfg.crops} crops, {pre.clip_len}x{pre.crop}^2 stride {pre.stride}"
-        attrs = {"task": task.name, "split": task.split, "init": init, "views": views,
+        # what the features depend on; the task, split and labels are not among them
+        attrs = {"init": init, "views": views, "root": os.path.abspath(cfg.root),
                  "checkpoint": os.path.abspath(cfg.checkpoint) if cfg.checkpoint and init in ("checkpoint", "scratch") else None,
                  "checkpoint_mtime": os.path.getmtime(cfg.checkpoint) if cfg.checkpoint and init == "checkpoint" else None,
-                 "seed": cfg.seed, "preprocessing": dataclasses.asdict(pre) | {"fingerprint": None},
+                 "seed": cfg.seed if init in ("scratch", "inflate") else None,
+                 "preprocessing": dataclasses.asdict(pre) | {"fingerprint": None},
                  "student": cfg.student if init == "scratch" and not cfg.checkpoint else None}
         backbone = None if init == "teacher" else load_backbone(init, cfg)
 
-        def build():
-            out = {}
-            for name, items in (("train", train), ("test", test)):
-                ids = [v for v, _ in items]
-                feats = teacher_features(reader, ids) if init == "teacher" else video_features(
-                    backbone, reader, ids, pre, cfg.clips, cfg.crops, device, cfg.batch_size, cfg.progress,
-                    f"features {init} {name}")
-                out[name] = (feats, [l for _, l in items], ids)
-            return out
-        data = features_h5(os.path.join(cfg.out, f"features-{task.name}-{init}.h5"), build, attrs)
-        (trf, trl, _), (tef, tel, _) = data["train"], data["test"]
-        trl, tel = np.asarray(trl), np.asarray(tel)
+        def compute(ids):
+            return teacher_features(reader, ids) if init == "teacher" else video_features(
+                backbone, reader, ids, pre, cfg.clips, cfg.crops, device, cfg.batch_size, cfg.progress, f"features {init}")
+        digest = hashlib.sha1(json.dumps(attrs, sort_keys=True).encode()).hexdigest()[:12]
+        store = os.path.join(work, f"features-{init}-{digest}.h5")
+        feats = stored_features(store, [v for v, _ in train + test], compute, attrs)
+        trf, tef = feats[:len(train)], feats[len(train):]
+        trl, tel = np.array([l for _, l in train]), np.array([l for _, l in test])
         results = {}
         if "linear" in cfg.protocols:
             results["linear"] = linear_probe(trf, trl, tef, tel, num_classes, cfg.seed)

@@ -1,10 +1,11 @@
-"""Labelled evaluation tasks: UCF101, HMDB51 and a folder of class sub-folders.
+"""Labelled evaluation tasks: UCF101, HMDB51, a folder of class sub-folders, or videos + a labels CSV.
 
 Each loader returns a Task: class names and train/test lists of (video id, path, label), plus the
 videos a split names that are not on disk (reported, never a crash). Video ids are paths relative
 to the data root, as in the cache.
 """
 import collections
+import csv
 import os
 import random
 from dataclasses import dataclass, field
@@ -114,29 +115,62 @@ def load_folder(root, test_fraction=0.3, seed=0, train_list=None, test_list=None
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if len(classes) < 2:
         raise TaskError(f"{root}: needs at least two class sub-folders, found {len(classes)}")
-    by_class = collections.defaultdict(list)
+    videos = []
     for label, cls in enumerate(classes):
         for dirpath, _, files in os.walk(os.path.join(root, cls)):
             for f in sorted(files):
                 if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS:
                     path = os.path.join(dirpath, f)
-                    by_class[label].append((os.path.relpath(path, root).replace(os.sep, "/"), path, label))
+                    videos.append((os.path.relpath(path, root).replace(os.sep, "/"), path, label))
+    return _split("folder", root, classes, videos, [], test_fraction, seed, train_list, test_list)
+
+
+def load_csv(root, labels, column, id_column="id", test_fraction=0.3, seed=0, train_list=None, test_list=None):
+    """Videos under root, labels in a CSV (one row per video: its path relative to root, its class).
+
+    One set of videos can carry several label columns (e.g. object and motion); every column is its
+    own task over the same decoded frames and features. Rows with an empty label are left out.
+    """
+    _check_root(root)
+    try:
+        with open(labels, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except FileNotFoundError:
+        raise TaskError(f"{labels}: labels file not found") from None
+    for name in (id_column, column):
+        if name not in header:
+            raise TaskError(f"{labels}: no column {name!r} (columns: {', '.join(header) or 'none'})")
+    rows = [(r[id_column].strip(), r[column].strip()) for r in rows if r[column] and r[column].strip()]
+    classes = sorted({label for _, label in rows})
+    if len(classes) < 2:
+        raise TaskError(f"{labels}: column {column!r} needs at least two classes, found {len(classes)}")
+    videos, missing = _resolve(root, [(rel, classes.index(label)) for rel, label in rows])
+    return _split(f"csv-{column}", root, classes, videos, missing, test_fraction, seed, train_list, test_list)
+
+
+def _split(name, root, classes, videos, missing, test_fraction, seed, train_list, test_list):
+    """A Task from (id, path, label) triples: explicit train/test id lists, else a seeded stratified split."""
     if train_list or test_list:
-        everything = {v[0]: v for vs in by_class.values() for v in vs}
+        everything = {v[0]: v for v in videos}
         train_ids = _read_lines(train_list) if train_list else []
         test_ids = _read_lines(test_list) if test_list else [i for i in everything if i not in set(train_ids)]
-        missing = [i for i in train_ids + test_ids if i not in everything]
-        return Task("folder", "lists", root, classes, [everything[i] for i in train_ids if i in everything],
+        missing = missing + [i for i in train_ids + test_ids if i not in everything]
+        return Task(name, "lists", root, classes, [everything[i] for i in train_ids if i in everything],
                     [everything[i] for i in test_ids if i in everything], missing)
+    by_class = collections.defaultdict(list)
+    for v in videos:
+        by_class[v[2]].append(v)
     rng = random.Random(seed)
     train, test = [], []
     for label in range(len(classes)):
-        videos = sorted(by_class[label])
-        rng.shuffle(videos)
-        n_test = max(1, round(len(videos) * test_fraction)) if len(videos) > 1 else 0
-        test += videos[:n_test]
-        train += videos[n_test:]
-    return Task("folder", f"seed{seed}-test{test_fraction}", root, classes, sorted(train), sorted(test))
+        members = sorted(by_class[label])
+        rng.shuffle(members)
+        n_test = max(1, round(len(members) * test_fraction)) if len(members) > 1 else 0
+        test += members[:n_test]
+        train += members[n_test:]
+    return Task(name, f"seed{seed}-test{test_fraction}", root, classes, sorted(train), sorted(test), missing)
 
 
 def _find_dir(root, filename, conventional, suffix=None):
@@ -151,11 +185,16 @@ def _find_dir(root, filename, conventional, suffix=None):
     raise TaskError(f"{root}: split files not found (looked in {conventional}/ beside and inside it); pass --splits DIR")
 
 
-def load_task(name, root, split=1, splits_dir=None, test_fraction=0.3, seed=0, train_list=None, test_list=None):
+def load_task(name, root, split=1, splits_dir=None, test_fraction=0.3, seed=0, train_list=None, test_list=None,
+              labels=None, label_column=None, id_column="id"):
     if name == "ucf101":
         return load_ucf101(root, split, splits_dir)
     if name == "hmdb51":
         return load_hmdb51(root, split, splits_dir)
     if name == "folder":
         return load_folder(root, test_fraction, seed, train_list, test_list)
-    raise TaskError(f"unknown task {name!r}; choose ucf101, hmdb51 or folder")
+    if name == "csv":
+        if not labels or not label_column:
+            raise TaskError("the csv task needs --labels FILE.csv and --label-column NAME")
+        return load_csv(root, labels, label_column, id_column, test_fraction, seed, train_list, test_list)
+    raise TaskError(f"unknown task {name!r}; choose ucf101, hmdb51, folder or csv")

@@ -82,9 +82,10 @@ def test_generator_writes_labels_layout_and_real_videos(tmp_path):
 @pytest.mark.slow
 def test_demo_quick_runs_end_to_end_and_reports_its_own_numbers(tmp_path):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out)])
+    result = CliRunner().invoke(cli, ["demo", "--quick", "--steps", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = open(out / "report.md").read()
+    assert "2 steps" in report and (out / "runs" / "modist-seed0-2steps" / "checkpoint.pt").exists()
     assert "| distinit |" in report and "| teacher |" in report and "motion linear video_top1" in report
     assert os.path.getsize(out / "report.png") > 5000
     saved = json.load(open(out / "report.json"))

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from cli import cli
 from conftest import make_video
-from pipeline.evaluate import EvalConfig, knn_classify, linear_probe, retrieval, run_eval
-from pipeline.tasks import TaskError, load_folder, load_hmdb51, load_ucf101
+from pipeline.evaluate import EvalConfig, knn_classify, linear_probe, retrieval, run_eval, stored_features
+from pipeline.tasks import TaskError, load_csv, load_folder, load_hmdb51, load_ucf101
 
 UCF_SPLITS = os.path.join(os.path.dirname(__file__), "data", "ucfTrainTestlist")
 
@@ -62,6 +62,45 @@ def test_folder_split_is_stratified_and_seeded(tmp_path):
     assert len(task.train) == 19 - 6
     assert load_folder(str(tmp_path), test_fraction=0.3, seed=1).test == task.test
     assert load_folder(str(tmp_path), test_fraction=0.3, seed=2).test != task.test
+
+
+def test_csv_task_one_label_column_per_task_over_the_same_videos(tmp_path):
+    rows = ["id,object,motion"] + [f"v{i}.mp4,{'cat' if i % 2 else 'cup'},{'left' if i < 6 else 'up'}" for i in range(10)]
+    rows += ["gone.mp4,cat,left", "v10.mp4,,up"]  # a listed video not on disk; v10 has no object label
+    for i in range(11):
+        (tmp_path / f"v{i}.mp4").write_bytes(b"x")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    obj = load_csv(str(tmp_path), str(labels), "object", seed=0)
+    motion = load_csv(str(tmp_path), str(labels), "motion", seed=0)
+    assert obj.classes == ["cat", "cup"] and motion.classes == ["left", "up"] and obj.name == "csv-object"
+    assert obj.missing == ["gone.mp4"] and "1 listed but missing" in obj.describe()
+    assert {v for v, _, _ in obj.train + obj.test} == {f"v{i}.mp4" for i in range(10)}
+    assert {v: l for v, _, l in motion.train + motion.test} == {f"v{i}.mp4": int(i >= 6) for i in range(11)}
+    assert sum(l for _, _, l in obj.test) == 2 and len(obj.test) == 4  # stratified: 30 % of each class
+    with pytest.raises(TaskError, match=r"labels.csv: no column 'action' \(columns: id, object, motion\)"):
+        load_csv(str(tmp_path), str(labels), "action")
+    with pytest.raises(TaskError, match="nope.csv: labels file not found"):
+        load_csv(str(tmp_path), str(tmp_path / "nope.csv"), "object")
+    result = CliRunner().invoke(cli, ["eval", "--task", "csv", "--root", str(tmp_path)])
+    assert result.exit_code == 2 and "needs --labels FILE.csv and --label-column NAME" in result.output
+
+
+def test_feature_store_computes_each_video_once_across_tasks(tmp_path):
+    calls = []
+
+    def compute(ids):
+        calls.append(list(ids))
+        return np.stack([np.full((2, 3), int(i[1:]), np.float32) for i in ids])
+    store, attrs = str(tmp_path / "features.h5"), {"init": "checkpoint", "views": "2 clips"}
+    assert stored_features(store, ["v3", "v1"], compute, attrs)[:, 0, 0].tolist() == [3, 1]
+    # another split over the same videos plus one new: only the new one is computed
+    assert stored_features(store, ["v1", "v2", "v3"], compute, attrs)[:, 0, 0].tolist() == [1, 2, 3]
+    assert calls == [["v3", "v1"], ["v2"]]
+    with h5py.File(store) as f:
+        assert [i.decode() for i in f["ids"][()]] == ["v1", "v2", "v3"] and f["features"].shape == (3, 2, 3)
+    stored_features(store, ["v1"], compute, {**attrs, "views": "4 clips"})  # other views: not reused
+    assert calls[-1] == ["v1"]
 
 
 def clusters(centres, n_per_class, views, spread, seed):
@@ -130,16 +169,17 @@ def test_eval_end_to_end_on_a_folder_task(tiny_folder_task, tmp_path):
     assert saved["results"] == json.loads(json.dumps(rows))
     md = open(out / "results.md").read()
     assert "| checkpoint |" in md and "linear video_top1" in md
-    with h5py.File(out / "features-folder-checkpoint.h5") as f:
-        assert f["train/features"].shape == (rows[0]["train_videos"], 6, 128)  # 2 clips x 3 crops, r3d_cpu
-        assert f["test/features"].shape == (rows[0]["test_videos"], 6, 128)
-        assert len(f["train/ids"]) == len(f["train/labels"]) == rows[0]["train_videos"]
+    stores = {p.name.split("-")[1]: p for p in out.glob("features-*.h5")}
+    assert set(stores) == {"checkpoint", "scratch", "teacher"}
+    with h5py.File(stores["checkpoint"]) as f:  # one row per decodable video, 2 clips x 3 crops, r3d_cpu
+        assert f["features"].shape == (rows[0]["train_videos"] + rows[0]["test_videos"], 6, 128)
+        assert len(f["ids"]) == len(f["features"])
         assert json.loads(f.attrs["config"])["init"] == "checkpoint"
-    with h5py.File(out / "features-folder-teacher.h5") as f:
-        assert f["test/features"].shape[1:] == (1, 1280)
-    before = os.path.getmtime(out / "features-folder-checkpoint.h5")
-    run_eval(EvalConfig(**{**cfg.__dict__, "protocols": ("knn",), "inits": ("checkpoint",)}))
-    assert os.path.getmtime(out / "features-folder-checkpoint.h5") == before  # features reused, not recomputed
+    with h5py.File(stores["teacher"]) as f:
+        assert f["features"].shape[1:] == (1, 1280)
+    before = os.path.getmtime(stores["checkpoint"])
+    run_eval(EvalConfig(**{**cfg.__dict__, "protocols": ("knn",), "inits": ("checkpoint",), "seed": 1}))
+    assert os.path.getmtime(stores["checkpoint"]) == before  # another split: features reused, not recomputed
 
     feats = tmp_path / "feats.h5"
     result = CliRunner().invoke(cli, ["embed", "--videos", str(tiny_folder_task), "--checkpoint", str(run / "checkpoint.pt"),
