@@ -57,6 +57,7 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
 
     Rerunning the same command resumes: finished and failed videos are skipped.
     """
+    from cache.fingerprint import CacheError
     from pipeline.extract import ExtractConfig, ExtractError, run_extract
     cfg = ExtractConfig(videos=videos, cache=cache, fps=fps, height=height, width=width, teacher=teacher,
                         teacher_weights=teacher_weights, teacher_size=teacher_size, teacher_every=teacher_every,
@@ -65,7 +66,7 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
                         strict=strict, overwrite=overwrite)
     try:
         s = run_extract(cfg)
-    except (ExtractError, ValueError) as e:
+    except (ExtractError, CacheError, ValueError) as e:
         _fail(str(e))
     wall = s["wall_seconds"]
     click.echo(f"extracted {s['done']} videos ({s['partial']} partial), skipped {s['skipped']} already in the "
@@ -80,6 +81,9 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
         click.echo(f"  failed: {vid}: {err}")
     if len(s["failures"]) > 20:
         click.echo(f"  … {len(s['failures']) - 20} more; see `cli.py cache info {s['cache']}`")
+    if s["failed_in_cache"] > s["failed"]:
+        click.echo(f"{s['failed_in_cache']} videos of this shard are recorded as failed in all "
+                   f"(--retry-failed tries them again; `cli.py cache info` lists the reasons)")
     if s.get("strict_failure"):
         sys.exit(1)
 
@@ -102,7 +106,7 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(["adamw", "sgd"]))
 @click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate after warm-up (cosine decay).")
-@click.option("--weight-decay", default=0.05, show_default=True)
+@click.option("--weight-decay", default=-1.0, help="Default: 0.05 with AdamW, 5e-4 with SGD.")
 @click.option("--warmup-steps", default=50, show_default=True)
 @click.option("--tau", default=2.0, show_default=True, help="Distillation temperature.")
 @click.option("--target-mode", default="average", show_default=True, type=click.Choice(["average", "random"]),
@@ -129,8 +133,6 @@ def distill(**kw):
         s = run_distill(DistillConfig(**kw))
     except DistillError as e:
         _fail(str(e))
-    if s is None:
-        return
     click.echo(f"trained {s['student']} for {s['steps_this_run']} steps ({s['steps']} total) on {s['videos']} videos "
                f"in {s['wall_seconds']:.1f}s ({s['clips_per_s']:.1f} clips/s on {s['device']}); "
                f"checkpoint: {s['checkpoint']}")
@@ -152,6 +154,12 @@ def distill(**kw):
 @click.option("--crops", default=1, show_default=True, type=click.Choice(["1", "3"]), help="Crops per clip.")
 @click.option("--out", default="eval_out", show_default=True, type=click.Path(),
               help="Results (results.json, results.md), feature HDF5 files and the decoded-frames cache.")
+@click.option("--work", type=click.Path(), default=None,
+              help="Folder for the decoded-frames cache and the feature stores (default: --out). Share one between "
+                   "evals over the same videos (UCF101 splits 1-3, several label columns): each video is decoded "
+                   "and embedded once.")
+@click.option("--teacher-every", default=1, show_default=True,
+              help="teacher row: average the 2D teacher's embeddings of every k-th frame (k>1 is faster on CPU).")
 @click.option("--student", default="r3d_cpu", show_default=True, help="Architecture of the scratch row without a checkpoint.")
 @click.option("--finetune-epochs", default=5, show_default=True)
 @click.option("--finetune-lr", default=1e-3, show_default=True)
@@ -164,7 +172,7 @@ def distill(**kw):
 @click.option("--test-list", type=click.Path(), default=None, help="folder/csv task: explicit test ids.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-def eval_cmd(task, root, checkpoint, inits, protocols, split, splits, clips, crops, out, student, finetune_epochs,
+def eval_cmd(task, root, checkpoint, inits, protocols, split, splits, clips, crops, out, work, teacher_every, student, finetune_epochs,
              finetune_lr, batch_size, labels, label_column, id_column, test_fraction, train_list, test_list, seed, device):
     """Linear probe, kNN, retrieval and fine-tuning, with baselines in the same table.
 
@@ -179,7 +187,7 @@ def eval_cmd(task, root, checkpoint, inits, protocols, split, splits, clips, cro
                      crops=int(crops), student=student, seed=seed, batch_size=batch_size,
                      finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, test_fraction=test_fraction,
                      train_list=train_list, test_list=test_list, labels=labels, label_column=label_column,
-                     id_column=id_column, device=device)
+                     id_column=id_column, work=work, teacher_every=teacher_every, device=device)
     try:
         rows, _, notes = run_eval(cfg)
     except (EvalError, TaskError, ExtractError) as e:

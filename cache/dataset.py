@@ -124,8 +124,17 @@ class ClipDataset(torch.utils.data.Dataset):
         return out
 
     def teacher_window(self, vid, start, n):
-        """Teacher logits/embeddings of the teacher frames inside [start, start+span), padded + mask."""
-        t = self.reader.read(vid, start, min(start + self.span, n), fields=("logits", "embed"))
+        """Teacher logits/embeddings of the teacher frames inside [start, start+span), padded + mask.
+
+        With a sparse teacher (extract --teacher-every larger than the clip span) a window can hold no
+        teacher frame; it then takes the teacher frame nearest to its centre, so every clip has a target.
+        """
+        stop = min(start + self.span, n)
+        t = self.reader.read(vid, start, stop, fields=("logits", "embed"))
+        if len(t["logits"]) == 0:
+            t = self.reader.read(vid, fields=("logits", "embed"))
+            j = int(np.argmin(np.abs(t["teacher_frame"] - (start + stop - 1) / 2)))
+            t = {k: v[j:j + 1] for k, v in t.items()}
         m = len(t["logits"])
         k, d = t["logits"].shape[1], t["embed"].shape[1]
         logits = torch.zeros(self.max_teacher, k, dtype=torch.float16)

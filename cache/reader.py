@@ -39,24 +39,21 @@ def read_part_table(cache_dir, part):
     return read_part_attrs(cache_dir, part)["videos"]
 
 
-def parts_not_matching(cache_dir, fingerprint):
-    """Committed parts written under another fingerprint than `fingerprint` (cache.json edited or mixed)."""
-    want = fingerprint_sha256(fingerprint)
-    return [p for p in committed_parts(cache_dir) if read_part_attrs(cache_dir, p).get("fingerprint_sha256") != want]
-
-
 def load_index(cache_dir):
-    """id -> (part, record) over all parts; a video seen twice keeps its first (oldest) record.
+    """id -> (part, record) over all parts.
 
-    Returns (index, duplicates) where duplicates lists (id, part) of records that were ignored.
+    A readable record wins over a failed one whichever part holds it (`extract --retry-failed` adds a
+    new record and leaves the old failure in its part); of two readable records the first part's is
+    kept and the other is returned in duplicates, as (id, part) - that is damage, never normal.
     """
     index, duplicates = {}, []
     for part in committed_parts(cache_dir):
         for rec in read_part_table(cache_dir, part):
-            if rec["id"] in index and index[rec["id"]][1]["status"] in READABLE:
-                duplicates.append((rec["id"], part))
-            else:
+            have = index.get(rec["id"])
+            if have is None or (have[1]["status"] not in READABLE and rec["status"] in READABLE):
                 index[rec["id"]] = (part, rec)
+            elif have[1]["status"] in READABLE and rec["status"] in READABLE:
+                duplicates.append((rec["id"], part))
     return index, duplicates
 
 
@@ -98,12 +95,22 @@ class CacheReader:
         teacher_frame int [M] (video-relative indices of the frames the teacher saw, within the
         range); logits float16 [M,K]; embed float16 [M,D].
         """
-        part, rec = self.index[video_id][0], self.record(video_id)
-        n = rec["frame_count"]
+        rec = self.record(video_id)
+        if rec["status"] not in READABLE:
+            raise KeyError(f"video {video_id!r} failed to extract ({rec['error']}); it has no frames")
+        part, n = self.index[video_id][0], rec["frame_count"]
         stop = n if stop is None else stop
         if not 0 <= start < stop <= n:
             raise IndexError(f"frames [{start}, {stop}) out of range for {video_id!r} ({n} frames)")
-        g = self._group(part)
+        try:
+            return self._read(self._group(part), rec, start, stop, fields)
+        except CacheError:
+            raise
+        except Exception as e:  # a truncated or corrupt chunk: name it, never a codec traceback
+            raise CacheError(f"{self.cache_dir}/{PARTS_DIR}/{part}: unreadable data for video {video_id!r} "
+                             f"({type(e).__name__}: {str(e)[:120]}); run `cli.py cache verify --repair`") from None
+
+    def _read(self, g, rec, start, stop, fields):
         off = rec["frame_offset"]
         out = {}
         if "frames" in fields:

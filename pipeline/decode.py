@@ -174,7 +174,8 @@ def decode_video(path, fps, height, width, teacher_size, batch_frames=32, stall_
 
     def watchdog():  # a decoder that stops producing bytes is killed, never waited on forever
         while proc.poll() is None:
-            if time.monotonic() - last_progress[0] > stall_timeout:
+            since = last_progress[0]
+            if since is not None and time.monotonic() - since > stall_timeout:
                 timed_out.set()
                 proc.kill()
                 return
@@ -194,7 +195,10 @@ def decode_video(path, fps, height, width, teacher_size, batch_frames=32, stall_
             if n:
                 decoded = np.frombuffer(buf, np.uint8, n * frame_bytes).reshape(n, hc, wc, 3)
                 n_frames += n
-                yield split_views(decoded, height, width, teacher_size)
+                views = split_views(decoded, height, width, teacher_size)
+                last_progress[0] = None  # the consumer's time (teacher, flow, a full queue) is no stall
+                yield views
+                last_progress[0] = time.monotonic()
             if len(buf) < frame_bytes * batch_frames:
                 break
         returncode = proc.wait()

@@ -101,8 +101,10 @@ def make_fingerprint(cfg, teacher):
         "teacher": teacher_fingerprint(teacher) if teacher else {"name": "none"},
         "preprocessing": {"fps": cfg.fps, "height": cfg.height, "width": cfg.width,
                           "resize": "cover-scale + centre crop, SAR and rotation applied",
-                          # without a teacher these do not change the cache: keep them out of its identity
-                          "teacher_size": cfg.teacher_size if teacher else None,
+                          # the stored frames are downscaled from a decode at the teacher's size, so it
+                          # changes their pixels even without a teacher
+                          "teacher_size": cfg.teacher_size,
+                          # without a teacher this does not change the cache: keep it out of its identity
                           "teacher_every": cfg.teacher_every if teacher else None},
         "flow": {"method": cfg.flow, "params": FLOW_PARAMS[cfg.flow], "bound": FLOW_BOUND,
                  "convention": "flow[t] = motion from frame t to t+1 in stored pixels; last frame 0"},
@@ -111,9 +113,10 @@ def make_fingerprint(cfg, teacher):
     }
 
 
-def _resolve_device(device):
+def _resolve_device(device, slot=0):
+    """auto: CUDA if present, one GPU per process (slot = torchrun's LOCAL_RANK, or the worker index)."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return f"cuda:{slot % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     return device
 
 
@@ -150,14 +153,14 @@ def _source_record(vid, path):
     return rec
 
 
-def extract_videos(videos, cfg, tag, report):
+def extract_videos(videos, cfg, tag, report, gpu_slot=0):
     """Extract `videos` [(id, path)] into parts of cfg.cache; report(record) after each video.
 
     Three threads overlap: decode+flow (producer), the teacher (this thread), and writing (one
     writer thread, so parts are still written by exactly one writer, in order). Each hand-over is
     bounded, so memory does not grow with the number or length of videos.
     """
-    device = _resolve_device(cfg.device)
+    device = _resolve_device(cfg.device, gpu_slot)
     teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device=device) if cfg.teacher != "none" else None
     with_flow = make_flow_fn(cfg.flow) is not None
     attrs = {"vidistill_version": VIDISTILL_VERSION, "config": _config_dict(cfg),
@@ -244,6 +247,11 @@ def extract_videos(videos, cfg, tag, report):
         report({"stage_seconds": seconds})
     finally:
         stop.set()
+        while producer.is_alive():  # unblock a producer waiting on the full queue, so it sees `stop`
+            try:
+                items.get(timeout=0.1)
+            except queue.Empty:
+                pass
         if pending is not None:
             pending.exception()  # let an in-flight write finish before abandoning the part
         write.shutdown()
@@ -257,11 +265,11 @@ def _config_dict(cfg):
     return d
 
 
-def _worker_main(videos, cfg, tag, messages, threads):
+def _worker_main(videos, cfg, tag, messages, threads, gpu_slot):
     """Entry point of one --workers process: same code path, reports go through a queue."""
     torch.set_num_threads(threads)
     try:
-        extract_videos(videos, cfg, tag, messages.put)
+        extract_videos(videos, cfg, tag, messages.put, gpu_slot)
         messages.put({"worker_done": tag})
     except BaseException:
         messages.put({"worker_error": tag, "traceback": traceback.format_exc()})
@@ -271,17 +279,23 @@ class _ShardLock:
     """An flock per shard: two jobs on the same shard of a cache never run at once."""
 
     def __init__(self, cache_dir, index, count):
-        os.makedirs(os.path.join(cache_dir, "locks"), exist_ok=True)
-        self.path = os.path.join(cache_dir, "locks", f"shard-{index}-of-{count}.lock")
+        locks = os.path.join(cache_dir, "locks")
+        os.makedirs(locks, exist_ok=True)
+        self.path = os.path.join(locks, f"shard-{index}-of-{count}.lock")
         self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "unknown"
             self.file.close()
             raise ExtractError(f"{cache_dir}: shard {index}/{count} is being extracted by another process "
-                               f"({holder}); wait for it to finish or pick another --shard") from None
+                               f"({_holder(self.path)}); wait for it to finish or pick another --shard") from None
+        # jobs that split the videos another way would take some of ours too
+        for other in held_locks(cache_dir):
+            if not other.endswith(f"-of-{count}.lock"):
+                self.file.close()
+                raise ExtractError(f"{cache_dir}: a job with another shard count is running ({other}, "
+                                   f"{_holder(os.path.join(locks, other))}); every job on one cache must use "
+                                   "the same --shard I/N") from None
         self.file.truncate(0)
         self.file.write(f"pid {os.getpid()} on {os.uname().nodename}")
         self.file.flush()
@@ -290,25 +304,54 @@ class _ShardLock:
         self.file.close()
 
 
+def _holder(lock_path):
+    try:
+        with open(lock_path) as f:
+            return f.read().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def held_locks(cache_dir):
+    """Names of the shard locks some live process holds (a lock file alone means nothing: flock
+    is released when its holder dies, however it dies)."""
+    locks = os.path.join(cache_dir, "locks")
+    held = []
+    for name in sorted(os.listdir(locks)) if os.path.isdir(locks) else []:
+        try:
+            with open(os.path.join(locks, name), "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released again on close
+        except BlockingIOError:
+            held.append(name)
+        except OSError:
+            pass
+    return held
+
+
 def run_extract(cfg):
     """The whole of `cli.py extract`. Returns a summary dict."""
     t0 = time.time()
     if cfg.teacher_every < 1:
         raise ExtractError("--teacher-every must be >= 1")
+    if cfg.fps <= 0 or cfg.height < 8 or cfg.width < 8 or cfg.workers < 1:
+        raise ExtractError(f"--fps must be > 0, --height and --width >= 8, --workers >= 1 "
+                           f"(got {cfg.fps}, {cfg.height}, {cfg.width}, {cfg.workers})")
     make_flow_fn(cfg.flow)  # an unknown or unavailable flow method fails before any work
     shard_index, shard_count = cfg.shard or shard_from_env()
     if not 0 <= shard_index < shard_count:
         raise ExtractError(f"shard {shard_index}/{shard_count}: index must be in [0, {shard_count})")
     cfg = dataclasses.replace(cfg, shard=(shard_index, shard_count))
     videos = find_videos(cfg.videos)
-    if cfg.overwrite and os.path.isdir(cfg.cache):
-        _remove_cache(cfg.cache)
     teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device="cpu") if cfg.teacher != "none" else None
-    try:
-        create_or_check(cfg.cache, make_fingerprint(cfg, teacher), _config_dict(cfg))
-    except CacheError as e:
-        raise ExtractError(str(e)) from None
+    fingerprint = make_fingerprint(cfg, teacher)
     del teacher
+    try:
+        create_or_check(cfg.cache, fingerprint, _config_dict(cfg))
+    except CacheError as e:
+        if not cfg.overwrite:
+            raise ExtractError(str(e)) from None
+        _remove_cache(cfg.cache)  # other settings and --overwrite: start anew
+        create_or_check(cfg.cache, fingerprint, _config_dict(cfg))
 
     lock = _ShardLock(cfg.cache, shard_index, shard_count)
     try:
@@ -351,7 +394,10 @@ def run_extract(cfg):
         lock.release()
     summary["wall_seconds"] = time.time() - t0
     summary["cache"] = cfg.cache
-    if cfg.strict and summary["failed"]:
+    # failures of this shard recorded by this run or an earlier one (a resumed run skips those)
+    index, _ = load_index(cfg.cache)
+    summary["failed_in_cache"] = sum(1 for vid, _ in mine if vid in index and index[vid][1]["status"] == "failed")
+    if cfg.strict and summary["failed_in_cache"]:
         summary["strict_failure"] = True
     return summary
 
@@ -362,13 +408,14 @@ def _run_workers(todo, cfg, report):
     if not todo:
         return
     if workers == 1:
-        extract_videos(todo, cfg, tag_base, report)
+        extract_videos(todo, cfg, tag_base, report, int(os.environ.get("LOCAL_RANK", 0)))
         return
     ctx = mp.get_context("spawn")  # never fork a process that holds torch/zarr threads
     messages = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // workers)
-    procs = [ctx.Process(target=_worker_main, args=(todo[w::workers], cfg, f"{tag_base}w{w}", messages, threads),
-                         daemon=True) for w in range(workers)]
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    procs = [ctx.Process(target=_worker_main, args=(todo[w::workers], cfg, f"{tag_base}w{w}", messages, threads,
+                                                    local_rank * workers + w), daemon=True) for w in range(workers)]
     for p in procs:
         p.start()
     running, errors = workers, []
@@ -397,4 +444,7 @@ def _remove_cache(cache_dir):
     import shutil
     if not os.path.exists(os.path.join(cache_dir, "cache.json")) and os.listdir(cache_dir):
         raise ExtractError(f"{cache_dir}: refusing to --overwrite a non-empty folder that is not a vidistill cache")
+    busy = held_locks(cache_dir)
+    if busy:
+        raise ExtractError(f"{cache_dir}: refusing to --overwrite while other jobs extract into it ({', '.join(busy)})")
     shutil.rmtree(cache_dir)

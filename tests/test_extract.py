@@ -144,8 +144,22 @@ def test_same_shard_twice_is_refused_by_the_lock(tmp_path):
     try:
         with pytest.raises(ExtractError, match="shard 0/1 is being extracted by another process"):
             run_extract(config(videos, tmp_path / "c"))
+        # another shard count would split the videos another way and take some of the live job's
+        with pytest.raises(ExtractError, match=r"a job with another shard count is running \(shard-0-of-1.lock"):
+            run_extract(config(videos, tmp_path / "c", shard=(1, 2)))
+        with pytest.raises(ExtractError, match="refusing to --overwrite while other jobs extract into it"):
+            run_extract(config(videos, tmp_path / "c", fps=4.0, overwrite=True))
     finally:
         held.release()
+    assert run_extract(config(videos, tmp_path / "c", shard=(1, 2)))["done"] == 0  # lock released: fine
+
+
+def test_overwrite_replaces_only_a_cache_with_other_settings(tmp_path):
+    videos = small_videos(tmp_path / "videos", 2)
+    run_extract(config(videos, tmp_path / "c"))
+    assert run_extract(config(videos, tmp_path / "c", overwrite=True))["skipped"] == 2  # same settings: kept
+    s = run_extract(config(videos, tmp_path / "c", fps=4.0, overwrite=True))
+    assert s["done"] == 2 and CacheReader(str(tmp_path / "c")).fingerprint["preprocessing"]["fps"] == 4.0
 
 
 def test_verify_reports_a_deleted_chunk_and_repair_redoes_it(tmp_path):
@@ -176,6 +190,13 @@ def test_cli_extract_and_info(tmp_path):
     strict = CliRunner().invoke(cli, ["extract", "--videos", str(videos), "--cache", str(cache),
                                       "--teacher-every", "4", "--strict", "--retry-failed"])
     assert strict.exit_code == 1
+    # a resumed --strict run fails on the failures recorded by earlier runs too, not only its own
+    strict = CliRunner().invoke(cli, ["extract", "--videos", str(videos), "--cache", str(cache),
+                                      "--teacher-every", "4", "--strict"])
+    assert strict.exit_code == 1 and "skipped 3" in strict.output
+    assert "1 videos of this shard are recorded as failed" in strict.output
+    bad = CliRunner().invoke(cli, ["extract", "--videos", str(videos), "--cache", str(cache), "--fps", "0"])
+    assert bad.exit_code == 2 and "--fps must be > 0" in bad.output
     info = CliRunner().invoke(cli, ["cache", "info", str(cache)])
     assert "videos     3: 2 ok, 0 partial, 1 failed" in info.output
     assert "bad.mp4: empty file (0 bytes)" in info.output
