@@ -89,6 +89,9 @@ class EfficientNet3dBackbone(nn.Module):
         super().__init__()
         from cache.dataset import VIDEO_MEAN, VIDEO_STD
         self.net = EfficientNetLite0(video=True)
+        # the ImageNet classifier is not part of the backbone (only logits() uses it): frozen, so
+        # DDP does not wait for gradients it never gets
+        self.net._fc.requires_grad_(False)
         mean, std = torch.tensor(VIDEO_MEAN), torch.tensor(VIDEO_STD)
         self.register_buffer("in_scale", (std * 255 / 128).view(1, 3, 1, 1, 1), persistent=False)
         self.register_buffer("in_shift", ((mean * 255 - 127) / 128).view(1, 3, 1, 1, 1), persistent=False)
@@ -123,7 +126,8 @@ def build_student(arch):
 def build_motion_pathway(student_feature_dim=512):
     """MoDist's motion pathway: a small 3D ResNet on 2-channel flow at ~1/8 of the visual width.
 
-    A ResNet's feature dim is 8x its base width, so 1/8 width is feature_dim / 64 (8 for R(2+1)D-18).
+    A ResNet's feature dim is 8x its base width, so 1/8 width is feature_dim / 64 (8 for R(2+1)D-18);
+    never narrower than 8 channels, so for the small CPU students it is wider than 1/8.
     """
     return ResNet3d(width=max(8, student_feature_dim // 64), blocks=(1, 1, 1, 1), in_channels=2)
 

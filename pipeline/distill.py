@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from cache.dataset import ClipDataset, normalize_video
 from cache.fingerprint import VIDISTILL_VERSION, CacheError, read_cache_json
-from cache.reader import parts_not_matching
+from cache.manifest import verify_cache
 from models.students import ProjectionHead, build_motion_pathway, build_student
 from pipeline.losses import distill_kl, embed_cosine, info_nce, teacher_targets
 
@@ -44,7 +44,7 @@ class DistillConfig:
     epochs: int = 10
     optimizer: str = "adamw"
     lr: float = 1e-3
-    weight_decay: float = 0.05
+    weight_decay: float = -1.0  # -1: 0.05 for AdamW, 5e-4 for SGD (the usual values of each)
     warmup_steps: int = 50
     grad_clip: float = 1.0
     tau: float = 2.0  # distillation temperature
@@ -75,8 +75,11 @@ def resolve(cfg):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = device.startswith("cuda")
+    if cfg.optimizer not in ("adamw", "sgd"):
+        raise DistillError(f"--optimizer must be adamw or sgd, not {cfg.optimizer!r}")
     return dataclasses.replace(
         cfg, device=device,
+        weight_decay=cfg.weight_decay if cfg.weight_decay >= 0 else (0.05 if cfg.optimizer == "adamw" else 5e-4),
         student=cfg.student if cfg.student != "auto" else ("r2plus1d_18" if gpu else "r3d_cpu"),
         clip_len=cfg.clip_len or (16 if gpu else 8),
         batch_size=cfg.batch_size or (32 if gpu else 8))
@@ -85,9 +88,10 @@ def resolve(cfg):
 class Distiller(nn.Module):
     """The student backbone plus whatever the objective needs: heads, motion pathway, momentum copies."""
 
-    def __init__(self, cfg, num_classes, embed_dim):
+    def __init__(self, cfg, num_classes, embed_dim, flow_bound):
         super().__init__()
         self.cfg = cfg
+        self.flow_bound = flow_bound  # the cache's flow bound scales flow inputs to about [-1, 1]
         self.backbone = build_student(cfg.student)
         d = self.backbone.feature_dim
         self.use_distinit = cfg.objective in ("distinit", "both")
@@ -135,17 +139,19 @@ class Distiller(nn.Module):
             if self.embed_head is not None:
                 losses["embed"] = embed_cosine(self.embed_head(feat), batch["teacher_embed"], batch["teacher_mask"])
         if self.use_modist:
-            flow1 = batch["flow"].float() / 20.0  # the cache's flow bound: inputs in [-1, 1]
+            flow1 = batch["flow"].float() / self.flow_bound
             q_rgb = self.proj_rgb(feat)  # [B,128]
             q_flow = self.proj_flow(self.motion(flow1))  # [B,128]
             with torch.no_grad():
                 self.momentum_update()
                 k_rgb = self.key_rgb(normalize_video(batch["video2"]))
-                k_flow = self.key_flow(batch["flow2"].float() / 20.0)
-            losses["rgb_nce"] = info_nce(q_rgb, k_rgb, self.queue_rgb.clone().detach(), cfg.nce_tau)
-            losses["flow_nce"] = info_nce(q_flow, k_flow, self.queue_flow.clone().detach(), cfg.nce_tau)
-            losses["cross_nce"] = 0.5 * (info_nce(q_rgb, k_flow, self.queue_flow.clone().detach(), cfg.nce_tau)
-                                         + info_nce(q_flow, k_rgb, self.queue_rgb.clone().detach(), cfg.nce_tau))
+                k_flow = self.key_flow(batch["flow2"].float() / self.flow_bound)
+            # copies: enqueue() below overwrites the buffers in place, which autograd must not see
+            queue_rgb, queue_flow = self.queue_rgb.clone(), self.queue_flow.clone()
+            losses["rgb_nce"] = info_nce(q_rgb, k_rgb, queue_rgb, cfg.nce_tau)
+            losses["flow_nce"] = info_nce(q_flow, k_flow, queue_flow, cfg.nce_tau)
+            losses["cross_nce"] = 0.5 * (info_nce(q_rgb, k_flow, queue_flow, cfg.nce_tau)
+                                         + info_nce(q_flow, k_rgb, queue_rgb, cfg.nce_tau))
             self.enqueue(k_rgb, k_flow)
         return losses
 
@@ -208,13 +214,12 @@ def check_cache(cache_dir, objective):
     if fp.get("vidistill_version") != VIDISTILL_VERSION:
         raise DistillError(f"{cache_dir} was written by vidistill {fp.get('vidistill_version')}, "
                            f"this is {VIDISTILL_VERSION}; re-extract it")
-    try:
-        mismatched = parts_not_matching(cache_dir, fp)
-    except CacheError as e:
-        raise DistillError(str(e)) from None
-    if mismatched:
-        raise DistillError(f"{cache_dir}: {len(mismatched)} part(s) (e.g. {mismatched[0]}) were written with other "
-                           "settings than cache.json records; run `cli.py cache verify` on it")
+    # structure only (settings of every part, chunk files present, tables consistent): cheap at any size;
+    # a chunk that is present but corrupt is caught when a clip reads it
+    problems, _, _ = verify_cache(cache_dir, quick=True)
+    if problems:
+        raise DistillError(f"{cache_dir} is damaged ({len(problems)} problem(s), e.g. {problems[0]}); "
+                           "run `cli.py cache verify --repair` and extract again")
     if objective in ("distinit", "both") and fp["teacher"]["name"] == "none":
         raise DistillError(f"{cache_dir} has no teacher outputs (extracted with --teacher none); "
                            f"--objective {objective} needs them")
@@ -253,14 +258,12 @@ def load_student(path):
 def build_training(cfg, fingerprint, total_steps):
     """Model (on cfg.device), optimiser and warmup+cosine schedule for a resolved config."""
     tcfg = fingerprint["teacher"]
-    model = Distiller(cfg, tcfg.get("num_classes"), tcfg.get("embed_dim")).to(cfg.device)
+    model = Distiller(cfg, tcfg.get("num_classes"), tcfg.get("embed_dim"), fingerprint["flow"].get("bound")).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     else:
-        raise DistillError(f"--optimizer must be adamw or sgd, not {cfg.optimizer!r}")
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps))
     return model, opt, sched
 
@@ -272,25 +275,40 @@ def autocast(device):
     return torch.autocast("cpu", enabled=False)
 
 
+def all_finite(x):
+    """True on every rank, or False on every rank: under DDP one rank must not skip a step alone
+    (the others would wait for its gradients forever)."""
+    ok = torch.isfinite(x).all().float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
 def train_step(model, forward, opt, sched, batch, amp):
-    """One optimiser step. Returns (loss, losses, grad_norm), detached; loss None if not finite
-    (the update is skipped). `forward` is the model or its DDP wrapper."""
+    """One optimiser step. Returns (loss, losses, grad_norm), detached; loss None if the loss or the
+    gradients were not finite (the update is skipped). `forward` is the model or its DDP wrapper."""
     with amp:
         losses = forward(batch)
         loss = model.total(losses)
     opt.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
-        return None, {k: v.detach() for k, v in losses.items()}, None
+    detached = {k: v.detach() for k, v in losses.items()}
+    if not all_finite(loss.detach()):
+        return None, detached, None
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], model.cfg.grad_clip)
+    if not all_finite(grad_norm):  # clipping a NaN gradient still leaves NaN: skip, or the weights are lost
+        opt.zero_grad(set_to_none=True)
+        return None, detached, None
     opt.step()
     sched.step()
-    return loss.detach(), {k: v.detach() for k, v in losses.items()}, grad_norm
+    return loss.detach(), detached, grad_norm
 
 
-# Settings that must not change between a run and its resumption.
+# Settings that must not change between a run and its resumption (--steps / --epochs may: a larger
+# value extends a finished run, the cosine schedule stretching to the new end).
 _RESUME_KEYS = ("cache", "objective", "student", "clip_len", "stride", "crop", "crop_scale", "batch_size", "seed",
-                "tau", "target_mode", "embed_weight", "queue_size", "proj_dim")
+                "tau", "target_mode", "embed_weight", "queue_size", "proj_dim", "optimizer", "lr", "weight_decay",
+                "warmup_steps", "momentum", "distinit_weight", "modist_weight", "cross_weight")
 
 
 def run_distill(cfg):
@@ -299,12 +317,13 @@ def run_distill(cfg):
     fingerprint = check_cache(cfg.cache, cfg.objective)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:
-        backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend)
-        if cfg.device.startswith("cuda"):
-            cfg = dataclasses.replace(cfg, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        gpu = cfg.device.startswith("cuda")
+        if gpu:  # one GPU per process: NCCL, pinned memory and new tensors all use the current device
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local_rank)
+            cfg = dataclasses.replace(cfg, device=f"cuda:{local_rank}")
+        dist.init_process_group("nccl" if gpu else "gloo")
     device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed + rank)
     modist = cfg.objective in ("modist", "both")
     dataset = ClipDataset(cfg.cache, cfg.clip_len, cfg.stride, cfg.crop, with_flow=modist,
                           with_teacher=cfg.objective != "modist", two_views=modist, seed=cfg.seed,
@@ -313,15 +332,23 @@ def run_distill(cfg):
     if per_epoch == 0:
         raise DistillError(f"{cfg.cache}: {len(dataset)} usable videos, fewer than one batch of "
                            f"{cfg.batch_size} x {world} process(es); lower --batch-size")
+    if modist and cfg.queue_size > len(dataset):
+        # a queue longer than the data holds several keys of the query's own video as "negatives"
+        if rank == 0:
+            print(f"note: --queue-size {cfg.queue_size} > {len(dataset)} videos in the cache; using {len(dataset)}")
+        cfg = dataclasses.replace(cfg, queue_size=len(dataset))
     total = cfg.steps or cfg.epochs * per_epoch
+    torch.manual_seed(cfg.seed + rank)
     model, opt, sched = build_training(cfg, fingerprint, total)
 
     os.makedirs(cfg.out, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-    step = 0
+    ckpt_path, log_path = os.path.join(cfg.out, "checkpoint.pt"), os.path.join(cfg.out, "log.jsonl")
+    step, batches_used = 0, 0  # batches_used > step when non-finite steps were skipped
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
         changed = [k for k in _RESUME_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
+        if ckpt.get("world_size", 1) != world:
+            changed.append(f"{ckpt.get('world_size', 1)} -> {world} processes")
         if changed:
             raise DistillError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); "
                                "use another --out to start a new run")
@@ -330,17 +357,27 @@ def run_distill(cfg):
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        step, batches_used = ckpt["step"], ckpt.get("batches_used", ckpt["step"])
+        if world == 1:  # exact resume; DDP ranks reseed by step instead (the checkpoint holds rank 0's state)
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        else:
+            torch.manual_seed(cfg.seed + rank + 7919 * step)
+        if rank == 0:
+            drop_log_after(log_path, step)  # steps logged after the checkpoint are redone
+    ddp = model
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def state():
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "rng": {"torch": torch.get_rng_state()}, "config": dataclasses.asdict(cfg),
-                "cache_fingerprint": fingerprint, "feature_dim": model.backbone.feature_dim,
-                "vidistill_version": VIDISTILL_VERSION}
+                "step": step, "batches_used": batches_used, "world_size": world,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+                "config": dataclasses.asdict(cfg), "cache_fingerprint": fingerprint,
+                "feature_dim": model.backbone.feature_dim, "vidistill_version": VIDISTILL_VERSION}
 
-    log_path = os.path.join(cfg.out, "log.jsonl")
     amp = autocast(device)
     bar = tqdm(total=total, initial=step, unit="step", desc=f"distill {cfg.objective}",
                disable=not cfg.progress or rank != 0, dynamic_ncols=True)
@@ -348,17 +385,21 @@ def run_distill(cfg):
     model.train()
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size,
-        sampler=ClipSampler(len(dataset), cfg.seed, rank, world, cfg.batch_size, step),
+        sampler=ClipSampler(len(dataset), cfg.seed, rank, world, cfg.batch_size, batches_used),
         num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
         prefetch_factor=4 if cfg.workers else None, multiprocessing_context="spawn" if cfg.workers else None)
     batches = iter(loader)
     while step < total:
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        try:
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        except CacheError as e:  # a corrupt chunk (from a worker the message carries its traceback)
+            raise DistillError(str(e).strip().splitlines()[-1]) from None
+        batches_used += 1
         loss, losses, grad_norm = train_step(model, ddp, opt, sched, batch, amp)
         if loss is None:  # NaN guard: the update was skipped; stop if it keeps happening
             bad_steps += 1
             if bad_steps > 10:
-                raise DistillError(f"loss was not finite in {bad_steps} steps; lower --lr "
+                raise DistillError(f"loss or gradients were not finite in {bad_steps} steps; lower --lr "
                                    f"(last: {({k: float(v) for k, v in losses.items()})})")
             continue
         step += 1
@@ -374,14 +415,24 @@ def run_distill(cfg):
         if rank == 0 and (step % cfg.save_every == 0 or step == total):
             save_checkpoint(ckpt_path, state())
     bar.close()
-    if rank == 0:
-        save_checkpoint(ckpt_path, state())
+    if rank == 0:  # the checkpoint of the last step was saved in the loop
         plot_losses(log_path, os.path.join(cfg.out, "losses.png"))
     if world > 1:
         dist.destroy_process_group()
     return {"steps": step, "steps_this_run": step - first_step, "wall_seconds": time.time() - t0,
             "clips_per_s": clips / max(time.time() - t0, 1e-9), "checkpoint": ckpt_path,
             "videos": len(dataset), "skipped_steps": bad_steps, "student": cfg.student, "device": cfg.device}
+
+
+def drop_log_after(log_path, step):
+    """Keep only the log records up to `step` (a resumed run logs the later steps again)."""
+    if not os.path.exists(log_path):
+        return
+    keep = [line for line in open(log_path) if line.strip() and json.loads(line)["step"] <= step]
+    tmp = log_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, log_path)
 
 
 def plot_losses(log_path, png_path):

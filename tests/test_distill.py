@@ -65,7 +65,9 @@ def test_contrastive_objectives_train(small_cache, tmp_path, objective):
     assert {"rgb_nce", "flow_nce", "cross_nce"} <= set(rec)
     assert ("distinit" in rec) == (objective == "both")
     ckpt = load_checkpoint(str(out / "checkpoint.pt"))
-    assert int(ckpt["model"]["queue_ptr"]) == (6 * 4) % 16  # keys from every step entered the queue
+    # a queue longer than the 8 videos would hold copies of the query's own video: cut to 8
+    assert ckpt["config"]["queue_size"] == 8 and ckpt["model"]["queue_rgb"].shape == (8, 128)
+    assert int(ckpt["model"]["queue_ptr"]) == (6 * 4) % 8  # keys from every step entered the queue
 
 
 def test_rerun_resumes_and_changed_settings_are_refused(small_cache, tmp_path):
@@ -76,6 +78,8 @@ def test_rerun_resumes_and_changed_settings_are_refused(small_cache, tmp_path):
     assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == list(range(1, 9))
     with pytest.raises(DistillError, match=r"other settings \(tau\)"):
         run_distill(tiny(small_cache, out, steps=10, tau=4.0))
+    with pytest.raises(DistillError, match=r"other settings \(optimizer, weight_decay\)"):
+        run_distill(tiny(small_cache, out, steps=10, optimizer="sgd"))  # Adam state would not fit SGD
 
 
 def test_bad_caches_are_refused_clearly(small_cache, tmp_path):
@@ -156,3 +160,37 @@ def test_two_process_ddp_on_gloo(small_cache, tmp_path):
     assert ckpt["step"] == 3
     rec = json.loads(open(out / "log.jsonl").readlines()[-1])
     assert rec["clips_per_s"] > 0 and rec["step"] == 3
+
+
+class _Probe(torch.nn.Module):
+    """The smallest model train_step accepts: one linear layer and a loss chosen by the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 1)
+        self.cfg = DistillConfig(cache="", out="")
+
+    def forward(self, batch):
+        if batch["kind"] == "nan_grad":  # a finite loss (0) whose gradient is NaN (sqrt'(0) * 0)
+            return {"distinit": torch.sqrt((self.lin.weight - self.lin.weight.detach()).abs()).sum()}
+        return {"distinit": self.lin(batch["x"]).sum()}
+
+    def total(self, losses):
+        return losses["distinit"]
+
+
+def test_nan_guard_skips_non_finite_losses_and_gradients():
+    from pipeline.distill import train_step
+    model = _Probe()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    amp = torch.autocast("cpu", enabled=False)
+    for batch in ({"kind": "x", "x": torch.tensor([[float("inf"), 1.0]])}, {"kind": "nan_grad"}):
+        loss, _, _ = train_step(model, model, opt, sched, batch, amp)
+        assert loss is None  # skipped
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights untouched
+    assert sched.last_epoch == 0
+    loss, _, grad_norm = train_step(model, model, opt, sched, {"kind": "x", "x": torch.ones(1, 2)}, amp)
+    assert loss is not None and torch.isfinite(grad_norm) and sched.last_epoch == 1
+    assert not torch.equal(before[0], model.lin.weight)

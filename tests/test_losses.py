@@ -51,3 +51,11 @@ def test_info_nce_prefers_the_positive():
     assert float(aligned) < 0.5 < float(shuffled)
     # with one query and one key and nothing else, the positive is certain: loss 0
     assert abs(float(info_nce(q[:1], q[:1], None, tau=0.1))) < 1e-6
+
+
+def test_kl_scales_with_tau_squared():
+    # at tau 2 the student's logits 2*[log 3, 0] soften to [0.75, 0.25]: the same KL as above, times tau^2
+    target = torch.tensor([[0.5, 0.5]])
+    student = torch.tensor([[2 * math.log(3.0), 0.0]])
+    expected = 4 * (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25))
+    assert abs(float(distill_kl(student, target, tau=2.0)) - expected) < 1e-6

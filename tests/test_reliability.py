@@ -172,6 +172,16 @@ def test_truncated_and_corrupted_chunks_are_reported(tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:100])
     problems, _, _ = verify_cache(str(cache))
     assert any(p.startswith(f"{part}/flow: rows 0..") and "unreadable" in p for p in problems), problems
+    # distill's start-up check is structural (cheap on any cache); the corrupt chunk stops it with a
+    # one-line error naming the part when a clip reads it, never a codec traceback or garbage training
+    from pipeline.distill import DistillConfig, DistillError, run_distill
+    cfg = DistillConfig(cache=str(cache), out=str(tmp_path / "run"), objective="modist", student="r3d_cpu", clip_len=2,
+                        crop=32, batch_size=2, steps=3, progress=False, workers=0)
+    with pytest.raises(DistillError, match=f"{part}: unreadable data for video .*cache verify --repair"):
+        run_distill(cfg)
+    shutil.rmtree(cache / "parts" / part / "frames" / "c")  # chunk files gone: zarr would read zeros
+    with pytest.raises(DistillError, match=f"is damaged .*{part}/frames: 1 chunk file\\(s\\) missing"):
+        run_distill(cfg)
 
 
 def test_an_edited_fingerprint_is_caught_by_verify_and_refused_by_distill(tmp_path):
@@ -182,7 +192,7 @@ def test_an_edited_fingerprint_is_caught_by_verify_and_refused_by_distill(tmp_pa
     json.dump(meta, open(cache / "cache.json", "w"))
     problems, _, _ = verify_cache(str(cache))
     assert any("written with other settings than cache.json records" in p for p in problems)
-    with pytest.raises(DistillError, match="were written with other settings than cache.json records"):
+    with pytest.raises(DistillError, match="written with other settings than cache.json records"):
         run_distill(DistillConfig(cache=str(cache), out=str(tmp_path / "run"), progress=False, workers=0))
     (cache / "cache.json").write_text("{ not json")
     with pytest.raises(DistillError, match="not valid JSON"):
