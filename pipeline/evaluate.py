@@ -73,6 +73,7 @@ class Preprocessing:
     clip_len: int = 8
     stride: int = 2
     crop: int = 112
+    crop_scale: float = 0.25  # fine-tuning cuts clips with the training crops
     source: str = "defaults"
     fingerprint: dict = field(default_factory=dict)
 
@@ -84,12 +85,17 @@ def preprocessing_of(checkpoint):
     ckpt = load_checkpoint(checkpoint)
     pre, cfg = ckpt["cache_fingerprint"]["preprocessing"], ckpt["config"]
     return Preprocessing(pre["fps"], pre["height"], pre["width"], cfg["clip_len"], cfg["stride"], cfg["crop"],
-                         source=checkpoint, fingerprint=ckpt["cache_fingerprint"])
+                         cfg["crop_scale"], source=checkpoint, fingerprint=ckpt["cache_fingerprint"])
 
 
 def build_eval_cache(root, out_dir, pre, with_teacher, progress, teacher_every=1):
-    """Decode the labelled videos once (frames only; teacher embeddings if the teacher row needs them)."""
-    name = f"cache-{pre.fps:g}fps-{pre.height}x{pre.width}" + (f"-teacher{teacher_every}" if with_teacher else "")
+    """Decode the labelled videos once (frames only; teacher embeddings if the teacher row needs them).
+
+    The cache is named by the videos' folder too: video ids are relative paths, so two data roots
+    with the same layout must never share one.
+    """
+    root_digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:8]
+    name = f"cache-{root_digest}-{pre.fps:g}fps-{pre.height}x{pre.width}" + (f"-teacher{teacher_every}" if with_teacher else "")
     cache = os.path.join(out_dir, name)
     run_extract(ExtractConfig(videos=root, cache=cache, fps=pre.fps, height=pre.height, width=pre.width,
                               flow="none", teacher="efficientnet_lite0" if with_teacher else "none",
@@ -171,7 +177,7 @@ def stored_features(path, ids, compute, attrs):
     if todo:
         have.update(zip(todo, compute(todo)))
         keys = sorted(have)
-        tmp = path + ".tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"  # two evals sharing a work folder never write one file
         with h5py.File(tmp, "w") as f:
             f.attrs["config"] = json.dumps(attrs, sort_keys=True)
             f.create_dataset("ids", data=np.array([i.encode() for i in keys], dtype=h5py.string_dtype()))
@@ -239,19 +245,21 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes
     clip_scores = logits.reshape(-1, num_classes).numpy()
     video_scores = logits.softmax(-1).mean(1).numpy()
     clip_labels = np.repeat(test_labels, v)
-    return {"clip_top1": topk_accuracy(clip_scores, clip_labels, 1), "clip_top5": topk_accuracy(clip_scores, clip_labels, 5),
-            "video_top1": topk_accuracy(video_scores, test_labels, 1), "video_top5": topk_accuracy(video_scores, test_labels, 5),
-            "weight_decay": best_wd}
+    out = {"clip_top1": topk_accuracy(clip_scores, clip_labels, 1), "video_top1": topk_accuracy(video_scores, test_labels, 1)}
+    if num_classes > 5:  # with 5 classes or fewer, top-5 is 100 % by construction
+        out |= {"clip_top5": topk_accuracy(clip_scores, clip_labels, 5), "video_top5": topk_accuracy(video_scores, test_labels, 5)}
+    return out | {"weight_decay": best_wd}
 
 
 def knn_classify(train_feats, train_labels, test_feats, test_labels, num_classes, ks=KNN_KS, temperature=0.07):
-    """Weighted kNN on cosine similarity of video features (views averaged): vote exp(sim / T)."""
+    """Weighted kNN on cosine similarity of video features (views averaged): vote exp(sim / T).
+
+    Only k up to the number of training videos is reported (a larger k would be mislabelled)."""
     tr, te = l2n(l2n(train_feats).mean(1)), l2n(l2n(test_feats).mean(1))
     sims = te @ tr.T  # [Ntest, Ntrain]
     out = {}
-    for k in ks:
-        kk = min(k, len(tr))
-        idx = np.argsort(-sims, axis=1)[:, :kk]
+    for k in (k for k in ks if k <= len(tr)):
+        idx = np.argsort(-sims, axis=1)[:, :k]
         weights = np.exp(np.take_along_axis(sims, idx, 1) / temperature)
         votes = np.zeros((len(te), num_classes))
         np.add.at(votes, (np.arange(len(te))[:, None], train_labels[idx]), weights)
@@ -260,11 +268,13 @@ def knn_classify(train_feats, train_labels, test_feats, test_labels, num_classes
 
 
 def retrieval(train_feats, train_labels, test_feats, test_labels, ks=RECALL_KS):
-    """Test videos query the train set; R@k = share of queries with a same-class video in the top k."""
+    """Test videos query the train set; R@k = share of queries with a same-class video in the top k.
+
+    Only k below the number of training videos is reported (R@N_train is 100 % by construction)."""
     tr, te = l2n(l2n(train_feats).mean(1)), l2n(l2n(test_feats).mean(1))
     order = np.argsort(-(te @ tr.T), axis=1)
     hits = train_labels[order] == test_labels[:, None]
-    return {f"R@{k}": float(hits[:, :k].any(1).mean()) for k in ks}
+    return {f"R@{k}": float(hits[:, :k].any(1).mean()) for k in ks if k < len(tr)}
 
 
 # ---- fine-tuning --------------------------------------------------------------------------------
@@ -285,7 +295,7 @@ class LabelledClips(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, epoch, i])
         n = self.reader.num_frames(vid)
         start = int(rng.integers(0, max(0, n - self.span) + 1))
-        box = random_box(self.pre.height, self.pre.width, rng)
+        box = random_box(self.pre.height, self.pre.width, rng, scale=(self.pre.crop_scale, 1.0))
         video, _ = load_clip(self.reader, vid, start, self.pre.clip_len, self.pre.stride, box,
                              bool(rng.random() < 0.5), self.pre.crop, False)
         return video, label
@@ -293,6 +303,7 @@ class LabelledClips(torch.utils.data.Dataset):
 
 def finetune(backbone, reader, train, test, num_classes, pre, cfg, device):
     """The whole network plus a linear head, AdamW + cosine for a few epochs; tested over the views."""
+    torch.manual_seed(cfg.seed)
     head = nn.Linear(backbone.feature_dim, num_classes)
     model = nn.Sequential(backbone, head).to(device).train()
     data = LabelledClips(reader, train, pre, cfg.seed)
@@ -399,7 +410,9 @@ def run_eval(cfg):
                 rows.append({"task": task.name, "split": task.split, "init": init, "protocol": protocol,
                              "metric": metric, "value": value,
                              "views": views if protocol != "finetune" else f"{cfg.clips} clips x {cfg.crops} crops",
-                             "checkpoint": attrs["checkpoint"], "cache_fingerprint": pre.fingerprint or None,
+                             "checkpoint": attrs["checkpoint"], "features": os.path.abspath(store),
+                             # the distillation cache the checkpoint learnt from; baselines learnt nothing from it
+                             "cache_fingerprint": pre.fingerprint if init == "checkpoint" else None,
                              "seed": cfg.seed, "date": date, "train_videos": len(train), "test_videos": len(test)})
     write_reports(cfg.out, rows, notes)
     return rows, task, notes
@@ -441,11 +454,13 @@ def run_embed(videos, checkpoint, out, clips=4, crops=1, per_clip=False, device=
     pre = preprocessing_of(checkpoint)
     work = out + ".cache"
     reader = build_eval_cache(videos, work, pre, False, progress)
+    if not reader.ids:
+        raise EvalError(f"{videos}: no video could be decoded (see `cli.py cache info {reader.cache_dir}`)")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     from pipeline.distill import load_student
     backbone = load_student(checkpoint)[0]
     feats = video_features(backbone, reader, reader.ids, pre, clips, crops, dev, batch_size, progress, "embed")
-    tmp = out + ".tmp"
+    tmp = f"{out}.{os.getpid()}.tmp"
     with h5py.File(tmp, "w") as f:
         f.create_dataset("ids", data=np.array([i.encode() for i in reader.ids], dtype=h5py.string_dtype()))
         f.create_dataset("features", data=feats.mean(1), compression="gzip")

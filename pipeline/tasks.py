@@ -27,6 +27,16 @@ class Task:
     test: list
     missing: list = field(default_factory=list)  # video ids named by the split but not on disk
 
+    def __post_init__(self):
+        # a video on both sides of a split (or twice on one) would leak the answer into the probe
+        seen = set()
+        for vid, _, _ in self.train + self.test:
+            if vid in seen:
+                where = "both train and test" if vid in {v for v, _, _ in self.train} and \
+                    vid in {v for v, _, _ in self.test} else "twice"
+                raise TaskError(f"{self.root}: video {vid!r} is listed in {where} of {self.name} split {self.split}")
+            seen.add(vid)
+
     def describe(self):
         text = (f"{self.name} split {self.split}: {len(self.classes)} classes, {len(self.train)} train / "
                 f"{len(self.test)} test videos")
@@ -143,6 +153,10 @@ def load_csv(root, labels, column, id_column="id", test_fraction=0.3, seed=0, tr
         if name not in header:
             raise TaskError(f"{labels}: no column {name!r} (columns: {', '.join(header) or 'none'})")
     rows = [(r[id_column].strip(), r[column].strip()) for r in rows if r[column] and r[column].strip()]
+    counts = collections.Counter(rel for rel, _ in rows)
+    twice = [rel for rel, n in counts.items() if n > 1]
+    if twice:
+        raise TaskError(f"{labels}: {len(twice)} video(s) have more than one row (e.g. {twice[0]!r})")
     classes = sorted({label for _, label in rows})
     if len(classes) < 2:
         raise TaskError(f"{labels}: column {column!r} needs at least two classes, found {len(classes)}")

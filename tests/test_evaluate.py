@@ -15,6 +15,17 @@ from pipeline.tasks import TaskError, load_csv, load_folder, load_hmdb51, load_u
 UCF_SPLITS = os.path.join(os.path.dirname(__file__), "data", "ucfTrainTestlist")
 
 
+def test_ucf101_official_split_1_has_9537_train_and_3783_test_videos(tmp_path):
+    for name in ("trainlist01.txt", "testlist01.txt"):
+        for line in open(os.path.join(UCF_SPLITS, name)):
+            rel = line.split()[0]
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / rel).touch()
+    task = load_ucf101(str(tmp_path), split=1, splits_dir=UCF_SPLITS)
+    assert (len(task.train), len(task.test), task.missing) == (9537, 3783, [])
+    assert len({l for _, _, l in task.train}) == len({l for _, _, l in task.test}) == 101
+
+
 def test_ucf101_official_split_files(tmp_path):
     for rel in ("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", "YoYo/v_YoYo_g01_c01.avi",
                 "HandstandPushups/v_HandStandPushups_g01_c01.avi"):
@@ -80,6 +91,14 @@ def test_csv_task_one_label_column_per_task_over_the_same_videos(tmp_path):
     assert sum(l for _, _, l in obj.test) == 2 and len(obj.test) == 4  # stratified: 30 % of each class
     with pytest.raises(TaskError, match=r"labels.csv: no column 'action' \(columns: id, object, motion\)"):
         load_csv(str(tmp_path), str(labels), "action")
+    (tmp_path / "twice.csv").write_text("id,object\nv0.mp4,cat\nv1.mp4,cup\nv0.mp4,cup\n")
+    with pytest.raises(TaskError, match=r"twice.csv: 1 video\(s\) have more than one row \(e.g. 'v0.mp4'\)"):
+        load_csv(str(tmp_path), str(tmp_path / "twice.csv"), "object")
+    (tmp_path / "train.txt").write_text("v0.mp4\nv1.mp4\n")
+    (tmp_path / "test.txt").write_text("v1.mp4\nv2.mp4\n")
+    with pytest.raises(TaskError, match="'v1.mp4' is listed in both train and test"):
+        load_csv(str(tmp_path), str(labels), "object", train_list=str(tmp_path / "train.txt"),
+                 test_list=str(tmp_path / "test.txt"))
     with pytest.raises(TaskError, match="nope.csv: labels file not found"):
         load_csv(str(tmp_path), str(tmp_path / "nope.csv"), "object")
     result = CliRunner().invoke(cli, ["eval", "--task", "csv", "--root", str(tmp_path)])
@@ -115,10 +134,29 @@ def test_protocols_on_separable_clusters_score_perfectly():
     trf, trl = clusters(centres, 20, 3, 0.3, 1)
     tef, tel = clusters(centres, 10, 3, 0.3, 2)
     lin = linear_probe(trf, trl, tef, tel, 5)
-    assert lin["video_top1"] == 1.0 and lin["clip_top1"] > 0.97 and lin["video_top5"] == 1.0
+    assert lin["video_top1"] == 1.0 and lin["clip_top1"] > 0.97
+    assert "video_top5" not in lin  # 5 classes: top-5 would be 100 % whatever the features
     knn = knn_classify(trf, trl, tef, tel, 5)
     assert knn["k10_top1"] == 1.0 and knn["k20_top1"] == 1.0
     assert retrieval(trf, trl, tef, tel)["R@1"] == 1.0
+
+
+def test_knn_votes_are_weighted_by_similarity_and_k_is_honest():
+    # the query sits close to one class-0 video and far from two class-1 videos: a plain majority of
+    # k=3 says 1, the exp(sim / 0.07) weighted vote says 0
+    train = np.array([[1.0, 0.0], [-0.2, 1.0], [-0.3, 1.0]], np.float32)[:, None]
+    test = np.array([[1.0, 0.05]], np.float32)[:, None]
+    out = knn_classify(train, np.array([0, 1, 1]), test, np.array([0]), 2, ks=(1, 3, 10))
+    assert out == {"k1_top1": 1.0, "k3_top1": 1.0}  # k 10 > 3 train videos: not reported under a false name
+
+
+def test_retrieval_recall_counts_a_hit_anywhere_in_the_top_k():
+    # the query's nearest neighbours in order: class 1, class 1, class 0 (its own), class 1, class 1
+    angles = np.radians([0, 10, 20, 30, 40, 50])
+    train = np.stack([np.cos(angles[1:]), np.sin(angles[1:])], 1).astype(np.float32)[:, None]
+    test = np.array([[1.0, 0.0]], np.float32)[:, None]
+    r = retrieval(train, np.array([1, 1, 0, 1, 1]), test, np.array([0]), ks=(1, 2, 3, 5))
+    assert r == {"R@1": 0.0, "R@2": 0.0, "R@3": 1.0}  # R@5 = all 5 train videos: trivially 1, left out
 
 
 def test_protocols_on_random_features_are_near_chance():
