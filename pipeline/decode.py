@@ -133,6 +133,16 @@ def _failure_reason(lines, returncode):
     return f"ffmpeg failed (exit {returncode}): {last.strip()[:200]}"
 
 
+def _has_mp4_header(path):
+    """Whether the file starts like an ISO media file: a box whose type is ftyp (or an old QuickTime
+    moov/mdat/wide/free box)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
+    except OSError:
+        return False
+
+
 def decode_video(path, fps, height, width, teacher_size, batch_frames=32, stall_timeout=60.0):
     """Yield (stored, teacher) uint8 batches for one video; returns SourceInfo via StopIteration.
 
@@ -220,7 +230,10 @@ def decode_video(path, fps, height, width, teacher_size, batch_frames=32, stall_
         raise DecodeError(f"still image ({info.container}), not a video")
     if n_frames == 0:
         if returncode != 0:
-            raise DecodeError(_failure_reason(log, returncode))
+            reason = _failure_reason(log, returncode)
+            if "moov atom" in reason and not _has_mp4_header(path):  # ffmpeg guessed mp4 from the name
+                reason = "not a video file (no MP4/MOV header: random or corrupt data)"
+            raise DecodeError(reason)
         raise DecodeError("no decodable video frames")
     if returncode != 0 and not timed_out.is_set():
         info.warnings.append(f"decoded {n_frames} frames, then: {_failure_reason(log, returncode)}")

@@ -148,16 +148,37 @@ def test_sigkill_mid_training_resumes_to_the_same_weights(small_cache, tmp_path)
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-5), k
 
 
+def test_a_checkpoint_write_that_dies_midway_leaves_the_previous_one(tmp_path, monkeypatch):
+    from pipeline.distill import save_checkpoint
+    path = str(tmp_path / "checkpoint.pt")
+    save_checkpoint(path, {"step": 1, "model": {"w": torch.ones(3)}})
+    real_save = torch.save
+
+    def dies_midway(obj, f):  # write part of the file, then the process "dies"
+        real_save(obj, f)
+        with open(f, "r+b") as fh:
+            fh.truncate(100)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 2, "model": {"w": torch.zeros(3)}})
+    assert load_checkpoint(path)["step"] == 1  # the checkpoint on disk is still whole
+
+
 @pytest.mark.slow
 def test_two_process_ddp_on_gloo(small_cache, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "cli.py",
            "distill", "--cache", small_cache, "--out", str(out), "--clip-len", "4", "--crop", "48",
-           "--batch-size", "2", "--workers", "0", "--student", "r3d_cpu", "--steps", "3", "--device", "cpu"]
+           "--batch-size", "2", "--workers", "0", "--student", "r3d_cpu", "--steps", "3", "--device", "cpu",
+           "--objective", "both"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = load_checkpoint(str(out / "checkpoint.pt"))
-    assert ckpt["step"] == 3
+    assert ckpt["step"] == 3 and ckpt["world_size"] == 2
+    # the keys of both ranks entered the queue each step (all_gather): 3 steps x 2 ranks x 2 clips, in a
+    # queue cut to the 8 videos
+    assert int(ckpt["model"]["queue_ptr"]) == (3 * 2 * 2) % 8
     rec = json.loads(open(out / "log.jsonl").readlines()[-1])
     assert rec["clips_per_s"] > 0 and rec["step"] == 3
 

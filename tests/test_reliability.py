@@ -22,6 +22,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IS_ROOT = os.geteuid() == 0
 
 
+def drop_root_file_override():
+    """In a child process: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so the
+    program it executes cannot read a file its permission bits forbid, even as root."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+
+
 def config(videos, cache, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("teacher_every", 8)
@@ -84,7 +93,7 @@ def hostile_tree(tmp_path_factory):
     (root / "bad" / "empty.mp4").write_bytes(b"")
     bad["bad/empty.mp4"] = r"empty file \(0 bytes\)"
     (root / "bad" / "random.mp4").write_bytes(np.random.default_rng(0).bytes(50000))
-    bad["bad/random.mp4"] = r"\w"
+    bad["bad/random.mp4"] = r"not a video file \(no MP4/MOV header"
     ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac", root / "bad" / "audio.m4a")
     os.rename(root / "bad" / "audio.m4a", root / "bad" / "audio_only.mp4")
     bad["bad/audio_only.mp4"] = "no video stream"
@@ -98,10 +107,9 @@ def hostile_tree(tmp_path_factory):
     fs = open(faststart, "rb").read()
     (root / "bad" / "faststart_truncated_60.mp4").write_bytes(fs[: len(fs) * 6 // 10])
     bad["bad/faststart_truncated_60.mp4"] = None  # decoded as far as possible (partial) or failed: both honest
-    if not IS_ROOT:
-        (root / "bad" / "no_permission.mp4").write_bytes(data)
-        os.chmod(root / "bad" / "no_permission.mp4", 0)
-        bad["bad/no_permission.mp4"] = "permission denied"
+    (root / "bad" / "no_permission.mp4").write_bytes(data)
+    os.chmod(root / "bad" / "no_permission.mp4", 0)  # unreadable for the extract run (see below)
+    bad["bad/no_permission.mp4"] = "permission denied"
     shutil.rmtree(root / "tmp")
     return root, good, bad
 
@@ -112,7 +120,10 @@ def test_every_bad_input_is_recorded_and_every_good_one_extracted_as_alone(hosti
     cache = tmp_path / "cache"
     cmd = [sys.executable, "cli.py", "extract", "--videos", str(root), "--cache", str(cache), "--teacher-every", "8",
            "--height", "64", "--width", "80", "--stall-timeout", "20"]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)  # nothing hangs
+    # root reads any file; drop the two capabilities that let it, so it meets the mode-000 file as a
+    # normal user would
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,  # nothing hangs
+                         preexec_fn=drop_root_file_override if IS_ROOT else None)
     assert res.returncode == 0, res.stderr[-2000:]
     reader = CacheReader(str(cache))
     records = {vid: rec for vid, (_, rec) in reader.index.items()}
@@ -133,6 +144,8 @@ def test_every_bad_input_is_recorded_and_every_good_one_extracted_as_alone(hosti
     vfr = records["vfr/variable_rate.mp4"]  # 16 frames at 8 fps, then 32 at 25 fps: resampled to 8 fps
     assert 3.2 < vfr["src_duration"] <= 3.6 and abs(vfr["frame_count"] - 8 * vfr["src_duration"]) <= 2
     assert records["odd/10bit.mp4"]["src_width"] == 128
+    assert abs(records["phone/portrait_rotated.mp4"]["rotation"]) == 90  # the metadata was seen (and applied:
+    # test_decode_flow checks the pixels)
     assert verify_cache(str(cache))[0] == []
 
 
@@ -199,8 +212,15 @@ def test_an_edited_fingerprint_is_caught_by_verify_and_refused_by_distill(tmp_pa
         run_distill(DistillConfig(cache=str(cache), out=str(tmp_path / "run"), progress=False, workers=0))
 
 
+def parts_on_disk(cache):
+    """(committed, in-flight) part folders of a cache right now."""
+    names = os.listdir(cache / "parts") if (cache / "parts").is_dir() else []
+    return ([n for n in names if n.startswith("part-")],
+            [n for n in names if n.startswith(".tmp-") and not n.endswith(".lock")])
+
+
 @pytest.mark.slow
-def test_random_sigkills_then_rerun_equal_an_uninterrupted_run(tmp_path):
+def test_sigkills_mid_write_and_at_random_then_rerun_equal_an_uninterrupted_run(tmp_path):
     videos = tmp_path / "v"
     for i in range(10):
         make_video(str(videos / f"v{i}.mp4"), n=6 + i, h=64, w=96, seed=i)
@@ -208,16 +228,25 @@ def test_random_sigkills_then_rerun_equal_an_uninterrupted_run(tmp_path):
     cmd = [sys.executable, "cli.py", "extract", "--videos", str(videos), "--cache", str(cache), "--part-videos", "2",
            "--teacher-every", "3", "--height", "64", "--width", "80"]
     rng = random.Random(0)
-    kills = 0
-    for _ in range(4):
+    # kill 1: while the first part is being written; kill 2: while a part is in flight after another
+    # was committed; kills 3-4: at random moments (imports, decode, teacher, commit, ...)
+    moments = [lambda c, t: t, lambda c, t: c and t, None, None]
+    mid_write = 0
+    for moment in moments:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.5, 6.0))  # start-up takes ~2 s: kills land anywhere from imports to commits
+        if moment is None:
+            time.sleep(rng.uniform(1.5, 6.0))
+        else:
+            while proc.poll() is None and not moment(*parts_on_disk(cache)):
+                time.sleep(0.005)
+        in_flight = bool(parts_on_disk(cache)[1])
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-            kills += 1
+            mid_write += in_flight
         proc.wait()
+    assert mid_write >= 2, "no kill landed while a part was being written"
+    assert len(CacheReader(str(cache)).ids) < 10  # the kills really left work undone
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
-    assert kills >= 2
     assert verify_cache(str(cache))[0] == []
     run_extract(config(videos, tmp_path / "clean", teacher_every=3, part_videos=2))
     a, b = CacheReader(str(cache)), CacheReader(str(tmp_path / "clean"))
@@ -303,3 +332,20 @@ def test_a_write_error_mid_part_is_a_clear_error(tmp_path, monkeypatch):
     assert s["done"] == 2 and s["skipped"] == 1
     problems = verify_cache(str(cache))[0]
     assert problems == [], problems
+
+
+def test_paths_from_the_video_tree_never_escape_the_cache(tmp_path):
+    videos, outside = tmp_path / "v", tmp_path / "outside"
+    make_video(str(outside / "elsewhere.mp4"), n=4, h=64, w=96)
+    make_video(str(videos / "..x.mp4"), n=4, h=64, w=96)
+    make_video(str(videos / "-rf --cache=..mp4"), n=4, h=64, w=96, seed=1)
+    os.symlink(outside, videos / "link_out")  # a folder link leading out of the tree
+    before = sorted(p for p in tmp_path.rglob("*"))
+    cache = tmp_path / "cache"
+    run_extract(config(videos, cache))
+    ids = CacheReader(str(cache)).ids
+    assert ids == sorted(["..x.mp4", "-rf --cache=..mp4", "link_out/elsewhere.mp4"])
+    assert not any(i.startswith("/") or ".." in i.split("/") for i in ids)  # ids are tree-relative
+    # video ids are data inside the cache, never file names: nothing was written outside it
+    after = sorted(p for p in tmp_path.rglob("*") if cache not in p.parents and p != cache)
+    assert after == before
