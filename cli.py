@@ -76,7 +76,7 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
                f"{s['bytes_written'] / 1e6:.1f} MB written to {s['cache']}")
     if s["stage_seconds"]:
         click.echo("time in stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items())
-                   + " (decode = waiting for the decoder, not hidden behind the other stages)")
+                   + " (decode and flow run in a thread beside the teacher; wait_* = what was not hidden)")
     for vid, err in s["failures"][:20]:
         click.echo(f"  failed: {vid}: {err}")
     if len(s["failures"]) > 20:
@@ -114,7 +114,9 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
 @click.option("--embed-weight", default=0.0, show_default=True, help="Cosine regression onto the teacher embedding.")
 @click.option("--distinit-weight", default=1.0, show_default=True)
 @click.option("--modist-weight", default=1.0, show_default=True)
-@click.option("--cross-weight", default=1.0, show_default=True, help="RGB<->flow term inside MoDist.")
+@click.option("--cross-weight", default=1.0, show_default=True,
+              help="RGB<->flow term inside MoDist (1.0 in the released code). Raise it (e.g. 4) if the student "
+                   "learns little motion: the RGB<->RGB term alone can be solved by appearance.")
 @click.option("--queue-size", default=4096, show_default=True, help="Negatives kept from earlier batches.")
 @click.option("--momentum", default=0.999, show_default=True,
               help="Key-encoder momentum; 0.999 suits long runs, use ~0.99 for runs of a few hundred steps.")
@@ -222,8 +224,8 @@ def embed(videos, checkpoint, out, clips, crops, per_clip, device):
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(), help="Data, cache, runs, report.")
 @click.option("--quick", is_flag=True, help="A ~1-minute smoke version (tiny data, a few steps).")
 @click.option("--seeds", default=1, show_default=True, help="Repeat distill + eval with this many seeds (mean ± std).")
-@click.option("--steps", default=0, help="Distillation steps per student (0: 150, or 3 with --quick). "
-              "600 steps learn visibly more (BENCHMARKS.md) at ~4x the distillation time.")
+@click.option("--steps", default=0, help="Distillation steps per student (0: 400, or 3 with --quick). "
+              "More steps learn more (BENCHMARKS.md) at proportionally more distillation time.")
 @click.option("--workers", default=0, show_default=True, help="DataLoader workers (0 is fastest on 2 cores).")
 def demo(out, quick, seeds, steps, workers):
     """The whole pipeline on a generated benchmark, on CPU: generate, extract, distill (distinit,

@@ -122,17 +122,26 @@ def _resolve_device(device, slot=0):
 
 def _decode_ahead(videos, cfg, out_queue, stop):
     """Producer thread: decode videos in order and compute their flow, a bounded queue ahead of the
-    teacher. Flow runs here because OpenCV releases the GIL: it overlaps with the teacher's work."""
+    teacher. Flow runs here because OpenCV releases the GIL: it overlaps with the teacher's work.
+    The final message carries this thread's busy seconds: decoding (ffmpeg pipe + resize) and flow."""
+    busy = {"decode": 0.0, "flow": 0.0}
+    clock = time.perf_counter
     for idx, (vid, path) in enumerate(videos):
         try:
             dec = VideoDecode(path, fps=cfg.fps, height=cfg.height, width=cfg.width,
                               teacher_size=cfg.teacher_size, batch_frames=cfg.batch_frames,
                               stall_timeout=cfg.stall_timeout)
             flow = FlowStream(cfg.flow) if cfg.flow != "none" else None
-            for stored, teacher_in in dec:
-                out_queue.put(("batch", idx, (stored, teacher_in), flow.push(stored) if flow else None))
+            batches, t = iter(dec), clock()
+            for stored, teacher_in in batches:
+                t1 = clock()
+                flow_rows = flow.push(stored) if flow else None
+                busy["decode"], busy["flow"] = busy["decode"] + t1 - t, busy["flow"] + clock() - t1
+                out_queue.put(("batch", idx, (stored, teacher_in), flow_rows))
                 if stop.is_set():
                     return
+                t = clock()
+            busy["decode"] += clock() - t
             out_queue.put(("end", idx, dec.info, flow.finish() if flow else None))
         except DecodeError as e:
             out_queue.put(("error", idx, str(e), None))
@@ -140,7 +149,7 @@ def _decode_ahead(videos, cfg, out_queue, stop):
             out_queue.put(("error", idx, f"decode failed: {type(e).__name__}: {e}", None))
         if stop.is_set():
             return
-    out_queue.put(("done", None, None, None))
+    out_queue.put(("done", None, busy, None))
 
 
 def _source_record(vid, path):
@@ -172,9 +181,9 @@ def extract_videos(videos, cfg, tag, report, gpu_slot=0):
     write = ThreadPoolExecutor(max_workers=1)  # one thread: writes stay in submission order
     pending = None  # the last batch's write; waited on before the next, so at most one is in flight
     writer, n_frames, n_teacher = None, 0, 0
-    # Where this thread's time goes: "decode" is waiting for decode+flow and "write" waiting for the
-    # writer, i.e. the parts of those stages not hidden behind the teacher.
-    seconds = {"decode": 0.0, "teacher": 0.0, "write": 0.0}
+    # Where the time goes. This thread: "teacher", and "wait_decode" / "wait_write", the parts of the
+    # other stages not hidden behind the teacher. The decode thread: "decode" and "flow", busy time.
+    seconds = {"teacher": 0.0, "wait_decode": 0.0, "wait_write": 0.0}
     clock = time.perf_counter
 
     def wait_write(fn=None, *args):
@@ -184,7 +193,7 @@ def extract_videos(videos, cfg, tag, report, gpu_slot=0):
             pending.result()
             pending = None
         result = fn(*args) if fn else None
-        seconds["write"] += clock() - t
+        seconds["wait_write"] += clock() - t
         return result
 
     def append_batch(rows):
@@ -195,8 +204,9 @@ def extract_videos(videos, cfg, tag, report, gpu_slot=0):
         while True:
             t = clock()
             kind, idx, a, b = items.get()
-            seconds["decode"] += clock() - t
+            seconds["wait_decode"] += clock() - t
             if kind == "done":
+                seconds.update(a)
                 break
             if writer is None:
                 writer = PartWriter(cfg.cache, tag, cfg.height, cfg.width, with_flow,

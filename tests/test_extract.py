@@ -32,6 +32,9 @@ def test_summary_counts_every_video(extracted):
     assert s["videos_found"] == 10  # notes.txt is not a candidate
     assert s["done"] + s["partial"] == 5 and s["failed"] == 5 and s["skipped"] == 0
     assert s["bytes_written"] > 0 and s["frames"] > 0
+    # every stage is timed: the teacher and waits in the main thread, decode and flow in theirs
+    assert set(s["stage_seconds"]) == {"teacher", "wait_decode", "wait_write", "decode", "flow"}
+    assert all(s["stage_seconds"][k] > 0 for k in ("teacher", "decode", "flow"))
 
 
 def test_failures_are_recorded_with_specific_reasons(extracted):
