@@ -254,11 +254,12 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes
 def knn_classify(train_feats, train_labels, test_feats, test_labels, num_classes, ks=KNN_KS, temperature=0.07):
     """Weighted kNN on cosine similarity of video features (views averaged): vote exp(sim / T).
 
-    Only k up to the number of training videos is reported (a larger k would be mislabelled)."""
+    Only k up to the number of training videos is reported (a larger k would be mislabelled); with
+    fewer training videos than the smallest k, k is the number of training videos."""
     tr, te = l2n(l2n(train_feats).mean(1)), l2n(l2n(test_feats).mean(1))
     sims = te @ tr.T  # [Ntest, Ntrain]
     out = {}
-    for k in (k for k in ks if k <= len(tr)):
+    for k in [k for k in ks if k <= len(tr)] or [len(tr)]:
         idx = np.argsort(-sims, axis=1)[:, :k]
         weights = np.exp(np.take_along_axis(sims, idx, 1) / temperature)
         votes = np.zeros((len(te), num_classes))
@@ -334,9 +335,10 @@ def finetune(backbone, reader, train, test, num_classes, pre, cfg, device):
     v = logits.shape[1]
     clip_scores = logits.reshape(-1, num_classes)
     video_scores = torch.from_numpy(logits).softmax(-1).mean(1).numpy()
-    return {"clip_top1": topk_accuracy(clip_scores, np.repeat(labels, v), 1),
-            "video_top1": topk_accuracy(video_scores, labels, 1), "video_top5": topk_accuracy(video_scores, labels, 5),
-            "epochs": cfg.finetune_epochs}
+    out = {"clip_top1": topk_accuracy(clip_scores, np.repeat(labels, v), 1), "video_top1": topk_accuracy(video_scores, labels, 1)}
+    if num_classes > 5:
+        out["video_top5"] = topk_accuracy(video_scores, labels, 5)
+    return out | {"epochs": cfg.finetune_epochs}
 
 
 # ---- the command --------------------------------------------------------------------------------
