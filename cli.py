@@ -81,6 +81,8 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
         click.echo(f"  failed: {vid}: {err}")
     if len(s["failures"]) > 20:
         click.echo(f"  … {len(s['failures']) - 20} more; see `cli.py cache info {s['cache']}`")
+    for folder, reason in s["unlisted_folders"]:
+        click.echo(f"  could not list folder {folder}: {reason}; its videos were not extracted")
     if s["failed_in_cache"] > s["failed"]:
         click.echo(f"{s['failed_in_cache']} videos of this shard are recorded as failed in all "
                    f"(--retry-failed tries them again; `cli.py cache info` lists the reasons)")

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from cache.dataset import load_clip, normalize_video, random_box
 from cache.reader import CacheReader
+from models.teacher import sha256_file
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.tasks import load_task
 
@@ -381,7 +382,9 @@ def run_eval(cfg):
         # what the features depend on; the task, split and labels are not among them
         attrs = {"init": init, "views": views, "root": os.path.abspath(cfg.root),
                  "checkpoint": os.path.abspath(cfg.checkpoint) if cfg.checkpoint and init in ("checkpoint", "scratch") else None,
-                 "checkpoint_mtime": os.path.getmtime(cfg.checkpoint) if cfg.checkpoint and init == "checkpoint" else None,
+                 # the weights' content, not the file's path or time: a copied or retrained checkpoint
+                 # never reuses stale features
+                 "checkpoint_sha256": sha256_file(cfg.checkpoint) if cfg.checkpoint and init == "checkpoint" else None,
                  "seed": cfg.seed if init in ("scratch", "inflate") else None,
                  "preprocessing": dataclasses.asdict(pre) | {"fingerprint": None},
                  "student": cfg.student if init == "scratch" and not cfg.checkpoint else None}

@@ -69,18 +69,24 @@ def shard_from_env():
     return 0, 1
 
 
-def find_videos(root):
+def find_videos(root, unlisted=None):
     """Sorted [(video_id, path)] of candidate videos under root; ids are POSIX paths relative to root.
 
     Follows directory symlinks but never the same real directory twice (symlink loops terminate).
     Broken symlinks and unreadable files are still listed: extraction records why they failed.
+    Folders that cannot be listed are appended to `unlisted` as (path, reason), never skipped silently.
     """
     if not os.path.exists(root):
         raise ExtractError(f"{root}: video folder does not exist")
     if not os.path.isdir(root):
         raise ExtractError(f"{root}: not a folder (pass the folder that contains the videos)")
     found, seen_dirs = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def cannot_list(err):
+        if unlisted is not None:
+            unlisted.append((err.filename, err.strerror or str(err)))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=cannot_list, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen_dirs:
             dirnames[:] = []
@@ -92,6 +98,8 @@ def find_videos(root):
                 path = os.path.join(dirpath, name)
                 found.append((os.path.relpath(path, root).replace(os.sep, "/"), path))
     if not found:
+        if unlisted:
+            raise ExtractError(f"{unlisted[0][0]}: cannot list the folder ({unlisted[0][1]})")
         raise ExtractError(f"{root}: no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
     return sorted(found)
 
@@ -351,7 +359,8 @@ def run_extract(cfg):
     if not 0 <= shard_index < shard_count:
         raise ExtractError(f"shard {shard_index}/{shard_count}: index must be in [0, {shard_count})")
     cfg = dataclasses.replace(cfg, shard=(shard_index, shard_count))
-    videos = find_videos(cfg.videos)
+    unlisted = []
+    videos = find_videos(cfg.videos, unlisted)
     teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device="cpu") if cfg.teacher != "none" else None
     fingerprint = make_fingerprint(cfg, teacher)
     del teacher
@@ -370,7 +379,7 @@ def run_extract(cfg):
         mine = videos[shard_index::shard_count]
         finished = {i for i, (_, r) in index.items() if not (cfg.retry_failed and r["status"] == "failed")}
         todo = [v for v in mine if v[0] not in finished]
-        summary = {"videos_found": len(videos), "shard": f"{shard_index}/{shard_count}",
+        summary = {"videos_found": len(videos), "unlisted_folders": unlisted, "shard": f"{shard_index}/{shard_count}",
                    "skipped": len(mine) - len(todo), "done": 0, "partial": 0, "failed": 0, "frames": 0,
                    "video_seconds": 0.0, "bytes_written": 0, "failures": [], "stage_seconds": {}}
         bar = tqdm(total=len(todo), unit="video", desc="extract", disable=not cfg.progress, dynamic_ncols=True)
@@ -407,7 +416,7 @@ def run_extract(cfg):
     # failures of this shard recorded by this run or an earlier one (a resumed run skips those)
     index, _ = load_index(cfg.cache)
     summary["failed_in_cache"] = sum(1 for vid, _ in mine if vid in index and index[vid][1]["status"] == "failed")
-    if cfg.strict and summary["failed_in_cache"]:
+    if cfg.strict and (summary["failed_in_cache"] or unlisted):
         summary["strict_failure"] = True
     return summary
 

@@ -220,6 +220,13 @@ def test_eval_end_to_end_on_a_folder_task(tiny_folder_task, tmp_path):
     before = os.path.getmtime(stores["checkpoint"])
     run_eval(EvalConfig(**{**cfg.__dict__, "protocols": ("knn",), "inits": ("checkpoint",), "seed": 1}))
     assert os.path.getmtime(stores["checkpoint"]) == before  # another split: features reused, not recomputed
+    os.utime(run / "checkpoint.pt", (1, 1))  # same weights, another time stamp (cp, rsync): still reused
+    run_eval(EvalConfig(**{**cfg.__dict__, "protocols": ("knn",), "inits": ("checkpoint",)}))
+    assert {p.name for p in out.glob("features-checkpoint-*.h5")} == {stores["checkpoint"].name}
+    run_distill(DistillConfig(cache=str(cache), out=str(run), student="r3d_cpu", clip_len=4, crop=48, batch_size=4,
+                              steps=3, workers=0, progress=False))  # trained on: other weights, new features
+    run_eval(EvalConfig(**{**cfg.__dict__, "protocols": ("knn",), "inits": ("checkpoint",)}))
+    assert len(list(out.glob("features-checkpoint-*.h5"))) == 2
 
     feats = tmp_path / "feats.h5"
     result = CliRunner().invoke(cli, ["embed", "--videos", str(tiny_folder_task), "--checkpoint", str(run / "checkpoint.pt"),

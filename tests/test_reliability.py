@@ -110,6 +110,8 @@ def hostile_tree(tmp_path_factory):
     (root / "bad" / "no_permission.mp4").write_bytes(data)
     os.chmod(root / "bad" / "no_permission.mp4", 0)  # unreadable for the extract run (see below)
     bad["bad/no_permission.mp4"] = "permission denied"
+    make_video(str(root / "locked" / "inside.mp4"), n=8)
+    os.chmod(root / "locked", 0)  # a folder that cannot be listed: reported, not silently skipped
     shutil.rmtree(root / "tmp")
     return root, good, bad
 
@@ -125,6 +127,7 @@ def test_every_bad_input_is_recorded_and_every_good_one_extracted_as_alone(hosti
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,  # nothing hangs
                          preexec_fn=drop_root_file_override if IS_ROOT else None)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert f"could not list folder {root / 'locked'}: Permission denied; its videos were not extracted" in res.stdout
     reader = CacheReader(str(cache))
     records = {vid: rec for vid, (_, rec) in reader.index.items()}
     assert not any("loop" in vid for vid in records), "the symlink loop was walked into"
