@@ -172,12 +172,17 @@ def distill(**kw):
 @click.option("--label-column", default=None, help="csv task: the column holding the class (one task per column).")
 @click.option("--id-column", default="id", show_default=True, help="csv task: the column holding the path under --root.")
 @click.option("--test-fraction", default=0.3, show_default=True, help="folder/csv task: stratified test share.")
+@click.option("--group-pattern", default=r"^(v_.+_g\d+)_c\d+", show_default=True,
+              help="folder/csv task: file names sharing this regex's first group stay on one side of the split "
+                   "(clips of one source video would leak the answer). The default keeps UCF101-style "
+                   "v_Class_gNN_cMM groups together; '' splits file by file.")
 @click.option("--train-list", type=click.Path(), default=None, help="folder/csv task: explicit train ids, one per line.")
 @click.option("--test-list", type=click.Path(), default=None, help="folder/csv task: explicit test ids.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 def eval_cmd(task, root, checkpoint, inits, protocols, split, splits, clips, crops, out, work, teacher_every, student, finetune_epochs,
-             finetune_lr, batch_size, labels, label_column, id_column, test_fraction, train_list, test_list, seed, device):
+             finetune_lr, batch_size, labels, label_column, id_column, test_fraction, group_pattern, train_list, test_list,
+             seed, device):
     """Linear probe, kNN, retrieval and fine-tuning, with baselines in the same table.
 
     Every number is written with its task, split, protocol, views, checkpoint and seed.
@@ -191,7 +196,8 @@ def eval_cmd(task, root, checkpoint, inits, protocols, split, splits, clips, cro
                      crops=int(crops), student=student, seed=seed, batch_size=batch_size,
                      finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, test_fraction=test_fraction,
                      train_list=train_list, test_list=test_list, labels=labels, label_column=label_column,
-                     id_column=id_column, work=work, teacher_every=teacher_every, device=device)
+                     id_column=id_column, group_pattern=group_pattern, work=work, teacher_every=teacher_every,
+                     device=device)
     try:
         rows, _, notes = run_eval(cfg)
     except (EvalError, TaskError, ExtractError) as e:

@@ -24,7 +24,7 @@ from cache.dataset import load_clip, normalize_video, random_box
 from cache.reader import CacheReader
 from models.teacher import sha256_file
 from pipeline.extract import ExtractConfig, run_extract
-from pipeline.tasks import load_task
+from pipeline.tasks import UCF_GROUPS, load_task
 
 INITS = ("checkpoint", "scratch", "inflate", "teacher")
 PROTOCOLS = ("linear", "knn", "retrieval", "finetune")
@@ -53,7 +53,8 @@ class EvalConfig:
     batch_size: int = 16
     finetune_epochs: int = 5
     finetune_lr: float = 1e-3
-    test_fraction: float = 0.3  # folder and csv tasks: stratified split
+    test_fraction: float = 0.3  # folder and csv tasks: stratified split, groups kept on one side
+    group_pattern: str = UCF_GROUPS
     train_list: str = None
     test_list: str = None
     labels: str = None  # csv task: the labels file, its label column and its video-path column
@@ -362,7 +363,7 @@ def run_eval(cfg):
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     task = load_task(cfg.task, cfg.root, cfg.split, cfg.splits, cfg.test_fraction, cfg.seed, cfg.train_list, cfg.test_list,
-                     cfg.labels, cfg.label_column, cfg.id_column)
+                     cfg.labels, cfg.label_column, cfg.id_column, cfg.group_pattern)
     os.makedirs(cfg.out, exist_ok=True)
     pre = preprocessing_of(cfg.checkpoint)
     work = cfg.work or cfg.out

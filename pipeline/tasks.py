@@ -8,9 +8,15 @@ import collections
 import csv
 import os
 import random
+import re
 from dataclasses import dataclass, field
 
 from pipeline.decode import VIDEO_EXTENSIONS
+
+
+# Clips cut from one source video must not straddle a split (near-duplicate frames would leak the
+# answer). UCF101 names them v_<Class>_g<group>_c<clip>; the same rule serves any similar naming.
+UCF_GROUPS = r"^(v_.+_g\d+)_c\d+"
 
 
 class TaskError(Exception):
@@ -119,7 +125,7 @@ def load_hmdb51(root, split=1, splits_dir=None):
     return Task("hmdb51", str(split), root, classes, train, test, missing_train + missing_test)
 
 
-def load_folder(root, test_fraction=0.3, seed=0, train_list=None, test_list=None):
+def load_folder(root, test_fraction=0.3, seed=0, train_list=None, test_list=None, group_pattern=UCF_GROUPS):
     """One sub-folder per class. A seeded, stratified split, or explicit lists of relative paths."""
     _check_root(root)
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
@@ -132,10 +138,11 @@ def load_folder(root, test_fraction=0.3, seed=0, train_list=None, test_list=None
                 if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS:
                     path = os.path.join(dirpath, f)
                     videos.append((os.path.relpath(path, root).replace(os.sep, "/"), path, label))
-    return _split("folder", root, classes, videos, [], test_fraction, seed, train_list, test_list)
+    return _split("folder", root, classes, videos, [], test_fraction, seed, train_list, test_list, group_pattern)
 
 
-def load_csv(root, labels, column, id_column="id", test_fraction=0.3, seed=0, train_list=None, test_list=None):
+def load_csv(root, labels, column, id_column="id", test_fraction=0.3, seed=0, train_list=None, test_list=None,
+             group_pattern=UCF_GROUPS):
     """Videos under root, labels in a CSV (one row per video: its path relative to root, its class).
 
     One set of videos can carry several label columns (e.g. object and motion); every column is its
@@ -161,11 +168,14 @@ def load_csv(root, labels, column, id_column="id", test_fraction=0.3, seed=0, tr
     if len(classes) < 2:
         raise TaskError(f"{labels}: column {column!r} needs at least two classes, found {len(classes)}")
     videos, missing = _resolve(root, [(rel, classes.index(label)) for rel, label in rows])
-    return _split(f"csv-{column}", root, classes, videos, missing, test_fraction, seed, train_list, test_list)
+    return _split(f"csv-{column}", root, classes, videos, missing, test_fraction, seed, train_list, test_list,
+                  group_pattern)
 
 
-def _split(name, root, classes, videos, missing, test_fraction, seed, train_list, test_list):
-    """A Task from (id, path, label) triples: explicit train/test id lists, else a seeded stratified split."""
+def _split(name, root, classes, videos, missing, test_fraction, seed, train_list, test_list, group_pattern=None):
+    """A Task from (id, path, label) triples: explicit train/test id lists, else a seeded split,
+    stratified by class, that keeps each group (file names sharing group_pattern's first group, or
+    its match) on one side; a file name that does not match is a group of its own."""
     if train_list or test_list:
         everything = {v[0]: v for v in videos}
         train_ids = _read_lines(train_list) if train_list else []
@@ -173,18 +183,28 @@ def _split(name, root, classes, videos, missing, test_fraction, seed, train_list
         missing = missing + [i for i in train_ids + test_ids if i not in everything]
         return Task(name, "lists", root, classes, [everything[i] for i in train_ids if i in everything],
                     [everything[i] for i in test_ids if i in everything], missing)
-    by_class = collections.defaultdict(list)
+    try:
+        pattern = re.compile(group_pattern) if group_pattern else None
+    except re.error as e:
+        raise TaskError(f"--group-pattern {group_pattern!r} is not a valid regular expression ({e})") from None
+
+    def group_of(video_id):
+        m = pattern.search(os.path.basename(video_id)) if pattern else None
+        return (m.group(1) if m.groups() else m.group(0)) if m else video_id
+
+    by_class = collections.defaultdict(lambda: collections.defaultdict(list))  # label -> group -> videos
     for v in videos:
-        by_class[v[2]].append(v)
+        by_class[v[2]][group_of(v[0])].append(v)
     rng = random.Random(seed)
     train, test = [], []
     for label in range(len(classes)):
-        members = sorted(by_class[label])
-        rng.shuffle(members)
-        n_test = max(1, round(len(members) * test_fraction)) if len(members) > 1 else 0
-        test += members[:n_test]
-        train += members[n_test:]
-    return Task(name, f"seed{seed}-test{test_fraction}", root, classes, sorted(train), sorted(test), missing)
+        groups = sorted(by_class[label].values())
+        rng.shuffle(groups)
+        n_test = max(1, round(len(groups) * test_fraction)) if len(groups) > 1 else 0
+        test += [v for g in groups[:n_test] for v in g]
+        train += [v for g in groups[n_test:] for v in g]
+    split = f"seed{seed}-test{test_fraction}" + (f"-groups{group_pattern}" if pattern else "")
+    return Task(name, split, root, classes, sorted(train), sorted(test), missing)
 
 
 def _find_dir(root, filename, conventional, suffix=None):
@@ -200,15 +220,15 @@ def _find_dir(root, filename, conventional, suffix=None):
 
 
 def load_task(name, root, split=1, splits_dir=None, test_fraction=0.3, seed=0, train_list=None, test_list=None,
-              labels=None, label_column=None, id_column="id"):
+              labels=None, label_column=None, id_column="id", group_pattern=UCF_GROUPS):
     if name == "ucf101":
         return load_ucf101(root, split, splits_dir)
     if name == "hmdb51":
         return load_hmdb51(root, split, splits_dir)
     if name == "folder":
-        return load_folder(root, test_fraction, seed, train_list, test_list)
+        return load_folder(root, test_fraction, seed, train_list, test_list, group_pattern)
     if name == "csv":
         if not labels or not label_column:
             raise TaskError("the csv task needs --labels FILE.csv and --label-column NAME")
-        return load_csv(root, labels, label_column, id_column, test_fraction, seed, train_list, test_list)
+        return load_csv(root, labels, label_column, id_column, test_fraction, seed, train_list, test_list, group_pattern)
     raise TaskError(f"unknown task {name!r}; choose ucf101, hmdb51, folder or csv")

@@ -75,6 +75,32 @@ def test_folder_split_is_stratified_and_seeded(tmp_path):
     assert load_folder(str(tmp_path), test_fraction=0.3, seed=2).test != task.test
 
 
+def test_folder_split_keeps_clips_of_one_source_video_together(tmp_path):
+    # UCF101-style names: v_<Class>_g<group>_c<clip>; 5 groups per class with 1-4 clips each
+    for cls in ("Archery", "Basketball"):
+        (tmp_path / cls).mkdir()
+        for g in range(1, 6):
+            for c in range(1, 2 + g % 4):
+                (tmp_path / cls / f"v_{cls}_g{g:02d}_c{c:02d}.avi").write_bytes(b"x")
+    groups = {}
+    for seed in range(5):
+        task = load_folder(str(tmp_path), test_fraction=0.3, seed=seed)
+        train_groups = {v.rsplit("_c", 1)[0] for v, _, _ in task.train}
+        test_groups = {v.rsplit("_c", 1)[0] for v, _, _ in task.test}
+        assert not train_groups & test_groups  # no source video on both sides
+        assert len(test_groups) == 4  # 30 % of each class's 5 groups, rounded: 2 + 2
+        groups[seed] = test_groups
+    assert len({frozenset(g) for g in groups.values()}) > 1  # seeded, not fixed
+    by_file = load_folder(str(tmp_path), test_fraction=0.3, seed=0, group_pattern="")
+    straddling = {v.rsplit("_c", 1)[0] for v, _, _ in by_file.train} & {v.rsplit("_c", 1)[0] for v, _, _ in by_file.test}
+    assert straddling  # what the grouping prevents: file by file, groups end up on both sides
+    with pytest.raises(TaskError, match="not a valid regular expression"):
+        load_folder(str(tmp_path), group_pattern="(")
+    from cli import eval_cmd
+    from pipeline.tasks import UCF_GROUPS
+    assert next(p for p in eval_cmd.params if p.name == "group_pattern").default == UCF_GROUPS
+
+
 def test_csv_task_one_label_column_per_task_over_the_same_videos(tmp_path):
     rows = ["id,object,motion"] + [f"v{i}.mp4,{'cat' if i % 2 else 'cup'},{'left' if i < 6 else 'up'}" for i in range(10)]
     rows += ["gone.mp4,cat,left", "v10.mp4,,up"]  # a listed video not on disk; v10 has no object label
