@@ -49,9 +49,9 @@ class ImageTeacher:
         self.batch_size = batch_size or (64 if self.device.type == "cuda" else 4)
         # channels_last: depthwise and 1x1 convs run faster in NHWC, and the uint8 frames already are NHWC.
         self.model = fold_batchnorm(model).requires_grad_(False).to(self.device, memory_format=torch.channels_last)
-        on_cuda = self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
-        self.use_amp = on_cuda
+        self.precision = teacher_precision(self.device)
+        self.use_amp = self.precision != "fp32"
+        self.amp_dtype = torch.bfloat16 if self.precision.endswith("bf16") else torch.float16
 
     def predict(self, frames):
         """uint8 RGB [N,H,W,3] (numpy or torch, at input_size) -> float32 numpy (logits [N,1000], embed [N,1280])."""
@@ -102,8 +102,17 @@ def center_crop_resize(image, size):
     return np.ascontiguousarray(image[top:top + size, left:left + size])
 
 
-def teacher_fingerprint(teacher):
-    """Everything about the teacher that changes its outputs, for the cache fingerprint."""
+def teacher_precision(device):
+    """fp32 on CPU; autocast on CUDA (bf16 where supported): the outputs differ in the last digits."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "fp32"
+    return "cuda autocast bf16" if torch.cuda.is_bf16_supported() else "cuda autocast fp16"
+
+
+def teacher_fingerprint(teacher, device=None):
+    """Everything about the teacher that changes its outputs, for the cache fingerprint; `device` is
+    where it will run (its precision differs between CPU and GPU), by default where it is."""
     return {"name": teacher.name, "weights_sha256": teacher.weights_sha256, "input_size": teacher.input_size,
             "normalisation": teacher.normalisation, "num_classes": teacher.num_classes,
-            "embed_dim": teacher.embed_dim}
+            "embed_dim": teacher.embed_dim, "precision": teacher_precision(device or teacher.device)}

@@ -106,7 +106,9 @@ def find_videos(root, unlisted=None):
 
 def make_fingerprint(cfg, teacher):
     return {
-        "teacher": teacher_fingerprint(teacher) if teacher else {"name": "none"},
+        # where the teacher will run, not where it was loaded to be fingerprinted: CPU and GPU jobs
+        # compute its outputs at different precision and must not fill one cache
+        "teacher": teacher_fingerprint(teacher, _resolve_device(cfg.device)) if teacher else {"name": "none"},
         "preprocessing": {"fps": cfg.fps, "height": cfg.height, "width": cfg.width,
                           "resize": "cover-scale + centre crop, SAR and rotation applied",
                           # the stored frames are downscaled from a decode at the teacher's size, so it

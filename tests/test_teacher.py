@@ -66,7 +66,9 @@ def test_fingerprint_names_the_exact_weights(teacher):
     with open(default_weights_path(), "rb") as f:
         assert fp["weights_sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert fp == {"name": "efficientnet_lite0", "weights_sha256": fp["weights_sha256"], "input_size": 224,
-                  "normalisation": "(x-127)/128", "num_classes": 1000, "embed_dim": 1280}
+                  "normalisation": "(x-127)/128", "num_classes": 1000, "embed_dim": 1280, "precision": "fp32"}
+    # a job that will run the teacher on a GPU computes at another precision: another fingerprint
+    assert teacher_fingerprint(teacher, "cuda")["precision"].startswith("cuda autocast")
 
 
 def test_bad_weights_give_one_line_value_error(tmp_path):
