@@ -9,7 +9,6 @@ import os
 import cv2
 import numpy as np
 import torch
-from torchvision.models._meta import _IMAGENET_CATEGORIES as IMAGENET_CLASSES  # noqa: F401 (re-export)
 
 from models.efficientnet_lite import EfficientNetLite0, fold_batchnorm
 

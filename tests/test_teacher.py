@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from torchvision.models._meta import _IMAGENET_CATEGORIES as IMAGENET_CLASSES
 
 from models.efficientnet_lite import EfficientNetLite0
-from models.teacher import (IMAGENET_CLASSES, center_crop_resize, default_weights_path, load_teacher,
+from models.teacher import (center_crop_resize, default_weights_path, load_teacher,
                             teacher_fingerprint)
 
 
