@@ -9,7 +9,7 @@ import os
 import numpy as np
 import zarr
 
-from cache.fingerprint import CacheError, fingerprint_sha256, read_cache_json
+from cache.fingerprint import CacheError, read_cache_json
 from cache.writer import PARTS_DIR
 from pipeline.flow import dequantize_flow
 
