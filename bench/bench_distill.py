@@ -21,9 +21,10 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from cache.dataset import ClipDataset  # noqa: E402
-from pipeline.distill import (ClipSampler, DistillConfig, autocast, build_training, check_cache,  # noqa: E402
-                              resolve, train_step)
+from cache.reader import CacheReader  # noqa: E402
+from pipeline.clips import ClipDataset  # noqa: E402
+from pipeline.config import DistillConfig  # noqa: E402
+from pipeline.distill import autocast, build_training, check_cache, make_loader, resolve, train_step  # noqa: E402
 
 
 def sync(device):
@@ -56,14 +57,15 @@ def main():
     cache = args.cache
     if cache is None:
         from bench.bench_extract import default_videos
-        from pipeline.extract import ExtractConfig, run_extract
+        from pipeline.config import ExtractConfig
+        from pipeline.extract import run_extract
         cache = os.path.join(tempfile.mkdtemp(prefix="bench-distill-"), "cache")
         run_extract(ExtractConfig(videos=args.videos or default_videos(), cache=cache, progress=False))
     cfg = resolve(DistillConfig(cache=cache, out="", student=args.student, clip_len=args.clip_len,
                                 batch_size=args.batch_size, workers=args.workers))
     device = torch.device(cfg.device)
     fingerprint = check_cache(cache, cfg.objective)
-    dataset = ClipDataset(cache, cfg.clip_len, cfg.stride, cfg.crop, seed=0)
+    dataset = ClipDataset(CacheReader(cache), cfg.clip_len, cfg.stride, cfg.crop, seed=0)
     model, opt, sched = build_training(cfg, fingerprint, 10 ** 6)
     model.train()
     amp = autocast(device)
@@ -71,11 +73,7 @@ def main():
           f"{device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} cores'}), "
           f"{len(dataset)} videos")
 
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=ClipSampler(len(dataset), 0, 0, 1, cfg.batch_size, 0),
-        num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-        prefetch_factor=4 if cfg.workers else None, multiprocessing_context="spawn" if cfg.workers else None)
-    it = iter(loader)
+    it = iter(make_loader(dataset, cfg, rank=0, world=1, batches_used=0))
 
     def to_device(b):
         return {k: v.to(device, non_blocking=True) for k, v in b.items()}

@@ -46,7 +46,8 @@ def replicate(src, dst, times):
 
 
 def run_vidistill(videos, out):
-    from pipeline.extract import ExtractConfig, run_extract
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import run_extract
     s = run_extract(ExtractConfig(videos=videos, cache=out, progress=False))
     return {"frames": s["frames"], "video_seconds": s["video_seconds"], "bytes": s["bytes_written"],
             "stage_seconds": s["stage_seconds"], "videos": s["done"] + s["partial"]}

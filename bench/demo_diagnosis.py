@@ -25,9 +25,11 @@ sys.path.insert(0, REPO)
 
 from cache.reader import CacheReader  # noqa: E402
 from pipeline.demo import COLUMNS, FRAMES, STUDENT  # noqa: E402
-from pipeline.distill import DistillConfig, run_distill  # noqa: E402
-from pipeline.evaluate import EvalConfig, linear_probe, run_eval  # noqa: E402
-from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
+from pipeline.config import DistillConfig, EvalConfig, ExtractConfig  # noqa: E402
+from pipeline.distill import run_distill  # noqa: E402
+from pipeline.evaluate import run_eval  # noqa: E402
+from pipeline.extract import run_extract  # noqa: E402
+from pipeline.protocols import linear_probe  # noqa: E402
 
 
 # (row name, objective, knobs changed from the demo's STUDENT settings)

@@ -44,6 +44,16 @@ def read_cache_json(cache_dir):
     return meta
 
 
+def sha256_file(path):
+    """Content hash of a file (teacher weights, checkpoints): a renamed or copied file hashes the same,
+    a retrained one does not."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def fingerprint_sha256(fingerprint):
     """Every part records this; a part whose value differs from cache.json's was written otherwise."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()

@@ -60,7 +60,6 @@ def verify_part(cache_dir, part, fingerprint, quick=False):
     path = os.path.join(cache_dir, PARTS_DIR, part)
     try:
         attrs = read_part_attrs(cache_dir, part)
-        videos = attrs["videos"]
         group = zarr.open_group(path, mode="r")
         if not group.attrs.get("complete"):
             return [f"{part}: not marked complete"]
@@ -70,14 +69,34 @@ def verify_part(cache_dir, part, fingerprint, quick=False):
     if attrs.get("fingerprint_sha256") != fingerprint_sha256(fingerprint):
         problems.append(f"{part}: written with other settings than cache.json records "
                         "(cache.json edited, or parts of another cache mixed in)")
+    arrays = _check_arrays(part, path, group, _expected_rows(fingerprint), quick, problems)
+    if problems:
+        return problems
+    n_frames = arrays["frames"].shape[0]
+    n_teacher = arrays["logits"].shape[0] if "logits" in arrays else 0
+    if "flow" in arrays and arrays["flow"].shape[0] != n_frames:
+        problems.append(f"{part}/flow: {arrays['flow'].shape[0]} rows but frames has {n_frames}")
+    for name in ("teacher_frame", "embed") if "logits" in arrays else ():
+        if arrays[name].shape[0] != n_teacher:
+            problems.append(f"{part}/{name}: {arrays[name].shape[0]} rows but logits has {n_teacher}")
+    return problems + _check_tables(part, attrs["videos"], n_frames, n_teacher)
+
+
+def _expected_rows(fingerprint):
+    """{array name: shape of one row} that a part written with this fingerprint must hold."""
     pre = fingerprint["preprocessing"]
     expect = {"frames": (pre["height"], pre["width"], 3)}
-    with_teacher = fingerprint["teacher"]["name"] != "none"
-    if with_teacher:
+    if fingerprint["teacher"]["name"] != "none":
         expect.update({"teacher_frame": (), "logits": (fingerprint["teacher"]["num_classes"],),
                        "embed": (fingerprint["teacher"]["embed_dim"],)})
     if fingerprint["flow"]["method"] != "none":
         expect["flow"] = (pre["height"], pre["width"], 2)
+    return expect
+
+
+def _check_arrays(part, path, group, expect, quick, problems):
+    """Each expected array: present, the right row shape, every chunk file there and (unless quick)
+    decompressible. Appends to problems; returns {name: array} of those present."""
     arrays = {}
     for name, row in expect.items():
         try:
@@ -99,16 +118,12 @@ def verify_part(cache_dir, part, fingerprint, quick=False):
                     problems.append(f"{part}/{name}: rows {lo}..{lo + step} unreadable ({type(e).__name__}: {e})")
                     break
         arrays[name] = arr
-    if problems:
-        return problems
-    n_frames = arrays["frames"].shape[0]
-    n_teacher = arrays["logits"].shape[0] if with_teacher else 0
-    for name in ("flow",):
-        if name in arrays and arrays[name].shape[0] != n_frames:
-            problems.append(f"{part}/{name}: {arrays[name].shape[0]} rows but frames has {n_frames}")
-    for name in ("teacher_frame", "embed") if with_teacher else ():
-        if arrays[name].shape[0] != n_teacher:
-            problems.append(f"{part}/{name}: {arrays[name].shape[0]} rows but logits has {n_teacher}")
+    return arrays
+
+
+def _check_tables(part, videos, n_frames, n_teacher):
+    """The video table must tile the frame and teacher arrays exactly: no overlap, no orphan rows."""
+    problems = []
     frame_rows = sorted((r["frame_offset"], r["frame_count"], r["id"]) for r in videos if r["frame_count"])
     teacher_rows = sorted((r["teacher_offset"], r["teacher_count"], r["id"]) for r in videos if r["teacher_count"])
     for rows, total, what in ((frame_rows, n_frames, "frames"), (teacher_rows, n_teacher, "teacher rows")):

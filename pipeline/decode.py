@@ -143,12 +143,8 @@ def _has_mp4_header(path):
         return False
 
 
-def decode_video(path, fps, height, width, teacher_size, batch_frames=32, stall_timeout=60.0):
-    """Yield (stored, teacher) uint8 batches for one video; returns SourceInfo via StopIteration.
-
-    Use through `VideoDecode`, which keeps the SourceInfo. Raises DecodeError with a specific reason
-    when nothing can be decoded; a video that breaks midway yields what decoded and records a warning.
-    """
+def _check_readable(path):
+    """Raise DecodeError for what is wrong before ffmpeg even starts: missing, empty, unreadable."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -160,6 +156,9 @@ def decode_video(path, fps, height, width, teacher_size, batch_frames=32, stall_
     if not os.access(path, os.R_OK):
         raise DecodeError("permission denied")
 
+
+def _ffmpeg_args(path, fps, height, width, teacher_size):
+    """The ffmpeg command line that writes rgb24 frames at the cover size to stdout."""
     hc, wc = cover_size(height, width, teacher_size)
     # SAR first (anamorphic sources), then cover-scale and centre-crop to the fixed size.
     # ffmpeg applies rotation metadata itself (autorotate is on by default).
@@ -169,59 +168,103 @@ def decode_video(path, fps, height, width, teacher_size, batch_frames=32, stall_
               .filter("setsar", 1)
               .filter("scale", wc, hc, force_original_aspect_ratio="increase")
               .filter("crop", wc, hc))
-    args = (stream.output("pipe:", format="rawvideo", pix_fmt="rgb24")
+    return (stream.output("pipe:", format="rawvideo", pix_fmt="rgb24")
             .global_args("-nostdin", "-hide_banner", "-nostats", "-loglevel", "info")
             .compile(cmd=ffmpeg_binary()))
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    log = []
-    last_progress = [time.monotonic()]
-    timed_out = threading.Event()
 
-    def drain_stderr():  # ffmpeg blocks if nobody reads its log
-        for raw in proc.stderr:
-            log.append(raw.decode("utf-8", "replace").rstrip())
+class _FfmpegPipe:
+    """A running ffmpeg: its log drained into `log`, a watchdog that kills it if it stalls.
 
-    def watchdog():  # a decoder that stops producing bytes is killed, never waited on forever
-        while proc.poll() is None:
-            since = last_progress[0]
-            if since is not None and time.monotonic() - since > stall_timeout:
-                timed_out.set()
-                proc.kill()
+    A stall is stall_timeout seconds without bytes while we wait on ffmpeg; between
+    pause_watchdog() and resume_watchdog() the consumer has the frames, and that time is no stall.
+    """
+
+    def __init__(self, args, stall_timeout):
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self.stall_timeout = stall_timeout
+        self.log = []
+        self.timed_out = threading.Event()
+        self.last_progress = time.monotonic()  # None while the watchdog is paused
+        self.threads = [threading.Thread(target=self._drain_stderr, daemon=True),
+                        threading.Thread(target=self._watchdog, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _drain_stderr(self):  # ffmpeg blocks if nobody reads its log
+        for raw in self.proc.stderr:
+            self.log.append(raw.decode("utf-8", "replace").rstrip())
+
+    def _watchdog(self):  # a decoder that stops producing bytes is killed, never waited on forever
+        while self.proc.poll() is None:
+            since = self.last_progress
+            if since is not None and time.monotonic() - since > self.stall_timeout:
+                self.timed_out.set()
+                self.proc.kill()
                 return
             time.sleep(0.2)
 
-    threads = [threading.Thread(target=drain_stderr, daemon=True), threading.Thread(target=watchdog, daemon=True)]
-    for t in threads:
-        t.start()
+    def read(self, n_bytes):
+        """Up to n_bytes of frames; fewer only at the end of the output."""
+        buf = self.proc.stdout.read(n_bytes)
+        self.last_progress = time.monotonic()
+        return buf
 
+    def pause_watchdog(self):
+        self.last_progress = None
+
+    def resume_watchdog(self):
+        self.last_progress = time.monotonic()
+
+    def wait(self):
+        """ffmpeg's exit code, once it has exited and its whole log is read."""
+        returncode = self.proc.wait()
+        for t in self.threads:
+            t.join(timeout=5)
+        return returncode
+
+    def close(self):
+        if self.proc.poll() is None:  # the consumer stopped early: do not leave ffmpeg running
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+
+def decode_video(path, fps, height, width, teacher_size, batch_frames=32, stall_timeout=60.0):
+    """Yield (stored, teacher) uint8 batches for one video; returns SourceInfo via StopIteration.
+
+    Use through `VideoDecode`, which keeps the SourceInfo. Raises DecodeError with a specific reason
+    when nothing can be decoded; a video that breaks midway yields what decoded and records a warning.
+    """
+    _check_readable(path)
+    hc, wc = cover_size(height, width, teacher_size)
+    pipe = _FfmpegPipe(_ffmpeg_args(path, fps, height, width, teacher_size), stall_timeout)
     frame_bytes = hc * wc * 3
     n_frames = 0
     try:
         while True:
-            buf = proc.stdout.read(frame_bytes * batch_frames)
-            last_progress[0] = time.monotonic()
+            buf = pipe.read(frame_bytes * batch_frames)
             n = len(buf) // frame_bytes
             if n:
                 decoded = np.frombuffer(buf, np.uint8, n * frame_bytes).reshape(n, hc, wc, 3)
                 n_frames += n
                 views = split_views(decoded, height, width, teacher_size)
-                last_progress[0] = None  # the consumer's time (teacher, flow, a full queue) is no stall
+                pipe.pause_watchdog()  # the consumer's time (teacher, flow, a full queue) is no stall
                 yield views
-                last_progress[0] = time.monotonic()
+                pipe.resume_watchdog()
             if len(buf) < frame_bytes * batch_frames:
                 break
-        returncode = proc.wait()
+        returncode = pipe.wait()
     finally:
-        if proc.poll() is None:  # the consumer stopped early: do not leave ffmpeg running
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-    for t in threads:
-        t.join(timeout=5)
+        pipe.close()
+    return _finish_info(pipe.log, returncode, n_frames, pipe.timed_out.is_set(), stall_timeout, path)
 
+
+def _finish_info(log, returncode, n_frames, timed_out, stall_timeout, path):
+    """SourceInfo from ffmpeg's log, with warnings for a partial decode; DecodeError if nothing decoded."""
     info = _parse_log(log)
-    if timed_out.is_set():
+    if timed_out:
         reason = f"decode stalled for {stall_timeout:.0f}s and was killed"
         if n_frames == 0:
             raise DecodeError(reason)
@@ -235,7 +278,7 @@ def decode_video(path, fps, height, width, teacher_size, batch_frames=32, stall_
                 reason = "not a video file (no MP4/MOV header: random or corrupt data)"
             raise DecodeError(reason)
         raise DecodeError("no decodable video frames")
-    if returncode != 0 and not timed_out.is_set():
+    if returncode != 0 and not timed_out:
         info.warnings.append(f"decoded {n_frames} frames, then: {_failure_reason(log, returncode)}")
     elif any("Error" in l or "error while decoding" in l for l in log):
         errors = [l for l in log if "rror" in l]

@@ -11,12 +11,11 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.distill import DistillConfig, run_distill
-from pipeline.evaluate import EvalConfig, run_eval
-from pipeline.extract import ExtractConfig, run_extract
+from pipeline.config import OBJECTIVES, DistillConfig, EvalConfig, ExtractConfig
+from pipeline.distill import run_distill
+from pipeline.evaluate import run_eval
+from pipeline.extract import run_extract
 from pipeline.synthetic import MOTIONS, OBJECTS, generate_benchmark
-
-OBJECTIVES = ("distinit", "modist", "both")
 BASELINES = ("scratch", "inflate", "teacher")
 COLUMNS = [("object", "linear", "video_top1"), ("object", "knn", "k20_top1"),
            ("motion", "linear", "video_top1"), ("motion", "knn", "k20_top1")]

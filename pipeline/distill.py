@@ -9,60 +9,24 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from cache.dataset import ClipDataset, normalize_video
 from cache.fingerprint import VIDISTILL_VERSION, CacheError, read_cache_json
 from cache.manifest import verify_cache
-from models.students import ProjectionHead, build_motion_pathway, build_student
+from cache.reader import CacheReader
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.students import ProjectionHead, build_motion_pathway, build_student, normalize_video
+from pipeline.clips import ClipDataset
+from pipeline.config import DEVICE_DEFAULTS, OBJECTIVES, resolve_device
 from pipeline.losses import distill_kl, embed_cosine, info_nce, teacher_targets
-
-OBJECTIVES = ("distinit", "modist", "both")
-
+from pipeline.runs import latest_run, new_run_dir, point_latest
 
 class DistillError(Exception):
     """Bad arguments, an unusable cache or an incompatible checkpoint; one-line message."""
-
-
-@dataclass
-class DistillConfig:
-    cache: str
-    out: str
-    objective: str = "distinit"
-    student: str = "auto"  # r2plus1d_18 on CUDA, r3d_cpu on CPU
-    clip_len: int = 0  # 0: 16 on CUDA, 8 on CPU
-    stride: int = 2
-    crop: int = 112
-    crop_scale: float = 0.25  # smallest random-resized-crop area (share of the frame)
-    batch_size: int = 0  # 0: 32 on CUDA, 8 on CPU
-    steps: int = 0  # total optimiser steps; 0: from epochs
-    epochs: int = 10
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = -1.0  # -1: 0.05 for AdamW, 5e-4 for SGD (the usual values of each)
-    warmup_steps: int = 50
-    grad_clip: float = 1.0
-    tau: float = 2.0  # distillation temperature
-    target_mode: str = "average"  # teacher target: frame-averaged probabilities, or one random frame
-    embed_weight: float = 0.0  # cosine regression onto the teacher embedding
-    distinit_weight: float = 1.0
-    modist_weight: float = 1.0
-    cross_weight: float = 1.0  # RGB<->flow term inside MoDist (1.0 in the released code)
-    nce_tau: float = 0.1
-    queue_size: int = 4096
-    momentum: float = 0.999
-    proj_dim: int = 128
-    workers: int = 2
-    seed: int = 0
-    save_every: int = 100
-    log_every: int = 10
-    device: str = "auto"
-    progress: bool = True
 
 
 def resolve(cfg):
@@ -71,18 +35,16 @@ def resolve(cfg):
         raise DistillError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
     if cfg.target_mode not in ("average", "random"):
         raise DistillError("--target-mode must be 'average' or 'random'")
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    gpu = device.startswith("cuda")
+    device = resolve_device(cfg.device)
+    auto = DEVICE_DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
     if cfg.optimizer not in ("adamw", "sgd"):
         raise DistillError(f"--optimizer must be adamw or sgd, not {cfg.optimizer!r}")
     return dataclasses.replace(
         cfg, device=device,
         weight_decay=cfg.weight_decay if cfg.weight_decay >= 0 else (0.05 if cfg.optimizer == "adamw" else 5e-4),
-        student=cfg.student if cfg.student != "auto" else ("r2plus1d_18" if gpu else "r3d_cpu"),
-        clip_len=cfg.clip_len or (16 if gpu else 8),
-        batch_size=cfg.batch_size or (32 if gpu else 8))
+        student=cfg.student if cfg.student != "auto" else auto["student"],
+        clip_len=cfg.clip_len or auto["clip_len"],
+        batch_size=cfg.batch_size or auto["batch_size"])
 
 
 class Distiller(nn.Module):
@@ -229,32 +191,6 @@ def check_cache(cache_dir, objective):
     return fp
 
 
-def save_checkpoint(path, state):
-    """Atomic: a kill during the write leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """weights_only: a checkpoint never executes code when loaded."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DistillError(f"{path}: not a readable vidistill checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-
-
-def load_student(path):
-    """The distilled backbone from a checkpoint, in eval mode, plus the checkpoint's config."""
-    ckpt = load_checkpoint(path)
-    if "config" not in ckpt or "model" not in ckpt:
-        raise DistillError(f"{path}: not a vidistill checkpoint (no config/model)")
-    backbone = build_student(ckpt["config"]["student"])
-    prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
-    return backbone.eval(), ckpt
-
-
 def build_training(cfg, fingerprint, total_steps):
     """Model (on cfg.device), optimiser and warmup+cosine schedule for a resolved config."""
     tcfg = fingerprint["teacher"]
@@ -312,9 +248,36 @@ _RESUME_KEYS = ("cache", "objective", "student", "clip_len", "stride", "crop", "
 
 
 def run_distill(cfg):
-    """The whole of `cli.py distill`. Returns a summary dict."""
+    """The whole of `cli.py distill`: set-up, resume, the loop, teardown. Returns a summary dict."""
     cfg = resolve(cfg)
     fingerprint = check_cache(cfg.cache, cfg.objective)
+    cfg, rank, world = init_distributed(cfg)
+    dataset = training_clips(cfg)
+    cfg, per_epoch, total = plan_steps(cfg, len(dataset), world, rank)
+    cfg = choose_run_folder(cfg, fingerprint, world, rank)
+    torch.manual_seed(cfg.seed + rank)
+    model, opt, sched = build_training(cfg, fingerprint, total)
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_path, log_path = os.path.join(cfg.out, "checkpoint.pt"), os.path.join(cfg.out, "log.jsonl")
+    step, batches_used = resume(ckpt_path, log_path, cfg, fingerprint, model, opt, sched, world, rank)
+    loader = make_loader(dataset, cfg, rank, world, batches_used)
+    run = dict(model=model, opt=opt, sched=sched, cfg=cfg, fingerprint=fingerprint, world=world, rank=rank,
+               ckpt_path=ckpt_path, log_path=log_path, per_epoch=per_epoch, total=total)
+    first_step, t0 = step, time.time()
+    step, clips, bad_steps = train_loop(run, loader, step, batches_used)
+    if rank == 0:  # the checkpoint of the last step was saved in the loop
+        plot_losses(log_path, os.path.join(cfg.out, "losses.png"))
+    if world > 1:
+        dist.destroy_process_group()
+    wall = time.time() - t0
+    return {"steps": step, "total_steps": total, "steps_this_run": step - first_step, "wall_seconds": wall,
+            "out": cfg.out,
+            "clips_per_s": clips / max(wall, 1e-9), "checkpoint": ckpt_path, "videos": len(dataset),
+            "skipped_steps": bad_steps, "student": cfg.student, "device": cfg.device}
+
+
+def init_distributed(cfg):
+    """Join the torchrun process group when there is one. Returns (cfg, rank, world)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:
         gpu = cfg.device.startswith("cuda")
@@ -323,71 +286,124 @@ def run_distill(cfg):
             torch.cuda.set_device(local_rank)
             cfg = dataclasses.replace(cfg, device=f"cuda:{local_rank}")
         dist.init_process_group("nccl" if gpu else "gloo")
-    device = torch.device(cfg.device)
+    return cfg, rank, world
+
+
+def training_clips(cfg):
     modist = cfg.objective in ("modist", "both")
-    dataset = ClipDataset(cfg.cache, cfg.clip_len, cfg.stride, cfg.crop, with_flow=modist,
-                          with_teacher=cfg.objective != "modist", two_views=modist, seed=cfg.seed,
-                          crop_scale=cfg.crop_scale)
-    per_epoch = len(dataset) // (cfg.batch_size * world)
+    return ClipDataset(CacheReader(cfg.cache), cfg.clip_len, cfg.stride, cfg.crop, with_flow=modist,
+                       with_teacher=cfg.objective != "modist", two_views=modist, seed=cfg.seed,
+                       crop_scale=cfg.crop_scale)
+
+
+def plan_steps(cfg, n_videos, world, rank):
+    """Steps per epoch and in all; the queue is cut to the data. Returns (cfg, per_epoch, total)."""
+    per_epoch = n_videos // (cfg.batch_size * world)
     if per_epoch == 0:
-        raise DistillError(f"{cfg.cache}: {len(dataset)} usable videos, fewer than one batch of "
+        raise DistillError(f"{cfg.cache}: {n_videos} usable videos, fewer than one batch of "
                            f"{cfg.batch_size} x {world} process(es); lower --batch-size")
-    if modist and cfg.queue_size > len(dataset):
+    if cfg.objective in ("modist", "both") and cfg.queue_size > n_videos:
         # a queue longer than the data holds several keys of the query's own video as "negatives"
         if rank == 0:
-            print(f"note: --queue-size {cfg.queue_size} > {len(dataset)} videos in the cache; using {len(dataset)}")
-        cfg = dataclasses.replace(cfg, queue_size=len(dataset))
-    total = cfg.steps or cfg.epochs * per_epoch
-    torch.manual_seed(cfg.seed + rank)
-    model, opt, sched = build_training(cfg, fingerprint, total)
+            print(f"note: --queue-size {cfg.queue_size} > {n_videos} videos in the cache; using {n_videos}")
+        cfg = dataclasses.replace(cfg, queue_size=n_videos)
+    return cfg, per_epoch, cfg.steps or cfg.epochs * per_epoch
 
-    os.makedirs(cfg.out, exist_ok=True)
-    ckpt_path, log_path = os.path.join(cfg.out, "checkpoint.pt"), os.path.join(cfg.out, "log.jsonl")
-    step, batches_used = 0, 0  # batches_used > step when non-finite steps were skipped
-    if os.path.exists(ckpt_path):
+
+def settings_changed(ckpt, cfg, fingerprint, world):
+    """Why a checkpoint cannot be resumed with these settings (empty: it can)."""
+    old = dict(ckpt["config"], cache=os.path.normpath(ckpt["config"].get("cache", "")))  # cache/ is cache
+    new = dict(dataclasses.asdict(cfg), cache=os.path.normpath(cfg.cache))
+    changed = [k for k in _RESUME_KEYS if old.get(k) != new[k]]
+    if ckpt.get("world_size", 1) != world:
+        changed.append(f"{ckpt.get('world_size', 1)} -> {world} processes")
+    if ckpt["cache_fingerprint"] != fingerprint:
+        changed.append("a cache with another fingerprint")
+    return changed
+
+
+def choose_run_folder(cfg, fingerprint, world, rank):
+    """Without --out: the latest run if it has these settings (a rerun resumes it), else a new
+    runs/<objective>-<date-time>/. runs/latest then points at it."""
+    if cfg.out:
+        return cfg
+    out = None
+    latest = latest_run()
+    if rank == 0 and latest and os.path.exists(os.path.join(latest, "checkpoint.pt")):
+        try:
+            ckpt = load_checkpoint(os.path.join(latest, "checkpoint.pt"))
+            if not settings_changed(ckpt, cfg, fingerprint, world):
+                out = os.path.relpath(os.path.realpath(latest))
+        except CheckpointError:
+            pass  # an unreadable latest run is left alone; this run gets a folder of its own
+    if rank == 0:
+        out = out or new_run_dir(cfg.objective)
+        os.makedirs(out, exist_ok=True)
+        point_latest(out)
+    if world > 1:  # every rank writes into the folder rank 0 chose
+        shared = [out]
+        dist.broadcast_object_list(shared, src=0)
+        out = shared[0]
+    return dataclasses.replace(cfg, out=out)
+
+
+def resume(ckpt_path, log_path, cfg, fingerprint, model, opt, sched, world, rank):
+    """Load the run's checkpoint if there is one, refusing other settings. Returns (step, batches_used)."""
+    if not os.path.exists(ckpt_path):
+        return 0, 0
+    try:
         ckpt = load_checkpoint(ckpt_path)
-        changed = [k for k in _RESUME_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
-        if ckpt.get("world_size", 1) != world:
-            changed.append(f"{ckpt.get('world_size', 1)} -> {world} processes")
-        if changed:
-            raise DistillError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); "
-                               "use another --out to start a new run")
-        if ckpt["cache_fingerprint"] != fingerprint:
-            raise DistillError(f"{ckpt_path} was trained on a cache with another fingerprint; use another --out")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        step, batches_used = ckpt["step"], ckpt.get("batches_used", ckpt["step"])
-        if world == 1:  # exact resume; DDP ranks reseed by step instead (the checkpoint holds rank 0's state)
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        else:
-            torch.manual_seed(cfg.seed + rank + 7919 * step)
-        if rank == 0:
-            drop_log_after(log_path, step)  # steps logged after the checkpoint are redone
-    ddp = model
-    if world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    except CheckpointError as e:
+        raise DistillError(str(e)) from None
+    changed = settings_changed(ckpt, cfg, fingerprint, world)
+    if changed:
+        raise DistillError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); "
+                           "use another --out to start a new run")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    step = ckpt["step"]
+    if world == 1:  # exact resume; DDP ranks reseed by step instead (the checkpoint holds rank 0's state)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if cfg.device.startswith("cuda") and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    else:
+        torch.manual_seed(cfg.seed + rank + 7919 * step)
+    if rank == 0:
+        drop_log_after(log_path, step)  # steps logged after the checkpoint are redone
+    return step, ckpt.get("batches_used", step)  # batches_used > step when non-finite steps were skipped
 
-    def state():
-        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "batches_used": batches_used, "world_size": world,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-                "config": dataclasses.asdict(cfg), "cache_fingerprint": fingerprint,
-                "feature_dim": model.backbone.feature_dim, "vidistill_version": VIDISTILL_VERSION}
 
+def make_loader(dataset, cfg, rank, world, batches_used):
+    """One DataLoader for the whole run, starting where the last run stopped."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size,
+        sampler=ClipSampler(len(dataset), cfg.seed, rank, world, cfg.batch_size, batches_used),
+        num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"), persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers else None, multiprocessing_context="spawn" if cfg.workers else None)
+
+
+def checkpoint_state(run, step, batches_used):
+    cuda = run["cfg"].device.startswith("cuda")
+    return {"model": run["model"].state_dict(), "optimizer": run["opt"].state_dict(),
+            "scheduler": run["sched"].state_dict(), "step": step, "batches_used": batches_used,
+            "world_size": run["world"],
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
+            "config": dataclasses.asdict(run["cfg"]), "cache_fingerprint": run["fingerprint"],
+            "feature_dim": run["model"].backbone.feature_dim, "vidistill_version": VIDISTILL_VERSION}
+
+
+def train_loop(run, loader, step, batches_used):
+    """Optimiser steps until the run's total, logging and checkpointing. Returns (step, clips, bad_steps)."""
+    model, cfg, rank, world, total = run["model"], run["cfg"], run["rank"], run["world"], run["total"]
+    device = torch.device(cfg.device)
+    forward = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     amp = autocast(device)
     bar = tqdm(total=total, initial=step, unit="step", desc=f"distill {cfg.objective}",
                disable=not cfg.progress or rank != 0, dynamic_ncols=True)
-    t0, clips, bad_steps, first_step = time.time(), 0, 0, step
+    t0, clips, bad_steps = time.time(), 0, 0
     model.train()
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size,
-        sampler=ClipSampler(len(dataset), cfg.seed, rank, world, cfg.batch_size, batches_used),
-        num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-        prefetch_factor=4 if cfg.workers else None, multiprocessing_context="spawn" if cfg.workers else None)
     batches = iter(loader)
     while step < total:
         try:
@@ -395,7 +411,7 @@ def run_distill(cfg):
         except CacheError as e:  # a corrupt chunk (from a worker the message carries its traceback)
             raise DistillError(str(e).strip().splitlines()[-1]) from None
         batches_used += 1
-        loss, losses, grad_norm = train_step(model, ddp, opt, sched, batch, amp)
+        loss, losses, grad_norm = train_step(model, forward, run["opt"], run["sched"], batch, amp)
         if loss is None:  # NaN guard: the update was skipped; stop if it keeps happening
             bad_steps += 1
             if bad_steps > 10:
@@ -404,24 +420,19 @@ def run_distill(cfg):
             continue
         step += 1
         clips += len(batch["video"]) * world
+        clips_per_s = clips / (time.time() - t0)
         if rank == 0 and (step % cfg.log_every == 0 or step == total):
-            rec = {"step": step, "epoch": step // per_epoch, "loss": float(loss), "lr": sched.get_last_lr()[0],
-                   "grad_norm": float(grad_norm), "clips_per_s": clips / (time.time() - t0),
+            rec = {"step": step, "epoch": step // run["per_epoch"], "loss": float(loss),
+                   "lr": run["sched"].get_last_lr()[0], "grad_norm": float(grad_norm), "clips_per_s": clips_per_s,
                    **{k: float(v) for k, v in losses.items()}}
-            with open(log_path, "a") as f:
+            with open(run["log_path"], "a") as f:
                 f.write(json.dumps(rec) + "\n")
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}", clips_s=f"{clips / (time.time() - t0):.1f}")
+        bar.set_postfix(loss=f"{float(loss):.3f}", clips_s=f"{clips_per_s:.1f}")
         if rank == 0 and (step % cfg.save_every == 0 or step == total):
-            save_checkpoint(ckpt_path, state())
+            save_checkpoint(run["ckpt_path"], checkpoint_state(run, step, batches_used))
     bar.close()
-    if rank == 0:  # the checkpoint of the last step was saved in the loop
-        plot_losses(log_path, os.path.join(cfg.out, "losses.png"))
-    if world > 1:
-        dist.destroy_process_group()
-    return {"steps": step, "steps_this_run": step - first_step, "wall_seconds": time.time() - t0,
-            "clips_per_s": clips / max(time.time() - t0, 1e-9), "checkpoint": ckpt_path,
-            "videos": len(dataset), "skipped_steps": bad_steps, "student": cfg.student, "device": cfg.device}
+    return step, clips, bad_steps
 
 
 def drop_log_after(log_path, step):

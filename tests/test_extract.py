@@ -9,21 +9,14 @@ from cache.fingerprint import read_cache_json
 from cache.manifest import cache_info, verify_cache
 from cache.reader import CacheReader, committed_parts
 from cli import cli
-from conftest import make_video
-from pipeline.extract import ExtractConfig, ExtractError, run_extract
-
-
-
-def config(videos, cache, **kw):
-    kw.setdefault("progress", False)
-    kw.setdefault("teacher_every", 4)  # keeps CPU tests fast; every-frame is the default for users
-    return ExtractConfig(videos=str(videos), cache=str(cache), **kw)
+from helpers import extract_config, make_video
+from pipeline.extract import ExtractError, run_extract
 
 
 @pytest.fixture(scope="module")
 def extracted(mixed_video_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache") / "c"
-    summary = run_extract(config(mixed_video_dir, cache, part_videos=4))
+    summary = run_extract(extract_config(mixed_video_dir, cache, part_videos=4))
     return cache, summary
 
 
@@ -100,7 +93,7 @@ def test_verify_is_clean_and_rerun_skips_everything(extracted, mixed_video_dir):
     problems, _, checked = verify_cache(str(cache))
     assert problems == [] and checked["videos"] == 10
     parts = committed_parts(str(cache))
-    s = run_extract(config(mixed_video_dir, cache, part_videos=4))
+    s = run_extract(extract_config(mixed_video_dir, cache, part_videos=4))
     assert s["skipped"] == 10 and s["done"] == 0 and s["failed"] == 0
     assert committed_parts(str(cache)) == parts
 
@@ -108,15 +101,15 @@ def test_verify_is_clean_and_rerun_skips_everything(extracted, mixed_video_dir):
 def test_different_settings_are_refused(extracted, mixed_video_dir):
     cache, _ = extracted
     with pytest.raises(ExtractError, match=r"different settings \(preprocessing.fps: cache has 8.0, this run has 4.0"):
-        run_extract(config(mixed_video_dir, cache, fps=4.0))
+        run_extract(extract_config(mixed_video_dir, cache, fps=4.0))
 
 
 def test_missing_or_empty_video_folder(tmp_path):
     with pytest.raises(ExtractError, match="video folder does not exist"):
-        run_extract(config(tmp_path / "nope", tmp_path / "c"))
+        run_extract(extract_config(tmp_path / "nope", tmp_path / "c"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExtractError, match="no video files found"):
-        run_extract(config(tmp_path / "empty", tmp_path / "c"))
+        run_extract(extract_config(tmp_path / "empty", tmp_path / "c"))
 
 
 def small_videos(root, n):
@@ -127,9 +120,9 @@ def small_videos(root, n):
 
 def test_shards_together_equal_one_job(tmp_path):
     videos = small_videos(tmp_path / "videos", 5)
-    run_extract(config(videos, tmp_path / "one"))
-    run_extract(config(videos, tmp_path / "two", shard=(0, 2)))
-    s = run_extract(config(videos, tmp_path / "two", shard=(1, 2)))
+    run_extract(extract_config(videos, tmp_path / "one"))
+    run_extract(extract_config(videos, tmp_path / "two", shard=(0, 2)))
+    s = run_extract(extract_config(videos, tmp_path / "two", shard=(1, 2)))
     assert s["done"] == 2  # v01, v03
     one, two = CacheReader(str(tmp_path / "one")), CacheReader(str(tmp_path / "two"))
     assert one.ids == two.ids
@@ -142,33 +135,33 @@ def test_shards_together_equal_one_job(tmp_path):
 def test_same_shard_twice_is_refused_by_the_lock(tmp_path):
     from pipeline.extract import _ShardLock
     videos = small_videos(tmp_path / "videos", 1)
-    run_extract(config(videos, tmp_path / "c"))
+    run_extract(extract_config(videos, tmp_path / "c"))
     held = _ShardLock(str(tmp_path / "c"), 0, 1)
     try:
         with pytest.raises(ExtractError, match="shard 0/1 is being extracted by another process"):
-            run_extract(config(videos, tmp_path / "c"))
+            run_extract(extract_config(videos, tmp_path / "c"))
         # another shard count would split the videos another way and take some of the live job's
         with pytest.raises(ExtractError, match=r"a job with another shard count is running \(shard-0-of-1.lock"):
-            run_extract(config(videos, tmp_path / "c", shard=(1, 2)))
+            run_extract(extract_config(videos, tmp_path / "c", shard=(1, 2)))
         with pytest.raises(ExtractError, match="refusing to --overwrite while other jobs extract into it"):
-            run_extract(config(videos, tmp_path / "c", fps=4.0, overwrite=True))
+            run_extract(extract_config(videos, tmp_path / "c", fps=4.0, overwrite=True))
     finally:
         held.release()
-    assert run_extract(config(videos, tmp_path / "c", shard=(1, 2)))["done"] == 0  # lock released: fine
+    assert run_extract(extract_config(videos, tmp_path / "c", shard=(1, 2)))["done"] == 0  # lock released: fine
 
 
 def test_overwrite_replaces_only_a_cache_with_other_settings(tmp_path):
     videos = small_videos(tmp_path / "videos", 2)
-    run_extract(config(videos, tmp_path / "c"))
-    assert run_extract(config(videos, tmp_path / "c", overwrite=True))["skipped"] == 2  # same settings: kept
-    s = run_extract(config(videos, tmp_path / "c", fps=4.0, overwrite=True))
+    run_extract(extract_config(videos, tmp_path / "c"))
+    assert run_extract(extract_config(videos, tmp_path / "c", overwrite=True))["skipped"] == 2  # same settings: kept
+    s = run_extract(extract_config(videos, tmp_path / "c", fps=4.0, overwrite=True))
     assert s["done"] == 2 and CacheReader(str(tmp_path / "c")).fingerprint["preprocessing"]["fps"] == 4.0
 
 
 def test_verify_reports_a_deleted_chunk_and_repair_redoes_it(tmp_path):
     videos = small_videos(tmp_path / "videos", 3)
     cache = tmp_path / "c"
-    run_extract(config(videos, cache, part_videos=1))
+    run_extract(extract_config(videos, cache, part_videos=1))
     part = committed_parts(str(cache))[1]
     os.remove(cache / "parts" / part / "frames" / "c" / "0" / "0" / "0" / "0")
     result = CliRunner().invoke(cli, ["cache", "verify", str(cache)])
@@ -176,7 +169,7 @@ def test_verify_reports_a_deleted_chunk_and_repair_redoes_it(tmp_path):
     assert f"DAMAGED: {part}/frames: 1 chunk file(s) missing" in result.output
     result = CliRunner().invoke(cli, ["cache", "verify", "--repair", str(cache)])
     assert "quarantined" in result.output
-    s = run_extract(config(videos, cache, part_videos=1))
+    s = run_extract(extract_config(videos, cache, part_videos=1))
     assert s["done"] == 1 and s["skipped"] == 2
     assert verify_cache(str(cache))[0] == []
     assert len(CacheReader(str(cache)).ids) == 3
@@ -210,8 +203,8 @@ def test_cli_extract_and_info(tmp_path):
 @pytest.mark.slow
 def test_two_workers_match_one(tmp_path):
     videos = small_videos(tmp_path / "videos", 4)
-    run_extract(config(videos, tmp_path / "one"))
-    s = run_extract(config(videos, tmp_path / "two", workers=2))
+    run_extract(extract_config(videos, tmp_path / "one"))
+    s = run_extract(extract_config(videos, tmp_path / "two", workers=2))
     assert s["done"] == 4
     one, two = CacheReader(str(tmp_path / "one")), CacheReader(str(tmp_path / "two"))
     assert one.ids == two.ids

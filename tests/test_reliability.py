@@ -10,13 +10,14 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from cache.manifest import verify_cache
 from cache.reader import CacheReader, committed_parts
-from conftest import ffmpeg, make_video, texture
+from helpers import extract_config, ffmpeg, make_video, texture
+from pipeline.config import DistillConfig
 from pipeline.decode import VideoDecode
-from pipeline.extract import ExtractConfig, ExtractError, run_extract
+from pipeline.distill import DistillError, run_distill
+from pipeline.extract import ExtractError, run_extract
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IS_ROOT = os.geteuid() == 0
@@ -31,12 +32,8 @@ def drop_root_file_override():
         libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
 
 
-def config(videos, cache, **kw):
-    kw.setdefault("progress", False)
-    kw.setdefault("teacher_every", 8)
-    kw.setdefault("height", 64)
-    kw.setdefault("width", 80)
-    return ExtractConfig(videos=str(videos), cache=str(cache), **kw)
+# this suite's extract settings: small frames and a sparse teacher keep the many runs fast
+SMALL = dict(teacher_every=8, height=64, width=80)
 
 
 def remove_moov(src, dst):
@@ -148,7 +145,7 @@ def test_every_bad_input_is_recorded_and_every_good_one_extracted_as_alone(hosti
     assert 3.2 < vfr["src_duration"] <= 3.6 and abs(vfr["frame_count"] - 8 * vfr["src_duration"]) <= 2
     assert records["odd/10bit.mp4"]["src_width"] == 128
     assert abs(records["phone/portrait_rotated.mp4"]["rotation"]) == 90  # the metadata was seen (and applied:
-    # test_decode_flow checks the pixels)
+    # test_decode checks the pixels)
     assert verify_cache(str(cache))[0] == []
 
 
@@ -160,7 +157,8 @@ def test_memory_stays_bounded_on_a_4k_video(hostile_tree, tmp_path):
         d = tmp_path / os.path.basename(video)
         d.mkdir()
         os.symlink(video, d / "v.mp4")
-        code = ("import resource, sys; from pipeline.extract import ExtractConfig, run_extract; "
+        code = ("import resource, sys; from pipeline.config import ExtractConfig; "
+                "from pipeline.extract import run_extract; "
                 "run_extract(ExtractConfig(videos=sys.argv[1], cache=sys.argv[2], progress=False)); "
                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
         out = subprocess.run([sys.executable, "-c", code, str(d), str(d / "cache")], cwd=REPO, capture_output=True,
@@ -172,17 +170,18 @@ def test_memory_stays_bounded_on_a_4k_video(hostile_tree, tmp_path):
     assert uhd < small + 200, (small, uhd)
 
 
-def small_cache(tmp_path, n=2, **kw):
+def extract_small_cache(tmp_path, n=2, **kw):
+    """n short generated videos in tmp_path/v, extracted into tmp_path/c. Returns (videos, cache)."""
     videos = tmp_path / "v"
     for i in range(n):
         make_video(str(videos / f"v{i}.mp4"), n=8, h=64, w=96, seed=i)
     cache = tmp_path / "c"
-    run_extract(config(videos, cache, **kw))
+    run_extract(extract_config(videos, cache, **SMALL, **kw))
     return videos, cache
 
 
 def test_truncated_and_corrupted_chunks_are_reported(tmp_path):
-    _, cache = small_cache(tmp_path)
+    _, cache = extract_small_cache(tmp_path)
     part = committed_parts(str(cache))[0]
     chunk = cache / "parts" / part / "flow" / "c" / "0" / "0" / "0" / "0"
     chunk.write_bytes(chunk.read_bytes()[:100])
@@ -190,7 +189,6 @@ def test_truncated_and_corrupted_chunks_are_reported(tmp_path):
     assert any(p.startswith(f"{part}/flow: rows 0..") and "unreadable" in p for p in problems), problems
     # distill's start-up check is structural (cheap on any cache); the corrupt chunk stops it with a
     # one-line error naming the part when a clip reads it, never a codec traceback or garbage training
-    from pipeline.distill import DistillConfig, DistillError, run_distill
     cfg = DistillConfig(cache=str(cache), out=str(tmp_path / "run"), objective="modist", student="r3d_cpu", clip_len=2,
                         crop=32, batch_size=2, steps=3, progress=False, workers=0)
     with pytest.raises(DistillError, match=f"{part}: unreadable data for video .*cache verify --repair"):
@@ -201,8 +199,7 @@ def test_truncated_and_corrupted_chunks_are_reported(tmp_path):
 
 
 def test_an_edited_fingerprint_is_caught_by_verify_and_refused_by_distill(tmp_path):
-    from pipeline.distill import DistillConfig, DistillError, run_distill
-    _, cache = small_cache(tmp_path)
+    _, cache = extract_small_cache(tmp_path)
     meta = json.load(open(cache / "cache.json"))
     meta["fingerprint"]["preprocessing"]["fps"] = 25.0
     json.dump(meta, open(cache / "cache.json", "w"))
@@ -253,7 +250,7 @@ def test_sigkills_mid_write_and_at_random_then_rerun_equal_an_uninterrupted_run(
     assert done_after_targeted_kills < 10  # the kills really left work undone
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
     assert verify_cache(str(cache))[0] == []
-    run_extract(config(videos, tmp_path / "clean", teacher_every=3, part_videos=2))
+    run_extract(extract_config(videos, tmp_path / "clean", teacher_every=3, height=64, width=80, part_videos=2))
     a, b = CacheReader(str(cache)), CacheReader(str(tmp_path / "clean"))
     assert a.ids == b.ids == [f"v{i}.mp4" for i in range(10)]  # none lost, none twice
     for vid in a.ids:
@@ -287,20 +284,6 @@ def test_concurrent_jobs_same_shard_refused_different_shards_both_succeed(tmp_pa
     assert verify_cache(str(tmp_path / "two"))[0] == []
 
 
-def test_checkpoints_never_execute_code(tmp_path):
-    from pipeline.distill import DistillError, load_checkpoint
-    marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-    path = tmp_path / "checkpoint.pt"
-    torch.save({"model": Evil()}, path)
-    with pytest.raises(DistillError, match="not a readable vidistill checkpoint"):
-        load_checkpoint(str(path))
-    assert not marker.exists()
-
-
 def test_a_full_disk_is_a_clear_error_and_committed_work_survives(tmp_path):
     videos = tmp_path / "v"
     for i in range(4):
@@ -311,7 +294,7 @@ def test_a_full_disk_is_a_clear_error_and_committed_work_survives(tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root); the write-error path is covered by injection below")
     try:
         with pytest.raises(ExtractError, match=r"cannot write \(No space left on device\).*free space and rerun"):
-            run_extract(config(videos, mnt / "cache", part_videos=1, teacher_every=8, height=96, width=128))
+            run_extract(extract_config(videos, mnt / "cache", part_videos=1, teacher_every=8, height=96, width=128))
         assert verify_cache(str(mnt / "cache"))[0] == []  # what was committed is intact
         assert not any(n.startswith(".tmp-") and not n.endswith(".lock") for n in os.listdir(mnt / "cache" / "parts"))
     finally:
@@ -321,7 +304,7 @@ def test_a_full_disk_is_a_clear_error_and_committed_work_survives(tmp_path):
 def test_a_write_error_mid_part_is_a_clear_error(tmp_path, monkeypatch):
     import errno
     from cache import writer
-    videos, cache = small_cache(tmp_path, n=3, part_videos=1, shard=(0, 3))  # v0 committed
+    videos, cache = extract_small_cache(tmp_path, n=3, part_videos=1, shard=(0, 3))  # v0 committed
     calls = {"n": 0}
     real = writer._Appender.close
 
@@ -330,10 +313,11 @@ def test_a_write_error_mid_part_is_a_clear_error(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(writer._Appender, "close", failing_close)
     with pytest.raises(ExtractError, match=r"cannot write \(No space left on device\)"):
-        run_extract(config(videos, cache, part_videos=1))
+        run_extract(extract_config(videos, cache, **SMALL, part_videos=1))
     monkeypatch.setattr(writer._Appender, "close", real)
     assert calls["n"] >= 1
-    s = run_extract(config(videos, cache, part_videos=1))  # the repaired disk: the rerun finishes the job
+    # the repaired disk: the rerun finishes the job
+    s = run_extract(extract_config(videos, cache, **SMALL, part_videos=1))
     assert s["done"] == 2 and s["skipped"] == 1
     problems = verify_cache(str(cache))[0]
     assert problems == [], problems
@@ -347,7 +331,7 @@ def test_paths_from_the_video_tree_never_escape_the_cache(tmp_path):
     os.symlink(outside, videos / "link_out")  # a folder link leading out of the tree
     before = sorted(p for p in tmp_path.rglob("*"))
     cache = tmp_path / "cache"
-    run_extract(config(videos, cache))
+    run_extract(extract_config(videos, cache, **SMALL))
     ids = CacheReader(str(cache)).ids
     assert ids == sorted(["..x.mp4", "-rf --cache=..mp4", "link_out/elsewhere.mp4"])
     assert not any(i.startswith("/") or ".." in i.split("/") for i in ids)  # ids are tree-relative

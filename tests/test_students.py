@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from cache.dataset import normalize_video
-from models.students import ResNet3d, build_motion_pathway, build_student, inflate_from_teacher
-from models.teacher import center_crop_resize, load_teacher
+from helpers import center_crop_resize
+from models.students import ResNet3d, build_motion_pathway, build_student, inflate_from_teacher, normalize_video
+from models.teacher import load_teacher
 
 
 @pytest.mark.parametrize("arch, dim", [("r3d_cpu", 128), ("r3d_10_half", 256), ("r2plus1d_18", 512),

@@ -7,9 +7,11 @@ import skimage.data
 import torch
 from torchvision.models._meta import _IMAGENET_CATEGORIES as IMAGENET_CLASSES
 
+from helpers import center_crop_resize
 from models.efficientnet_lite import EfficientNetLite0
-from models.teacher import (center_crop_resize, default_weights_path, load_teacher,
-                            teacher_fingerprint)
+from models.teacher import default_weights_path, load_teacher, teacher_fingerprint
+from pipeline.config import ExtractConfig
+from pipeline.extract import make_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +65,13 @@ def test_batches_match_single_frames(teacher, photos):
 
 
 def test_fingerprint_names_the_exact_weights(teacher):
-    fp = teacher_fingerprint(teacher)
+    # the teacher describes itself; the cache fingerprint (stage one) adds the sha256 of its weights file
+    fp = make_fingerprint(ExtractConfig(videos="", cache="", device="cpu"), teacher)["teacher"]
     with open(default_weights_path(), "rb") as f:
         assert fp["weights_sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert fp == {"name": "efficientnet_lite0", "weights_sha256": fp["weights_sha256"], "input_size": 224,
                   "normalisation": "(x-127)/128", "num_classes": 1000, "embed_dim": 1280, "precision": "fp32"}
+    assert teacher_fingerprint(teacher) == {k: v for k, v in fp.items() if k != "weights_sha256"}
     # a job that will run the teacher on a GPU computes at another precision: another fingerprint
     assert teacher_fingerprint(teacher, "cuda")["precision"].startswith("cuda autocast")
 
@@ -88,11 +92,3 @@ def test_bad_weights_give_one_line_value_error(tmp_path):
         load_teacher(weights=wrong)
     with pytest.raises(ValueError, match="unknown teacher"):
         load_teacher("resnet50")
-
-
-def test_center_crop_resize_keeps_the_centre():
-    image = np.zeros((300, 600, 3), np.uint8)
-    image[:, 150:450] = 255  # the central square is white, the sides black
-    out = center_crop_resize(image, 100)
-    assert out.shape == (100, 100, 3) and out.dtype == np.uint8
-    assert out.min() == 255

@@ -1,9 +1,10 @@
-"""Clips from the cache for training and evaluation.
+"""Clip sampling and augmentation: which frames make a clip, and how a clip is cut, for training and eval.
 
-A clip is `clip_len` frames `stride` apart, cut by one crop box and resized to `crop` x `crop`; the
-same box, flip and resize apply to the flow, whose vectors are rescaled (and x negated on a flip) so
-they stay in output-pixel units. Teacher outputs of every teacher frame inside the clip's time span
-come along, padded to a fixed length with a mask. All geometry is done on whole tensors, never per frame.
+A clip is `clip_len` frames `stride` apart (its span is (clip_len - 1) * stride + 1 stored frames),
+cut by one crop box and resized to `crop` x `crop`; the same box, flip and resize apply to the flow,
+whose vectors are rescaled (and x negated on a flip) so they stay in output-pixel units. Teacher
+outputs of every teacher frame inside the clip's span come along, padded to a fixed length with a
+mask. All geometry is done on whole tensors, never per frame.
 """
 import math
 
@@ -11,18 +12,31 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cache.reader import CacheReader
 
-# Kinetics statistics used by torchvision's video models; flow is scaled by its bound to [-1, 1].
-VIDEO_MEAN = (0.43216, 0.394666, 0.37645)
-VIDEO_STD = (0.22803, 0.22145, 0.216989)
+def clip_span(clip_len, stride):
+    """Stored frames covered by a clip, first to last."""
+    return (clip_len - 1) * stride + 1
 
 
-def normalize_video(video_uint8):
-    """[B,3,T,H,W] uint8 (on any device) -> float normalised input for a student."""
-    mean = torch.tensor(VIDEO_MEAN, device=video_uint8.device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(VIDEO_STD, device=video_uint8.device).view(1, 3, 1, 1, 1)
-    return (video_uint8.float() / 255 - mean) / std
+def clip_frame_indices(n_frames, start, clip_len, stride):
+    """Frame indices of a clip; a video shorter than the span repeats its last frame (padding rule)."""
+    return np.minimum(start + np.arange(clip_len) * stride, n_frames - 1)
+
+
+def random_start(n_frames, span, rng, other=None, gap_frames=None):
+    """A random first frame of a clip; with `other`, one whose start is gap_frames=(lo, hi) away from
+    it (a positive pair), or any start if the video is too short for that gap."""
+    last = max(0, n_frames - span)
+    if other is None:
+        return int(rng.integers(0, last + 1))
+    starts = np.arange(last + 1)
+    ok = starts[(np.abs(starts - other) >= gap_frames[0]) & (np.abs(starts - other) <= gap_frames[1])]
+    return int(rng.choice(ok)) if len(ok) else int(rng.integers(0, last + 1))
+
+
+def view_starts(n_frames, clips, span):
+    """First frames of `clips` evaluation views, uniformly spaced over the video."""
+    return np.linspace(0, max(0, n_frames - span), clips).round().astype(int)
 
 
 def random_box(h, w, rng, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -37,14 +51,16 @@ def random_box(h, w, rng, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
     return (h - side) // 2, (w - side) // 2, side, side
 
 
-def centre_box(h, w):
+def view_boxes(h, w, crops):
+    """Square evaluation boxes: the centre, or left/centre/right (top/centre/bottom for portrait)."""
     side = min(h, w)
-    return (h - side) // 2, (w - side) // 2, side, side
-
-
-def clip_frame_indices(n_frames, start, clip_len, stride):
-    """Frame indices of a clip; a video shorter than the span repeats its last frame (padding rule)."""
-    return np.minimum(start + np.arange(clip_len) * stride, n_frames - 1)
+    if crops == 1:
+        return [((h - side) // 2, (w - side) // 2, side, side)]
+    if crops != 3:
+        raise ValueError("--crops must be 1 or 3")
+    if w >= h:
+        return [(0, left, side, side) for left in (0, (w - side) // 2, w - side)]
+    return [(top, 0, side, side) for top in (0, (h - side) // 2, h - side)]
 
 
 def load_clip(reader, video_id, start, clip_len, stride, box, flip, crop, with_flow):
@@ -72,50 +88,47 @@ def load_clip(reader, video_id, start, clip_len, stride, box, flip, crop, with_f
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """One random clip (or two, for contrastive objectives) per video per epoch."""
+    """Random augmented clips of cached videos: one per video per epoch, or two (a positive pair
+    0.5-10 s apart) for the contrastive objectives. Serves distillation and fine-tuning alike.
 
-    def __init__(self, cache_dir, clip_len=8, stride=2, crop=112, with_flow=False, with_teacher=True,
-                 two_views=False, gap_seconds=(0.5, 10.0), min_frames=1, seed=0, crop_scale=0.25):
-        self.reader = CacheReader(cache_dir)  # only the index: Zarr opens lazily in each worker
+    Items are keyed (epoch, index) and drawn from a generator seeded by (seed, epoch, index), so the
+    same clips come out whatever the worker count, and after a resume.
+    """
+
+    def __init__(self, reader, clip_len=8, stride=2, crop=112, with_flow=False, with_teacher=True,
+                 two_views=False, gap_seconds=(0.5, 10.0), min_frames=1, seed=0, crop_scale=0.25, ids=None):
+        self.reader = reader  # only the index: Zarr opens lazily in each worker
         self.cfg = dict(clip_len=clip_len, stride=stride, crop=crop, with_flow=with_flow, crop_scale=crop_scale,
-                        with_teacher=with_teacher, two_views=two_views, gap_seconds=gap_seconds)
-        self.fps = self.reader.fingerprint["preprocessing"]["fps"]
-        self.span = (clip_len - 1) * stride + 1
-        self.ids = [v for v in self.reader.ids if self.reader.num_frames(v) >= min_frames]
-        self.skipped = len(self.reader.ids) - len(self.ids)
+                        with_teacher=with_teacher, two_views=two_views)
+        fps = reader.fingerprint["preprocessing"]["fps"]
+        self.gap_frames = tuple(int(round(g * fps)) for g in gap_seconds)
+        self.span = clip_span(clip_len, stride)
+        candidates = reader.ids if ids is None else ids
+        self.ids = [v for v in candidates if reader.num_frames(v) >= min_frames]
+        self.skipped = len(candidates) - len(self.ids)
         self.max_teacher = self.span  # every frame in the span at most
         self.seed = seed
 
     def __len__(self):
         return len(self.ids)
 
-    def _window(self, n, rng, other=None):
-        last = max(0, n - self.span)
-        if other is None:
-            return int(rng.integers(0, last + 1))
-        lo_gap, hi_gap = (int(round(g * self.fps)) for g in self.cfg["gap_seconds"])
-        starts = np.arange(last + 1)
-        ok = starts[(np.abs(starts - other) >= lo_gap) & (np.abs(starts - other) <= hi_gap)]
-        return int(rng.choice(ok)) if len(ok) else int(rng.integers(0, last + 1))  # short video: any window
-
     def __getitem__(self, key):
         """key: a video index, or (epoch, index) so each epoch draws new clips."""
         epoch, i = key if isinstance(key, tuple) else (0, key)
         c = self.cfg
-        # deterministic per (seed, epoch, item): identical across worker counts and resumes
         rng = np.random.default_rng([self.seed, epoch, i])
         vid = self.ids[i]
         n = self.reader.num_frames(vid)
-        h, w = self.reader.fingerprint["preprocessing"]["height"], self.reader.fingerprint["preprocessing"]["width"]
-        starts = [self._window(n, rng)]
+        h, w = self.reader.frame_size
+        starts = [random_start(n, self.span, rng)]
         if c["two_views"]:
-            starts.append(self._window(n, rng, other=starts[0]))
+            starts.append(random_start(n, self.span, rng, other=starts[0], gap_frames=self.gap_frames))
         out = {"index": i}
         for k, start in enumerate(starts):
             suffix = "" if k == 0 else "2"
-            video, flow = load_clip(self.reader, vid, start, c["clip_len"], c["stride"],
-                                    random_box(h, w, rng, scale=(c["crop_scale"], 1.0)), bool(rng.random() < 0.5),
-                                    c["crop"], c["with_flow"])
+            box, flip = random_box(h, w, rng, scale=(c["crop_scale"], 1.0)), bool(rng.random() < 0.5)
+            video, flow = load_clip(self.reader, vid, start, c["clip_len"], c["stride"], box, flip, c["crop"],
+                                    c["with_flow"])
             out["video" + suffix] = video
             if flow is not None:
                 out["flow" + suffix] = flow

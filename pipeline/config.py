@@ -1,0 +1,124 @@
+"""Every stage's settings, with their defaults, in one place.
+
+The CLI reads its option defaults from these dataclasses, so a default is written once. This module
+imports nothing heavy (no torch, no OpenCV): `cli.py` loads it to build its options and answers a
+mistyped option at once. Each config is saved whole inside the cache or checkpoint it produces.
+"""
+from dataclasses import dataclass
+
+OBJECTIVES = ("distinit", "modist", "both")
+INITS = ("checkpoint", "scratch", "inflate", "teacher")  # rows of an evaluation table
+PROTOCOLS = ("linear", "knn", "retrieval", "finetune")
+TASKS = ("ucf101", "hmdb51", "folder", "csv")
+
+# Clips cut from one source video must not straddle a split (near-duplicate frames would leak the
+# answer). UCF101 names them v_<Class>_g<group>_c<clip>; the same rule serves any similar naming.
+UCF_GROUPS = r"^(v_.+_g\d+)_c\d+"
+
+# What "auto" means for the student, its clip length and batch: a GPU trains the standard network on
+# the standard clips; two CPU cores need a small network and short clips to learn anything in minutes.
+DEVICE_DEFAULTS = {"cuda": dict(student="r2plus1d_18", clip_len=16, batch_size=32),
+                   "cpu": dict(student="r3d_cpu", clip_len=8, batch_size=8)}
+
+
+@dataclass
+class ExtractConfig:
+    videos: str
+    cache: str = "cache"  # in the working folder, where `distill` looks by default
+    fps: float = 8.0
+    height: int = 128
+    width: int = 171
+    teacher: str = "efficientnet_lite0"
+    teacher_weights: str = None
+    teacher_size: int = 224
+    teacher_every: int = 1
+    flow: str = "dis"
+    shard: tuple = None  # (index, count); None: from the environment, else (0, 1)
+    workers: int = 1
+    device: str = "auto"
+    batch_frames: int = 32
+    part_videos: int = 64  # videos per part: what a kill can cost, and the commit granularity
+    stall_timeout: float = 60.0
+    retry_failed: bool = False
+    strict: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class DistillConfig:
+    cache: str = "cache"
+    out: str = ""  # "": runs/<objective>-<date-time>/, or the latest run with these settings (resumed)
+    objective: str = "distinit"
+    student: str = "auto"  # r2plus1d_18 on CUDA, r3d_cpu on CPU
+    clip_len: int = 0  # 0: 16 on CUDA, 8 on CPU
+    stride: int = 2
+    crop: int = 112
+    crop_scale: float = 0.25  # smallest random-resized-crop area (share of the frame)
+    batch_size: int = 0  # 0: 32 on CUDA, 8 on CPU
+    steps: int = 0  # total optimiser steps; 0: from epochs
+    epochs: int = 10
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = -1.0  # -1: 0.05 for AdamW, 5e-4 for SGD (the usual values of each)
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    tau: float = 2.0  # distillation temperature
+    target_mode: str = "average"  # teacher target: frame-averaged probabilities, or one random frame
+    embed_weight: float = 0.0  # cosine regression onto the teacher embedding
+    distinit_weight: float = 1.0
+    modist_weight: float = 1.0
+    cross_weight: float = 1.0  # RGB<->flow term inside MoDist (1.0 in the released code)
+    nce_tau: float = 0.1
+    queue_size: int = 4096
+    momentum: float = 0.999
+    proj_dim: int = 128
+    workers: int = 2
+    seed: int = 0
+    save_every: int = 100
+    log_every: int = 10
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    task: str
+    root: str = None  # None: the benchmark's default root (ucf101, hmdb51: $VIDISTILL_DATA/<task> or data/<task>)
+    out: str = "eval_out"
+    split: int = 1
+    splits: str = None  # folder with the split files (default: looked up beside the data)
+    checkpoint: str = None  # None: runs/latest/checkpoint.pt when there is a latest run
+    inits: tuple = ()  # empty: checkpoint (if given), scratch, inflate, teacher
+    protocols: tuple = ("linear", "knn", "retrieval")  # finetune trains the whole net: opt in
+    clips: int = 4  # temporal views per video, uniformly spaced
+    crops: int = 1  # spatial views: 1 = centre, 3 = left/centre/right
+    student: str = DEVICE_DEFAULTS["cpu"]["student"]  # architecture for --init scratch without a checkpoint
+    seed: int = 0
+    batch_size: int = 16
+    finetune_epochs: int = 5
+    finetune_lr: float = 1e-3
+    test_fraction: float = 0.3  # folder and csv tasks: stratified split, groups kept on one side
+    group_pattern: str = UCF_GROUPS
+    train_list: str = None
+    test_list: str = None
+    labels: str = None  # csv task: the labels file, its label column and its video-path column
+    label_column: str = None
+    id_column: str = "id"
+    work: str = None  # where the decoded-frames cache lives (default: out); share it between runs
+    teacher_every: int = 1  # teacher row: embeddings of every k-th frame are averaged
+    device: str = "auto"
+    progress: bool = True
+
+    def rows(self):
+        """The table's rows: as asked, else the checkpoint (if any) against every baseline."""
+        return tuple(self.inits) or (("checkpoint",) if self.checkpoint else ()) + ("scratch", "inflate", "teacher")
+
+
+def resolve_device(device, slot=0):
+    """"auto" -> CUDA if present (one GPU per process: slot = torchrun's LOCAL_RANK or the worker
+    index), else "cpu"; anything else is taken as given. The one place "auto" is decided."""
+    if device != "auto":
+        return device
+    import torch  # here, not at the top: the CLI imports this module before any heavy work
+    return f"cuda:{slot % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,53 @@
+"""Reading a cache: clip ranges, teacher rows, retried videos, and failed or unknown ids."""
+import numpy as np
+import pytest
+
+from cache.flow_codec import quantize_flow
+from cache.reader import CacheReader, load_index
+from cache.writer import PartWriter
+from helpers import D, H, K, W, hand_made_cache
+
+
+def test_reader_ranges_and_teacher_rows(tmp_path):
+    r = CacheReader(hand_made_cache(tmp_path / "c"))
+    clip = r.read("v0", 5, 11)
+    assert list(clip["frames"][:, 0, 0, 0]) == [5, 6, 7, 8, 9, 10]
+    assert list(clip["teacher_frame"]) == [6, 8, 10]
+    assert np.allclose(clip["flow"][..., 0], np.arange(W) / 4, atol=0.1) and np.allclose(clip["flow"][..., 1], -2.0, atol=0.1)
+    assert r.read("v1")["frames"].shape == (3, H, W, 3)
+
+
+def test_a_retried_video_supersedes_its_failure_whichever_part_sorts_first(tmp_path):
+    # `extract --retry-failed` leaves the old failure in its part and records the video again in a new
+    # part, whose name may sort before the old one (e.g. after a run with --workers 2)
+    cache = hand_made_cache(tmp_path / "c")  # part "part-test-…" with v0, v1 ok
+    for tag, status in (("b-old", "failed"), ("a-new", "ok")):
+        w = PartWriter(cache, tag, H, W, True, K, D)
+        start = w.begin_video()
+        if status == "ok":
+            w.append("frames", np.zeros((2, H, W, 3), np.uint8))
+            w.append("flow", quantize_flow(np.zeros((2, H, W, 2), np.float32)))
+            w.append("teacher_frame", np.array([0], np.int32))
+            w.append("logits", np.zeros((1, K), np.float16))
+            w.append("embed", np.zeros((1, D), np.float16))
+        w.add_record({"id": "retried", "status": status, "error": None if status == "ok" else "empty file (0 bytes)",
+                      "frame_offset": start["frames"], "frame_count": 2 if status == "ok" else 0,
+                      "teacher_offset": start["logits"], "teacher_count": 1 if status == "ok" else 0})
+        w.commit({})
+    index, duplicates = load_index(cache)
+    assert index["retried"][1]["status"] == "ok" and duplicates == []
+    assert CacheReader(cache).read("retried")["frames"].shape == (2, H, W, 3)
+
+
+def test_reading_a_failed_or_unknown_video_says_why(tmp_path):
+    cache = hand_made_cache(tmp_path / "c")
+    w = PartWriter(cache, "x", H, W, True, K, D)
+    w.begin_video()
+    w.add_record({"id": "broken.mp4", "status": "failed", "error": "empty file (0 bytes)", "frame_offset": 0,
+                  "frame_count": 0, "teacher_offset": 0, "teacher_count": 0})
+    w.commit({})
+    r = CacheReader(cache)
+    with pytest.raises(KeyError, match=r"'broken.mp4' failed to extract \(empty file \(0 bytes\)\)"):
+        r.read("broken.mp4")
+    with pytest.raises(KeyError, match="'nope.mp4' is not in cache"):
+        r.read("nope.mp4")
