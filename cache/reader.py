@@ -39,22 +39,54 @@ def read_part_table(cache_dir, part):
     return read_part_attrs(cache_dir, part)["videos"]
 
 
-def load_index(cache_dir):
-    """id -> (part, record) over all parts.
+def part_time(part):
+    """When a part was started (ns since the epoch), from its name part-<tag>-<ns>-<id>.zarr; 0 if the
+    name does not say. Parts are read in this order, so of two records for one video the later wins."""
+    try:
+        return int(part[:-len(".zarr")].rsplit("-", 2)[1])
+    except (ValueError, IndexError):
+        return 0
 
-    A readable record wins over a failed one whichever part holds it (`extract --retry-failed` adds a
-    new record and leaves the old failure in its part); of two readable records the first part's is
-    kept and the other is returned in duplicates, as (id, part) - that is damage, never normal.
+
+def same_source(a, b):
+    """Whether two records of one id describe the same source file (size and mtime; unknown = same)."""
+    return (a.get("size"), a.get("mtime")) == (b.get("size"), b.get("mtime"))
+
+
+def load_index(cache_dir):
+    """id -> (part, record) over all parts, read in the order the parts were written.
+
+    A later record of another source file (size or mtime differ: the video was replaced and
+    re-extracted) supersedes the earlier one. Of two records of the same source, a readable one wins
+    over a failed one whichever part holds it (`extract --retry-failed` adds a new record and leaves
+    the old failure in its part); two readable records of the same source are damage, never normal:
+    the first is kept and the other is returned in duplicates, as (id, part).
     """
     index, duplicates = {}, []
-    for part in committed_parts(cache_dir):
+    for part in sorted(committed_parts(cache_dir), key=lambda p: (part_time(p), p)):
         for rec in read_part_table(cache_dir, part):
             have = index.get(rec["id"])
-            if have is None or (have[1]["status"] not in READABLE and rec["status"] in READABLE):
-                index[rec["id"]] = (part, rec)
-            elif have[1]["status"] in READABLE and rec["status"] in READABLE:
-                duplicates.append((rec["id"], part))
+            if have is not None and same_source(have[1], rec):
+                if have[1]["status"] in READABLE and rec["status"] in READABLE:
+                    duplicates.append((rec["id"], part))
+                    continue
+                if have[1]["status"] in READABLE:  # a failed record never hides frames of the same file
+                    continue
+            index[rec["id"]] = (part, rec)
     return index, duplicates
+
+
+def source_status(rec, path=None):
+    """"same", "changed" (size or mtime differ from the record) or "vanished" (no file there any more)
+    for a record's source; `path` is where the source is now (default: where it was extracted from).
+    A record without size and mtime (the file could not be read then) counts as changed once it can."""
+    if not (path or rec.get("path")) or "size" not in rec:
+        return "same"  # written without source details: nothing to compare
+    try:
+        st = os.stat(path or rec["path"])
+    except OSError:
+        return "same" if rec["size"] is None else "vanished"  # None: it could not be read then either
+    return "same" if (rec["size"], rec["mtime"]) == (st.st_size, st.st_mtime) else "changed"
 
 
 class CacheReader:

@@ -55,23 +55,36 @@ class DistillConfig:
     stride: int = 2
     crop: int = 112
     crop_scale: float = 0.25  # smallest random-resized-crop area (share of the frame)
+    # the distilled view's crop: inside the central square the teacher saw ("teacher_square"), so its
+    # target never describes what the clip does not show, or "anywhere" in the frame
+    distill_view: str = "teacher_square"
+    # colour augmentations of every RGB view (MaCLR's configs), drawn per clip on the device;
+    # a probability of 0 turns one off
+    jitter: float = 0.4  # brightness, contrast and saturation factors in [1 - jitter, 1 + jitter]
+    hue: float = 0.1  # hue shift in [-hue, hue] turns of the colour wheel
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5  # Gaussian blur, sigma 0.1-2 px
     batch_size: int = 0  # 0: 32 on CUDA, 8 on CPU
     steps: int = 0  # total optimiser steps; 0: from epochs
     epochs: int = 10
+    clips_per_video: int = 0  # clips of each video per epoch; 0: enough for epochs of >= 25 steps on small caches
     optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = -1.0  # -1: 0.05 for AdamW, 5e-4 for SGD (the usual values of each)
-    warmup_steps: int = 50
+    warmup_steps: int = 0  # 0: 5 % of the run's steps
     grad_clip: float = 1.0
     tau: float = 2.0  # distillation temperature
     target_mode: str = "average"  # teacher target: frame-averaged probabilities, or one random frame
     embed_weight: float = 0.0  # cosine regression onto the teacher embedding
     distinit_weight: float = 1.0
     modist_weight: float = 1.0
-    cross_weight: float = 1.0  # RGB<->flow term inside MoDist (1.0 in the released code)
+    cross_weight: float = 1.0  # RGB<->flow terms inside MoDist, both directions summed (1.0 in the released code)
+    flow_weight: float = 0.0  # flow<->flow term inside MoDist (off in the released configs)
+    shuffle_bn_groups: int = 2  # key encoders' BatchNorm sub-batches on one device (shuffle-BN)
     nce_tau: float = 0.1
     queue_size: int = 4096
-    momentum: float = 0.999
+    momentum: float = 0.0  # key encoders; 0: from the run's length, 1 - 4 / steps within [0.9, 0.999]
     proj_dim: int = 128
     workers: int = 2
     seed: int = 0
@@ -113,6 +126,35 @@ class EvalConfig:
     def rows(self):
         """The table's rows: as asked, else the checkpoint (if any) against every baseline."""
         return tuple(self.inits) or (("checkpoint",) if self.checkpoint else ()) + ("scratch", "inflate", "teacher")
+
+
+EXPORT_FORMATS = ("torchvision", "torchscript", "onnx")
+EXPORT_FC = ("auto", "head", "init")  # the fc layer of a torchvision-format export (pipeline/export.py)
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = None  # RUN/checkpoint.pt or RUN/; None: runs/latest
+    format: str = "torchvision"
+    out: str = None  # None: RUN/<student>-<format>.pt (.onnx)
+    # torchvision format, torchvision students: "head" = the distillation head (the student's ImageNet-1k
+    # logits, num_classes=1000), "init" = the stock 400-way fc as freshly initialised (untrained, seed 0);
+    # "auto": head when the run has one (distinit, both), else init (modist)
+    fc: str = "auto"
+    opset: int = 17  # ONNX opset (the TorchScript-based exporter)
+    # max |export - original| / max |original| on the check clips. Measured: 0 (state dict, TorchScript),
+    # <= 5e-7 (ONNX, ResNets), ~1.3e-4 (ONNX, EfficientNet3d: float32 PyTorch is itself ~1e-4 from float64)
+    tolerance: float = 1e-3
+
+
+@dataclass
+class ShowConfig:
+    cache: str
+    video_id: str
+    out: str = "preview.png"
+    frames: int = 8  # columns of the contact sheet (teacher frames when the cache has a teacher)
+    scale: int = 2  # stored frames are small (128x171): each tile is drawn this many times larger
+    top: int = 5  # teacher classes listed under each frame
 
 
 def resolve_device(device, slot=0):

@@ -48,7 +48,12 @@ def ffmpeg_version():
 
 
 class DecodeError(Exception):
-    """A video that cannot be decoded; str(e) is the specific reason recorded in the cache."""
+    """A video that cannot be decoded; str(e) is the specific reason recorded in the cache.
+    `signalled`: ffmpeg was stopped by a signal it did not get from us (e.g. the terminal's Ctrl-C)."""
+
+    def __init__(self, reason, signalled=False):
+        super().__init__(reason)
+        self.signalled = signalled
 
 
 @dataclass
@@ -62,6 +67,7 @@ class SourceInfo:
     duration: float = None
     rotation: float = 0.0
     warnings: list = field(default_factory=list)
+    signalled: bool = False  # ffmpeg ended on a signal (SIGINT/SIGTERM sent to the job), not at the end of the file
 
 
 def cover_size(height, width, teacher_size):
@@ -264,6 +270,8 @@ def decode_video(path, fps, height, width, teacher_size, batch_frames=32, stall_
 def _finish_info(log, returncode, n_frames, timed_out, stall_timeout, path):
     """SourceInfo from ffmpeg's log, with warnings for a partial decode; DecodeError if nothing decoded."""
     info = _parse_log(log)
+    # killed by a signal (negative code), or ffmpeg's own handler stopping it early; the watchdog's kill is a stall
+    info.signalled = not timed_out and (returncode < 0 or any("received signal" in l for l in log))
     if timed_out:
         reason = f"decode stalled for {stall_timeout:.0f}s and was killed"
         if n_frames == 0:
@@ -276,7 +284,7 @@ def _finish_info(log, returncode, n_frames, timed_out, stall_timeout, path):
             reason = _failure_reason(log, returncode)
             if "moov atom" in reason and not _has_mp4_header(path):  # ffmpeg guessed mp4 from the name
                 reason = "not a video file (no MP4/MOV header: random or corrupt data)"
-            raise DecodeError(reason)
+            raise DecodeError(reason, info.signalled)
         raise DecodeError("no decodable video frames")
     if returncode != 0 and not timed_out:
         info.warnings.append(f"decoded {n_frames} frames, then: {_failure_reason(log, returncode)}")

@@ -3,8 +3,10 @@
 Never imports or builds the teacher: soft targets and embeddings come from the cache, so a step
 costs only the student (and the motion pathway). Runs single-process or under torchrun (DDP).
 """
+import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -20,10 +22,12 @@ from cache.manifest import verify_cache
 from cache.reader import CacheReader
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.students import ProjectionHead, build_motion_pathway, build_student, normalize_video
-from pipeline.clips import ClipDataset
+from pipeline.clips import ClipDataset, clip_span, colour_augment
 from pipeline.config import DEVICE_DEFAULTS, OBJECTIVES, resolve_device
+from pipeline.locks import FileLock, LockBusy
 from pipeline.losses import distill_kl, embed_cosine, info_nce, teacher_targets
-from pipeline.runs import latest_run, new_run_dir, point_latest
+from pipeline.runs import RUN_LOCK, latest_run, new_run_dir, point_latest
+from pipeline.tblog import TrainEvents
 
 class DistillError(Exception):
     """Bad arguments, an unusable cache or an incompatible checkpoint; one-line message."""
@@ -35,6 +39,8 @@ def resolve(cfg):
         raise DistillError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
     if cfg.target_mode not in ("average", "random"):
         raise DistillError("--target-mode must be 'average' or 'random'")
+    if cfg.distill_view not in ("teacher_square", "anywhere"):
+        raise DistillError("--distill-view must be 'teacher_square' or 'anywhere'")
     device = resolve_device(cfg.device)
     auto = DEVICE_DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
     if cfg.optimizer not in ("adamw", "sgd"):
@@ -50,9 +56,10 @@ def resolve(cfg):
 class Distiller(nn.Module):
     """The student backbone plus whatever the objective needs: heads, motion pathway, momentum copies."""
 
-    def __init__(self, cfg, num_classes, embed_dim, flow_bound):
+    def __init__(self, cfg, num_classes, embed_dim, flow_bound, momentum=0.99):
         super().__init__()
         self.cfg = cfg
+        self.momentum = momentum  # of the key encoders: from the run's plan unless set
         self.flow_bound = flow_bound  # the cache's flow bound scales flow inputs to about [-1, 1]
         self.backbone = build_student(cfg.student)
         d = self.backbone.feature_dim
@@ -72,57 +79,95 @@ class Distiller(nn.Module):
                 p.requires_grad = False
             self.register_buffer("queue_rgb", nn.functional.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
             self.register_buffer("queue_flow", nn.functional.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
+            self.register_buffer("queue_ids", torch.full((cfg.queue_size,), -1, dtype=torch.long))  # video of each key
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def momentum_update(self):
-        m = self.cfg.momentum
+        m = self.momentum
         for q_mod, k_mod in ((nn.Sequential(self.backbone, self.proj_rgb), self.key_rgb),
                              (nn.Sequential(self.motion, self.proj_flow), self.key_flow)):
             for q, k in zip(q_mod.parameters(), k_mod.parameters()):
                 k.mul_(m).add_(q.detach(), alpha=1 - m)
 
     @torch.no_grad()
-    def enqueue(self, k_rgb, k_flow):
-        k_rgb, k_flow = all_gather(k_rgb), all_gather(k_flow)
+    def enqueue(self, k_rgb, k_flow, ids):
+        k_rgb, k_flow, ids = all_gather(k_rgb), all_gather(k_flow), all_gather(ids)
         n, size = len(k_rgb), len(self.queue_rgb)
         idx = (self.queue_ptr + torch.arange(n, device=k_rgb.device)) % size
         self.queue_rgb[idx] = k_rgb.to(self.queue_rgb.dtype)
         self.queue_flow[idx] = k_flow.to(self.queue_flow.dtype)
+        self.queue_ids[idx] = ids
         self.queue_ptr.copy_((self.queue_ptr + n) % size)
+
+    def augment(self, video):
+        """Colour augmentations on the device, one draw per clip (geometry was drawn in the loader)."""
+        cfg = self.cfg
+        if cfg.jitter_p == cfg.grayscale_p == cfg.blur_p == 0:
+            return video
+        return colour_augment(video, cfg.jitter, cfg.hue, cfg.jitter_p, cfg.grayscale_p, cfg.blur_p)
 
     def forward(self, batch):
         """Returns a dict of named scalar losses for one batch (already on the device)."""
         cfg, losses = self.cfg, {}
-        feat = self.backbone(normalize_video(batch["video"]))  # [B,D]
+        feat = self.backbone(normalize_video(self.augment(batch["video"])))  # [B,D]
         if self.use_distinit:
             target = teacher_targets(batch["teacher_logits"], batch["teacher_mask"], cfg.tau, cfg.target_mode)
             losses["distinit"] = distill_kl(self.distill_head(feat), target, cfg.tau)
             if self.embed_head is not None:
                 losses["embed"] = embed_cosine(self.embed_head(feat), batch["teacher_embed"], batch["teacher_mask"])
         if self.use_modist:
-            flow1 = batch["flow"].float() / self.flow_bound
-            q_rgb = self.proj_rgb(feat)  # [B,128]
-            q_flow = self.proj_flow(self.motion(flow1))  # [B,128]
-            with torch.no_grad():
-                self.momentum_update()
-                k_rgb = self.key_rgb(normalize_video(batch["video2"]))
-                k_flow = self.key_flow(batch["flow2"].float() / self.flow_bound)
-            # copies: enqueue() below overwrites the buffers in place, which autograd must not see
-            queue_rgb, queue_flow = self.queue_rgb.clone(), self.queue_flow.clone()
-            losses["rgb_nce"] = info_nce(q_rgb, k_rgb, queue_rgb, cfg.nce_tau)
-            losses["flow_nce"] = info_nce(q_flow, k_flow, queue_flow, cfg.nce_tau)
-            losses["cross_nce"] = 0.5 * (info_nce(q_rgb, k_flow, queue_flow, cfg.nce_tau)
-                                         + info_nce(q_flow, k_rgb, queue_rgb, cfg.nce_tau))
-            self.enqueue(k_rgb, k_flow)
+            losses.update(self.contrastive_losses(feat, batch))
+        return losses
+
+    def contrastive_losses(self, feat, batch):
+        """MoDist: the student's clip (query) against the momentum encoders' keys of another clip of
+        the same video, in both modalities, with the queue as negatives."""
+        cfg, ids = self.cfg, batch["index"]
+        q_rgb = self.proj_rgb(feat)  # [B,128]
+        q_flow = self.proj_flow(self.motion(batch["flow"].float() / self.flow_bound))  # [B,128]
+        with torch.no_grad():
+            self.momentum_update()
+            video2 = normalize_video(self.augment(batch["video2"]))
+            k_rgb = shuffled_forward(self.key_rgb, video2, cfg.shuffle_bn_groups)
+            k_flow = shuffled_forward(self.key_flow, batch["flow2"].float() / self.flow_bound, cfg.shuffle_bn_groups)
+        # copies: enqueue() below overwrites the buffers in place, which autograd must not see
+        queue_rgb, queue_flow, queue_ids = self.queue_rgb.clone(), self.queue_flow.clone(), self.queue_ids.clone()
+
+        def nce(query, key, queue):
+            return info_nce(query, key, queue, cfg.nce_tau, ids=ids, queue_ids=queue_ids)
+        losses = {"rgb_nce": nce(q_rgb, k_rgb, queue_rgb),
+                  # summed, not averaged: in flow->rgb the RGB side is a key without gradient, so the
+                  # student's gradient comes from rgb->flow alone and --cross-weight w gives it w
+                  "cross_nce": nce(q_rgb, k_flow, queue_flow) + nce(q_flow, k_rgb, queue_rgb)}
+        if cfg.flow_weight > 0:
+            losses["flow_nce"] = nce(q_flow, k_flow, queue_flow)
+        self.enqueue(k_rgb, k_flow, ids)
         return losses
 
     def total(self, losses):
         cfg = self.cfg
         weights = {"distinit": cfg.distinit_weight, "embed": cfg.embed_weight * cfg.distinit_weight,
-                   "rgb_nce": cfg.modist_weight, "flow_nce": cfg.modist_weight,
+                   "rgb_nce": cfg.modist_weight, "flow_nce": cfg.modist_weight * cfg.flow_weight,
                    "cross_nce": cfg.modist_weight * cfg.cross_weight}
         return sum(weights[k] * v for k, v in losses.items())
+
+
+def shuffled_forward(encoder, x, groups):
+    """A key encoder's forward with shuffle-BN (MoCo, section 3.3): in train mode, BatchNorm statistics
+    of a batch whose order matches the queries' would let a query tell its key from the negatives.
+    Under DDP the batch is shuffled across processes, as MoCo does; on one device it is permuted and
+    normalised in `groups` sub-batches. Outputs come back in the input's order."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        x_all = all_gather(x)
+        perm = torch.randperm(len(x_all), device=x.device)
+        dist.broadcast(perm, src=0)
+        out_all = all_gather(encoder(x_all[perm.view(world, -1)[rank]]))
+        return out_all[torch.argsort(perm).view(world, -1)[rank]]
+    perm = torch.randperm(len(x), device=x.device)
+    out = torch.cat([encoder(chunk) for chunk in x[perm].chunk(max(1, groups))])
+    return out[torch.argsort(perm)]
 
 
 def all_gather(x):
@@ -148,6 +193,7 @@ class ClipSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, n, seed, rank, world, batch_size, start_step):
+        # n items: videos x clips per video; the dataset maps item i to video i % videos
         self.n, self.seed, self.rank, self.world, self.batch_size = n, seed, rank, world, batch_size
         self.per_rank = n // world  # drop the tail so every rank takes equal steps
         self.steps_per_epoch = self.per_rank // batch_size
@@ -191,16 +237,17 @@ def check_cache(cache_dir, objective):
     return fp
 
 
-def build_training(cfg, fingerprint, total_steps):
-    """Model (on cfg.device), optimiser and warmup+cosine schedule for a resolved config."""
+def build_training(cfg, fingerprint, plan):
+    """Model (on cfg.device), optimiser and warmup+cosine schedule for a resolved config and plan."""
     tcfg = fingerprint["teacher"]
-    model = Distiller(cfg, tcfg.get("num_classes"), tcfg.get("embed_dim"), fingerprint["flow"].get("bound")).to(cfg.device)
+    model = Distiller(cfg, tcfg.get("num_classes"), tcfg.get("embed_dim"), fingerprint["flow"].get("bound"),
+                      plan["momentum"]).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, plan["warmup"], plan["total"]))
     return model, opt, sched
 
 
@@ -244,25 +291,38 @@ def train_step(model, forward, opt, sched, batch, amp):
 # value extends a finished run, the cosine schedule stretching to the new end).
 _RESUME_KEYS = ("cache", "objective", "student", "clip_len", "stride", "crop", "crop_scale", "batch_size", "seed",
                 "tau", "target_mode", "embed_weight", "queue_size", "proj_dim", "optimizer", "lr", "weight_decay",
-                "warmup_steps", "momentum", "distinit_weight", "modist_weight", "cross_weight")
+                "warmup_steps", "momentum", "distinit_weight", "modist_weight", "cross_weight", "flow_weight",
+                "distill_view", "jitter", "hue", "jitter_p", "grayscale_p", "blur_p", "shuffle_bn_groups")
 
 
 def run_distill(cfg):
-    """The whole of `cli.py distill`: set-up, resume, the loop, teardown. Returns a summary dict."""
+    """The whole of `cli.py distill`: set-up, resume, the loop, teardown. Returns a summary dict.
+
+    The run folder is locked while the run lives (RUN/.lock): a second distill into it is refused."""
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however the run ends
+        return _run_distill(cfg, held)
+
+
+def _run_distill(cfg, held):
     cfg = resolve(cfg)
     fingerprint = check_cache(cfg.cache, cfg.objective)
     cfg, rank, world = init_distributed(cfg)
     dataset = training_clips(cfg)
-    cfg, per_epoch, total = plan_steps(cfg, len(dataset), world, rank)
-    cfg = choose_run_folder(cfg, fingerprint, world, rank)
+    cfg, plan = plan_steps(cfg, len(dataset), world, rank)
+    if rank == 0:
+        for line in describe_plan(cfg, plan, dataset.shorter_than_a_clip(), world):
+            print(line)
+    videos = video_set(dataset.ids)
+    cfg = choose_run_folder(cfg, fingerprint, world, rank, videos)
+    held.enter_context(lock_run_folder(cfg.out, world, rank))
     torch.manual_seed(cfg.seed + rank)
-    model, opt, sched = build_training(cfg, fingerprint, total)
+    model, opt, sched = build_training(cfg, fingerprint, plan)
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(cfg.out, "checkpoint.pt"), os.path.join(cfg.out, "log.jsonl")
-    step, batches_used = resume(ckpt_path, log_path, cfg, fingerprint, model, opt, sched, world, rank)
-    loader = make_loader(dataset, cfg, rank, world, batches_used)
-    run = dict(model=model, opt=opt, sched=sched, cfg=cfg, fingerprint=fingerprint, world=world, rank=rank,
-               ckpt_path=ckpt_path, log_path=log_path, per_epoch=per_epoch, total=total)
+    step, batches_used = resume(ckpt_path, log_path, cfg, fingerprint, videos, model, opt, sched, world, rank)
+    loader = make_loader(dataset, cfg, rank, world, batches_used, plan["clips_per_video"])
+    run = dict(model=model, opt=opt, sched=sched, cfg=cfg, fingerprint=fingerprint, videos=videos, world=world, rank=rank,
+               ckpt_path=ckpt_path, log_path=log_path, plan=plan)
     first_step, t0 = step, time.time()
     step, clips, bad_steps = train_loop(run, loader, step, batches_used)
     if rank == 0:  # the checkpoint of the last step was saved in the loop
@@ -270,9 +330,8 @@ def run_distill(cfg):
     if world > 1:
         dist.destroy_process_group()
     wall = time.time() - t0
-    return {"steps": step, "total_steps": total, "steps_this_run": step - first_step, "wall_seconds": wall,
-            "out": cfg.out,
-            "clips_per_s": clips / max(wall, 1e-9), "checkpoint": ckpt_path, "videos": len(dataset),
+    return {"steps": step, "total_steps": plan["total"], "steps_this_run": step - first_step, "wall_seconds": wall,
+            "out": cfg.out, "clips_per_s": clips / max(wall, 1e-9), "checkpoint": ckpt_path, "videos": len(dataset),
             "skipped_steps": bad_steps, "student": cfg.student, "device": cfg.device}
 
 
@@ -291,27 +350,61 @@ def init_distributed(cfg):
 
 def training_clips(cfg):
     modist = cfg.objective in ("modist", "both")
+    distinit = cfg.objective in ("distinit", "both")
     return ClipDataset(CacheReader(cfg.cache), cfg.clip_len, cfg.stride, cfg.crop, with_flow=modist,
-                       with_teacher=cfg.objective != "modist", two_views=modist, seed=cfg.seed,
-                       crop_scale=cfg.crop_scale)
+                       with_teacher=distinit, two_views=modist, seed=cfg.seed, crop_scale=cfg.crop_scale,
+                       first_view_in_teacher_square=distinit and cfg.distill_view == "teacher_square")
+
+
+MIN_EPOCH_STEPS = 25  # a small cache is sampled several times per epoch, so an epoch means something
+TOO_FEW_STEPS = 200  # below this a student learns little (the demo's students pass scratch at ~400)
 
 
 def plan_steps(cfg, n_videos, world, rank):
-    """Steps per epoch and in all; the queue is cut to the data. Returns (cfg, per_epoch, total)."""
-    per_epoch = n_videos // (cfg.batch_size * world)
-    if per_epoch == 0:
+    """How long the run is and what scales with it: clips per video per epoch, steps per epoch and in
+    all, warm-up and key-encoder momentum (unless set); the queue is cut to the data. Returns (cfg, plan)."""
+    if n_videos < cfg.batch_size * world:
         raise DistillError(f"{cfg.cache}: {n_videos} usable videos, fewer than one batch of "
                            f"{cfg.batch_size} x {world} process(es); lower --batch-size")
+    clips_per_video = cfg.clips_per_video or max(1, math.ceil(MIN_EPOCH_STEPS * cfg.batch_size * world / n_videos))
+    per_epoch = n_videos * clips_per_video // (cfg.batch_size * world)
+    total = cfg.steps or cfg.epochs * per_epoch
+    plan = {"videos": n_videos, "clips_per_video": clips_per_video, "per_epoch": per_epoch, "total": total,
+            "warmup": cfg.warmup_steps or max(1, round(0.05 * total)),
+            # the key encoders' time constant 1 / (1 - m) is a quarter of the run (0.99 at 400 steps)
+            "momentum": cfg.momentum or min(0.999, max(0.9, 1 - 4 / total))}
     if cfg.objective in ("modist", "both") and cfg.queue_size > n_videos:
         # a queue longer than the data holds several keys of the query's own video as "negatives"
         if rank == 0:
             print(f"note: --queue-size {cfg.queue_size} > {n_videos} videos in the cache; using {n_videos}")
         cfg = dataclasses.replace(cfg, queue_size=n_videos)
-    return cfg, per_epoch, cfg.steps or cfg.epochs * per_epoch
+    return cfg, plan
 
 
-def settings_changed(ckpt, cfg, fingerprint, world):
-    """Why a checkpoint cannot be resumed with these settings (empty: it can)."""
+def describe_plan(cfg, plan, short_videos, world):
+    """What the run will do, said before it starts, and a warning when that cannot teach much."""
+    p = plan
+    lines = [f"plan: {p['videos']} videos x {p['clips_per_video']} clip(s) each per epoch = {p['per_epoch']} steps "
+             f"of {cfg.batch_size} x {world} clips; {p['total']} steps = {p['total'] / p['per_epoch']:.1f} epochs; "
+             f"warm-up {p['warmup']} steps, peak lr {cfg.lr:g}"
+             + (f", key momentum {p['momentum']:.3f}" if cfg.objective != "distinit" else "")]
+    if short_videos:
+        lines.append(f"note: {short_videos} of {p['videos']} videos are shorter than a clip "
+                     f"({clip_span(cfg.clip_len, cfg.stride)} frames); their clips repeat the last frame")
+    if p["total"] < TOO_FEW_STEPS:
+        lines.append(f"warning: {p['total']} steps are too few to learn much (the demo's students need ~400 to "
+                     f"beat their baselines); e.g. `cli.py distill --cache {cfg.cache} --steps 400`")
+    return lines
+
+
+def video_set(ids):
+    """Which videos a run trains on: a cache that grew or was repaired since changes the epoch length,
+    the schedule and the sampler, so a resume must see the same set."""
+    return {"count": len(ids), "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
+
+
+def settings_changed(ckpt, cfg, fingerprint, world, videos):
+    """Why a checkpoint cannot be resumed with these settings and videos (empty: it can)."""
     old = dict(ckpt["config"], cache=os.path.normpath(ckpt["config"].get("cache", "")))  # cache/ is cache
     new = dict(dataclasses.asdict(cfg), cache=os.path.normpath(cfg.cache))
     changed = [k for k in _RESUME_KEYS if old.get(k) != new[k]]
@@ -319,10 +412,13 @@ def settings_changed(ckpt, cfg, fingerprint, world):
         changed.append(f"{ckpt.get('world_size', 1)} -> {world} processes")
     if ckpt["cache_fingerprint"] != fingerprint:
         changed.append("a cache with another fingerprint")
+    elif ckpt.get("videos") != videos:
+        was = ckpt.get("videos", {}).get("count", "unrecorded")
+        changed.append(f"the cache's videos changed since: {was} then, {videos['count']} now")
     return changed
 
 
-def choose_run_folder(cfg, fingerprint, world, rank):
+def choose_run_folder(cfg, fingerprint, world, rank, videos):
     """Without --out: the latest run if it has these settings (a rerun resumes it), else a new
     runs/<objective>-<date-time>/. runs/latest then points at it."""
     if cfg.out:
@@ -332,7 +428,7 @@ def choose_run_folder(cfg, fingerprint, world, rank):
     if rank == 0 and latest and os.path.exists(os.path.join(latest, "checkpoint.pt")):
         try:
             ckpt = load_checkpoint(os.path.join(latest, "checkpoint.pt"))
-            if not settings_changed(ckpt, cfg, fingerprint, world):
+            if not settings_changed(ckpt, cfg, fingerprint, world, videos):
                 out = os.path.relpath(os.path.realpath(latest))
         except CheckpointError:
             pass  # an unreadable latest run is left alone; this run gets a folder of its own
@@ -347,7 +443,27 @@ def choose_run_folder(cfg, fingerprint, world, rank):
     return dataclasses.replace(cfg, out=out)
 
 
-def resume(ckpt_path, log_path, cfg, fingerprint, model, opt, sched, world, rank):
+def lock_run_folder(out, world, rank):
+    """Rank 0 takes RUN/.lock for the whole run (every rank learns whether it could, so none of them
+    waits on a refused one). Two runs into one folder would interleave log.jsonl and race on
+    checkpoint.pt. Returns the lock (a context manager)."""
+    lock, refusal = contextlib.nullcontext(), None
+    if rank == 0:
+        try:
+            lock = FileLock(os.path.join(out, RUN_LOCK))
+        except LockBusy as e:
+            refusal = (f"{out} is being trained by another distill ({e.holder}); wait for it to finish, "
+                       "or pass --out NEW for a separate run")
+    if world > 1:
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal:
+        raise DistillError(refusal)
+    return lock
+
+
+def resume(ckpt_path, log_path, cfg, fingerprint, videos, model, opt, sched, world, rank):
     """Load the run's checkpoint if there is one, refusing other settings. Returns (step, batches_used)."""
     if not os.path.exists(ckpt_path):
         return 0, 0
@@ -355,7 +471,7 @@ def resume(ckpt_path, log_path, cfg, fingerprint, model, opt, sched, world, rank
         ckpt = load_checkpoint(ckpt_path)
     except CheckpointError as e:
         raise DistillError(str(e)) from None
-    changed = settings_changed(ckpt, cfg, fingerprint, world)
+    changed = settings_changed(ckpt, cfg, fingerprint, world, videos)
     if changed:
         raise DistillError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); "
                            "use another --out to start a new run")
@@ -374,13 +490,16 @@ def resume(ckpt_path, log_path, cfg, fingerprint, model, opt, sched, world, rank
     return step, ckpt.get("batches_used", step)  # batches_used > step when non-finite steps were skipped
 
 
-def make_loader(dataset, cfg, rank, world, batches_used):
+def make_loader(dataset, cfg, rank, world, batches_used, clips_per_video=1):
     """One DataLoader for the whole run, starting where the last run stopped."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size,
-        sampler=ClipSampler(len(dataset), cfg.seed, rank, world, cfg.batch_size, batches_used),
+        sampler=ClipSampler(len(dataset) * clips_per_video, cfg.seed, rank, world, cfg.batch_size, batches_used),
         num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"), persistent_workers=cfg.workers > 0,
-        prefetch_factor=4 if cfg.workers else None, multiprocessing_context="spawn" if cfg.workers else None)
+        prefetch_factor=4 if cfg.workers else None, multiprocessing_context="spawn" if cfg.workers else None,
+        # its own generator: creating the iterator would otherwise draw from the global one, which the
+        # step's augmentations use, and a resumed run would draw one number more than a straight one
+        generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def checkpoint_state(run, step, batches_used):
@@ -389,13 +508,14 @@ def checkpoint_state(run, step, batches_used):
             "scheduler": run["sched"].state_dict(), "step": step, "batches_used": batches_used,
             "world_size": run["world"],
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
-            "config": dataclasses.asdict(run["cfg"]), "cache_fingerprint": run["fingerprint"],
+            "config": dataclasses.asdict(run["cfg"]), "cache_fingerprint": run["fingerprint"], "videos": run["videos"],
+            "plan": run["plan"],
             "feature_dim": run["model"].backbone.feature_dim, "vidistill_version": VIDISTILL_VERSION}
 
 
 def train_loop(run, loader, step, batches_used):
     """Optimiser steps until the run's total, logging and checkpointing. Returns (step, clips, bad_steps)."""
-    model, cfg, rank, world, total = run["model"], run["cfg"], run["rank"], run["world"], run["total"]
+    model, cfg, rank, world, total = run["model"], run["cfg"], run["rank"], run["world"], run["plan"]["total"]
     device = torch.device(cfg.device)
     forward = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -405,11 +525,15 @@ def train_loop(run, loader, step, batches_used):
     t0, clips, bad_steps = time.time(), 0, 0
     model.train()
     batches = iter(loader)
+    events = TrainEvents(cfg.out, step) if rank == 0 else None  # TensorBoard, beside log.jsonl
+    waited, t_log = 0.0, time.perf_counter()  # seconds blocked on the loader since the last record
     while step < total:
+        t_wait = time.perf_counter()
         try:
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         except CacheError as e:  # a corrupt chunk (from a worker the message carries its traceback)
             raise DistillError(str(e).strip().splitlines()[-1]) from None
+        waited += time.perf_counter() - t_wait
         batches_used += 1
         loss, losses, grad_norm = train_step(model, forward, run["opt"], run["sched"], batch, amp)
         if loss is None:  # NaN guard: the update was skipped; stop if it keeps happening
@@ -422,16 +546,21 @@ def train_loop(run, loader, step, batches_used):
         clips += len(batch["video"]) * world
         clips_per_s = clips / (time.time() - t0)
         if rank == 0 and (step % cfg.log_every == 0 or step == total):
-            rec = {"step": step, "epoch": step // run["per_epoch"], "loss": float(loss),
+            rec = {"step": step, "epoch": step // run["plan"]["per_epoch"], "loss": float(loss),
                    "lr": run["sched"].get_last_lr()[0], "grad_norm": float(grad_norm), "clips_per_s": clips_per_s,
                    **{k: float(v) for k, v in losses.items()}}
+            rec["loader_share"] = waited / max(time.perf_counter() - t_log, 1e-9)  # of the wall time since the last record
+            waited, t_log = 0.0, time.perf_counter()
             with open(run["log_path"], "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            events.add(rec, losses)
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.3f}", clips_s=f"{clips_per_s:.1f}")
         if rank == 0 and (step % cfg.save_every == 0 or step == total):
             save_checkpoint(run["ckpt_path"], checkpoint_state(run, step, batches_used))
     bar.close()
+    if events:
+        events.close()
     return step, clips, bad_steps
 
 

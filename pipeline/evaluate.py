@@ -5,26 +5,27 @@ pipeline/features.py, the frozen protocols from pipeline/protocols.py and fine-t
 pipeline/finetune.py; this module runs them and writes results.json and results.md, every number
 with its task, split, protocol, views, checkpoint and seed.
 """
+import collections
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import torch
 
 from pipeline.config import INITS, PROTOCOLS, resolve_device
-from pipeline.features import (EvalError, build_eval_cache, feature_attrs, load_backbone, preprocessing_of,
-                               stored_features, teacher_features, video_features)
+from pipeline.features import EvalError, frames_source, load_backbone, preprocessing_of, row_features
 from pipeline.finetune import finetune
-from pipeline.protocols import knn_classify, linear_probe, retrieval
+from pipeline.locks import FileLock
+from pipeline.protocols import chance_level, knn_classify, linear_probe, retrieval, wilson_interval
 from pipeline.runs import checkpoint_path, latest_run
-from pipeline.tasks import OFFICIAL, default_root, load_task
+from pipeline.tasks import OFFICIAL, compile_group_pattern, default_root, group_of, load_task
+from pipeline.tblog import write_eval_events
 
-# the columns of the printed table, in order; a column is shown when some row has it
-MAIN_METRICS = [("linear", "video_top1"), ("linear", "clip_top1"), ("knn", "k20_top1"), ("knn", "k200_top1"),
-                ("retrieval", "R@1"), ("retrieval", "R@5"), ("finetune", "video_top1")]
+NOT_ACCURACY = ("weight_decay", "epochs")  # what a protocol reports besides accuracies: kept out of the table
+SMALL_TEST_SET = 30  # fewer test videos: a 95 % interval wider than about ±17 points, too wide to rank rows
 
 
 def check_options(cfg):
@@ -64,56 +65,127 @@ def run_eval(cfg):
     device = torch.device(resolve_device(cfg.device))
     task = load_task(cfg.task, cfg.root, cfg.split, cfg.splits, cfg.test_fraction, cfg.seed, cfg.train_list, cfg.test_list,
                      cfg.labels, cfg.label_column, cfg.id_column, cfg.group_pattern)
+    labelled = [(vid, label) for vid, _, label in task.train], [(vid, label) for vid, _, label in task.test]
+    require_both_sides(task, *labelled)  # before any decoding: a split that cannot be scored fails at once
     os.makedirs(cfg.out, exist_ok=True)
     pre = preprocessing_of(cfg.checkpoint)
     work = cfg.work or cfg.out
     # task.root: the folder the video ids are relative to (e.g. ROOT/UCF-101 of an official layout)
-    reader = build_eval_cache(task.root, work, pre, "teacher" in cfg.rows(), cfg.progress, cfg.teacher_every)
+    reader, source = frames_source(task.root, [(vid, path) for vid, path, _ in task.train + task.test], work, pre,
+                                   cfg.progress)
     usable = set(reader.ids)
-    train = [(vid, label) for vid, _, label in task.train if vid in usable]
-    test = [(vid, label) for vid, _, label in task.test if vid in usable]
-    if not train or not test:
-        raise EvalError(f"{task.describe()}: no decodable train or test videos")
+    train, test = ([(vid, label) for vid, label in side if vid in usable] for side in labelled)
     unreadable = len(task.train) + len(task.test) - len(train) - len(test)
-    notes += [task.describe()] + ([f"{unreadable} videos failed to decode (see `cli.py cache info {reader.cache_dir}`)"]
-                                 if unreadable else [])
+    failed = f"{unreadable} videos failed to decode (see `cli.py cache info {reader.cache_dir}`)" if unreadable else None
+    require_both_sides(task, train, test, failed)
+    counts = class_counts(task.classes, train, test)
+    trl, tel = np.array([label for _, label in train]), np.array([label for _, label in test])
+    warnings = small_data_warnings(counts, len(test))
+    notes += [task.describe()] + ([source] if source else []) + ([failed] if failed else []) + \
+        [per_class_line(counts), chance_line(task.classes, trl, tel)] + [f"warning: {w}" for w in warnings]
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []
     for init in cfg.rows():
         results, attrs, store = evaluate_row(init, cfg, reader, task, train, test, pre, device, work, notes)
         for protocol, metrics in results.items():
             for metric, value in metrics.items():
+                accuracy = metric not in NOT_ACCURACY
                 rows.append({"task": task.name, "split": task.split, "init": init, "protocol": protocol,
                              "metric": metric, "value": value,
+                             # over the test videos (clip-level numbers too: views of a video are not independent)
+                             "ci95": wilson_interval(value, len(test)) if accuracy else None,
+                             "chance": chance_level(metric, trl, len(task.classes), tel) if accuracy else None,
                              "views": attrs["views"] if protocol != "finetune" else f"{cfg.clips} clips x {cfg.crops} crops",
                              "checkpoint": attrs["checkpoint"], "features": os.path.abspath(store),
                              # the distillation cache the checkpoint learnt from; baselines learnt nothing from it
                              "cache_fingerprint": pre.fingerprint if init == "checkpoint" else None,
                              "seed": cfg.seed, "date": date, "train_videos": len(train), "test_videos": len(test)})
-    write_reports(cfg.out, rows, notes)
+    run = {"date": date, "task": task.name, "split": task.split, "seed": cfg.seed, "train_videos": len(train),
+           "test_videos": len(test), "classes": [{"name": c, "train": a, "test": b} for c, a, b in counts],
+           "chance_top1": 1 / len(task.classes), "majority": majority(task.classes, trl, tel),
+           "warnings": warnings, "notes": notes, "config": dataclasses.asdict(cfg)}
+    notes += write_eval_events(cfg, rows, task, train, test)  # TensorBoard: beside the checkpoint
+    write_reports(cfg.out, rows, run)
     return rows, task, notes
+
+
+def require_both_sides(task, train, test, failed=None):
+    """Refuse a split that leaves one side empty, saying why: every class needs two videos (two
+    groups of clips), one to learn from and one to test on."""
+    if train and test:
+        return
+    counts = class_counts(task.classes, train, test)
+    few = [(c, a + b) for c, a, b in counts if a + b < 2]
+    message = (f"{task.describe()}: no {'test' if not test else 'train'} videos"
+               + (f" that decode ({failed})" if failed else "")
+               + "; each class needs at least two videos, one to train on and one to test on (clips of one source "
+                 "video, by --group-pattern, count as one)")
+    if few:
+        message += (f"; {len(few)} of {len(counts)} classes have fewer: "
+                    + ", ".join(f"{c} ({n})" for c, n in few[:10]) + (" …" if len(few) > 10 else ""))
+    raise EvalError(message)
+
+
+def class_counts(classes, train, test):
+    """[(class, train videos, test videos)] of (id, label) lists."""
+    a, b = collections.Counter(label for _, label in train), collections.Counter(label for _, label in test)
+    return [(c, a[i], b[i]) for i, c in enumerate(classes)]
+
+
+def per_class_line(counts):
+    if len(counts) <= 20:
+        return "per class, train/test videos: " + ", ".join(f"{c} {a}/{b}" for c, a, b in counts)
+    tr, te = [a for _, a, _ in counts], [b for _, _, b in counts]
+    return (f"per class, train/test videos: train {min(tr)}-{max(tr)}, test {min(te)}-{max(te)} "
+            "(each class in results.md)")
+
+
+def majority(classes, train_labels, test_labels):
+    """The most frequent training class, and the share of the test videos that always naming it gets."""
+    top = int(np.bincount(train_labels, minlength=len(classes)).argmax())
+    return {"class": classes[top], "accuracy": float(np.mean(test_labels == top))}
+
+
+def chance_line(classes, train_labels, test_labels):
+    m = majority(classes, train_labels, test_labels)
+    return (f"chance: {100 / len(classes):.1f} % top-1 ({len(classes)} classes guessed at random); always naming the "
+            f"most frequent training class ({m['class']}) scores {100 * m['accuracy']:.1f} % on this test set")
+
+
+def small_data_warnings(counts, n_test):
+    """What makes the numbers of this split weak: classes without test or train videos, a test set too
+    small for its accuracies to rank rows."""
+    warnings = []
+    untested = [c for c, a, b in counts if b == 0]
+    if untested:
+        warnings.append(f"{len(untested)} of {len(counts)} classes have no test video, so nothing measures them "
+                        f"(a class needs at least two videos to be on both sides): "
+                        + ", ".join(untested[:10]) + (" …" if len(untested) > 10 else ""))
+    unlearnt = [c for c, a, b in counts if a == 0 and b > 0]
+    if unlearnt:
+        warnings.append(f"{len(unlearnt)} classes have test videos but no train video, so every test video of "
+                        "theirs counts as an error: " + ", ".join(unlearnt[:10]) + (" …" if len(unlearnt) > 10 else ""))
+    if n_test < SMALL_TEST_SET:
+        low, high = wilson_interval(0.5, n_test)
+        warnings.append(f"only {n_test} test video{'s' * (n_test != 1)}: one video moves an accuracy by "
+                        f"{100 / n_test:.1f} points and a 95 % interval spans {100 * low:.0f}-{100 * high:.0f} % "
+                        "around 50 %, so these numbers cannot tell the rows apart; label more videos (ideally "
+                        "10+ test videos per class) or raise --test-fraction")
+    return warnings
 
 
 def evaluate_row(init, cfg, reader, task, train, test, pre, device, work, notes):
     """One row of the table: its features (from the store, computing what it lacks) through every
     protocol asked for. Returns ({protocol: metrics}, what the features depend on, feature store path)."""
-    views = f"teacher embeddings of every {cfg.teacher_every}. frame averaged (2D)" if init == "teacher" else \
-        f"{cfg.clips} clips x {cfg.crops} crops, {pre.clip_len}x{pre.crop}^2 stride {pre.stride}"
-    attrs = feature_attrs(init, cfg, task.root, pre, views)
-    backbone = None if init == "teacher" else load_backbone(init, cfg.checkpoint, cfg.student, cfg.seed)
-
-    def compute(ids):
-        return teacher_features(reader, ids) if init == "teacher" else video_features(
-            backbone, reader, ids, pre, cfg.clips, cfg.crops, device, cfg.batch_size, cfg.progress, f"features {init}")
-    digest = hashlib.sha1(json.dumps(attrs, sort_keys=True).encode()).hexdigest()[:12]
-    store = os.path.join(work, f"features-{init}-{digest}.h5")
-    feats = stored_features(store, [v for v, _ in train + test], compute, attrs)
+    feats, attrs, store = row_features(init, cfg, reader, [v for v, _ in train + test], task.root, pre, device, work)
     trf, tef = feats[:len(train)], feats[len(train):]
     trl, tel = np.array([label for _, label in train]), np.array([label for _, label in test])
     num_classes = len(task.classes)
     results = {}
     if "linear" in cfg.protocols:
-        results["linear"] = linear_probe(trf, trl, tef, tel, num_classes, cfg.seed)
+        pattern = compile_group_pattern(cfg.group_pattern)
+        groups = [group_of(vid, pattern) for vid, _ in train]  # the weight-decay hold-out splits as the task does
+        results["linear"] = linear_probe(trf, trl, tef, tel, num_classes, cfg.seed, groups)
     if "knn" in cfg.protocols:
         results["knn"] = knn_classify(trf, trl, tef, tel, num_classes)
     if "retrieval" in cfg.protocols:
@@ -127,26 +199,91 @@ def evaluate_row(init, cfg, reader, task, train, test, pre, device, work, notes)
     return results, attrs, store
 
 
-def format_table(rows):
-    cols = [(p, m) for p, m in MAIN_METRICS if any(r["protocol"] == p and r["metric"] == m for r in rows)]
+def table_columns(rows):
+    """(protocol, metric) of every accuracy the rows hold, in a fixed order: protocols as listed, then
+    video- before clip-level, then by k. The table shows what was computed, nothing else."""
+    def order(col):
+        protocol, metric = col
+        level = 0 if metric.startswith("video") else 1 if metric.startswith("clip") else 2
+        return (PROTOCOLS.index(protocol) if protocol in PROTOCOLS else len(PROTOCOLS), level,
+                [int(x) for x in re.findall(r"\d+", metric)], metric)
+    return sorted({(r["protocol"], r["metric"]) for r in rows if r["metric"] not in NOT_ACCURACY}, key=order)
+
+
+def format_table(rows, intervals=False):
+    """A Markdown table, a row per init and a column per accuracy computed, plus a chance row; with
+    intervals, each accuracy carries its 95 % Wilson interval."""
+    cols = table_columns(rows)
     inits = list(dict.fromkeys(r["init"] for r in rows))
-    value = {(r["init"], r["protocol"], r["metric"]): r["value"] for r in rows}
-    header = "| init | " + " | ".join(f"{p} {m}" for p, m in cols) + " |"
-    lines = [header, "|" + "---|" * (len(cols) + 1)]
+    found = {(r["init"], r["protocol"], r["metric"]): r for r in rows}
+    chance = {(r["protocol"], r["metric"]): r.get("chance") for r in rows}
+
+    def cell(r):
+        if r is None:
+            return "–"
+        ci = r.get("ci95")
+        return f"{100 * r['value']:.1f}" + (f" ({100 * ci[0]:.1f}–{100 * ci[1]:.1f})" if intervals and ci else "")
+    lines = ["| init | " + " | ".join(f"{p} {m}" for p, m in cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for init in inits:
-        cells = [f"{100 * value[(init, p, m)]:.1f}" if (init, p, m) in value else "–" for p, m in cols]
-        lines.append(f"| {init} | " + " | ".join(cells) + " |")
+        lines.append(f"| {init} | " + " | ".join(cell(found.get((init, p, m))) for p, m in cols) + " |")
+    if any(chance.get(c) is not None for c in cols):
+        lines.append("| chance | " + " | ".join("–" if chance.get(c) is None else f"{100 * chance[c]:.1f}"
+                                                for c in cols) + " |")
     return "\n".join(lines)
 
 
-def write_reports(out, rows, notes):
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"notes": notes, "results": rows}, f, indent=2)
-    r0 = rows[0] if rows else {}
-    protocol = (f"task {r0.get('task')} split {r0.get('split')}, seed {r0.get('seed')}, "
-                f"{r0.get('train_videos')} train / {r0.get('test_videos')} test videos; views: "
-                + "; ".join(sorted({f"{r['init']}: {r['views']}" for r in rows})))
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(f"# Evaluation\n\n{protocol}\n\nAccuracy in %. linear: logistic regression on frozen "
-                f"L2-normalised features; knn: cosine, T 0.07 weighted vote; retrieval: test queries the train "
-                f"set.\n\n{format_table(rows)}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+def write_reports(out, rows, run):
+    """Add this run's rows to OUT/results.json (earlier runs into the same folder are kept, each with
+    its run number) and rewrite OUT/results.md from all of them. Sets the run number in rows and run."""
+    with FileLock(os.path.join(out, ".results.lock"), blocking=True):  # two evals into one folder take turns
+        runs, old_rows = read_results(out)
+        run["run"] = max((r.get("run", 0) for r in runs), default=0) + 1
+        for r in rows:
+            r["run"] = run["run"]
+        runs, all_rows = runs + [run], old_rows + rows
+        tmp = os.path.join(out, f"results.json.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"runs": runs, "results": all_rows}, f, indent=2)
+        os.replace(tmp, os.path.join(out, "results.json"))
+        with open(tmp, "w") as f:
+            f.write(format_results_md(runs, all_rows))
+        os.replace(tmp, os.path.join(out, "results.md"))
+
+
+def read_results(out):
+    """(runs, rows) already in OUT/results.json; a file of the single-run format counts as run 1."""
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        return [], []
+    except ValueError as e:
+        raise EvalError(f"{out}/results.json is not valid JSON ({e}); move it away to start the results anew") from None
+    rows = [dict(r, run=r.get("run", 1)) for r in saved.get("results", [])]
+    runs = saved.get("runs") or ([{"run": 1, "notes": saved.get("notes", [])}] if rows else [])
+    return runs, rows
+
+
+def format_results_md(runs, rows):
+    parts = ["# Evaluation\n\nAccuracy in %, with its 95 % Wilson interval over the test videos in brackets (clip-level "
+             "numbers too: the views of one video are not independent). linear: logistic regression on frozen "
+             "L2-normalised features; knn: cosine, T 0.07 weighted vote; retrieval: test videos query the train set "
+             "(R@k: a same-class video among the k nearest). chance: the same metric without looking at the videos. "
+             f"{len(runs)} run(s) into this folder, newest last; results.json holds every number.\n"]
+    for run in runs:
+        mine = [r for r in rows if r["run"] == run["run"]]
+        r0 = mine[0] if mine else {}
+        parts.append(f"## Run {run['run']}: {run.get('task', r0.get('task'))} split {run.get('split', r0.get('split'))}, "
+                     f"seed {run.get('seed', r0.get('seed'))}, {run.get('date', r0.get('date'))}\n")
+        parts.append(f"{r0.get('train_videos')} train / {r0.get('test_videos')} test videos; views: "
+                     + "; ".join(sorted({f"{r['init']}: {r['views']}" for r in mine})) + "\n")
+        parts += [f"**Warning:** {w}\n" for w in run.get("warnings", [])]
+        parts.append(format_table(mine, intervals=True) + "\n")
+        picked = [f"{r['init']} {r['value']:g}" for r in mine if r["metric"] == "weight_decay"]
+        if picked:
+            parts.append("Linear probe weight decay (picked on a hold-out of the train videos): " + ", ".join(picked) + "\n")
+        if run.get("classes"):
+            parts.append("| class | train | test |\n|---|---|---|\n"
+                         + "\n".join(f"| {c['name']} | {c['train']} | {c['test']} |" for c in run["classes"]) + "\n")
+        parts.append("\n".join(f"- {n}" for n in run.get("notes", []) if not n.startswith("warning: ")) + "\n")
+    return "\n".join(parts)

@@ -4,14 +4,18 @@ Work is split three ways without new machinery:
   --shard I/N   (or torchrun's RANK/WORLD_SIZE, or a Slurm array) picks every N-th video;
   --workers W   runs W processes inside a job, each writing its own parts;
   a decode thread in each process runs ffmpeg for the next video while this one is on the teacher.
-A rerun skips every video already recorded in a committed part (done or failed), so a killed job
-loses at most the part it was writing, and no video is ever stored twice.
+A rerun skips every video already recorded in a committed part (done or failed) whose source is
+unchanged (size, mtime), so a killed job loses at most the part it was writing, and no video is ever
+stored twice; a replaced source is extracted again and its new record supersedes the old. A SIGINT or
+SIGTERM commits the videos finished so far before the job stops.
 """
+import contextlib
 import dataclasses
-import fcntl
 import multiprocessing as mp
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -23,13 +27,15 @@ from tqdm import tqdm
 
 from cache.fingerprint import (VIDISTILL_VERSION, CacheError, create_or_check, fingerprint_sha256, read_cache_json,
                                sha256_file)
-from cache.flow_codec import FLOW_BOUND
-from cache.reader import load_index
+from cache.flow_codec import FLOW_BOUND, FLOW_CODEC
+from cache.reader import load_index, source_status
 from cache.writer import PartWriter, remove_stale_parts
 from models.teacher import load_teacher, teacher_fingerprint
 from pipeline.config import resolve_device
 from pipeline.decode import VIDEO_EXTENSIONS, DecodeError, VideoDecode, ffmpeg_version
 from pipeline.flow import FLOW_PARAMS, FlowStream, make_flow_fn
+from pipeline.locks import FileLock, LockBusy, is_held, lock_holder
+from pipeline.videolist import LIST_EXTENSIONS, is_video_list, read_video_list
 
 
 class ExtractError(Exception):
@@ -53,11 +59,16 @@ def find_videos(root, unlisted=None):
     Follows directory symlinks but never the same real directory twice (symlink loops terminate).
     Broken symlinks and unreadable files are still listed: extraction records why they failed.
     Folders that cannot be listed are appended to `unlisted` as (path, reason), never skipped silently.
+    A .txt or .csv root is a list of video paths instead (pipeline/videolist.py: ids relative to the
+    list's folder).
     """
     if not os.path.exists(root):
         raise ExtractError(f"{root}: video folder does not exist")
+    if is_video_list(root):
+        return _listed_videos(root)
     if not os.path.isdir(root):
-        raise ExtractError(f"{root}: not a folder (pass the folder that contains the videos)")
+        raise ExtractError(f"{root}: not a folder (pass the folder that contains the videos, or a "
+                           f"{' or '.join(LIST_EXTENSIONS)} list of video paths)")
     found, seen_dirs = [], set()
 
     def cannot_list(err):
@@ -82,6 +93,19 @@ def find_videos(root, unlisted=None):
     return sorted(found)
 
 
+def _listed_videos(list_path):
+    """find_videos for a .txt / .csv list (pipeline/videolist.py): its duplicates, missing files and
+    folders are reported on stderr, never fatal."""
+    found, problems = read_video_list(list_path)
+    for line in problems[:20]:
+        print(f"note: {list_path}: {line}", file=sys.stderr)
+    if len(problems) > 20:
+        print(f"note: {list_path}: … and {len(problems) - 20} more", file=sys.stderr)
+    if not found:
+        raise ExtractError(f"{list_path}: no video paths in the list")
+    return found
+
+
 def make_fingerprint(cfg, teacher):
     return {
         # where the teacher will run, not where it was loaded to be fingerprinted: CPU and GPU jobs
@@ -95,7 +119,7 @@ def make_fingerprint(cfg, teacher):
                           "teacher_size": cfg.teacher_size,
                           # without a teacher this does not change the cache: keep it out of its identity
                           "teacher_every": cfg.teacher_every if teacher else None},
-        "flow": {"method": cfg.flow, "params": FLOW_PARAMS[cfg.flow], "bound": FLOW_BOUND,
+        "flow": {"method": cfg.flow, "params": FLOW_PARAMS[cfg.flow], "bound": FLOW_BOUND, "codec": FLOW_CODEC,
                  "convention": "flow[t] = motion from frame t to t+1 in stored pixels; last frame 0"},
         "ffmpeg_version": ffmpeg_version(),
         "vidistill_version": VIDISTILL_VERSION,
@@ -122,6 +146,7 @@ class VideoEnd:
 class VideoFailed:
     idx: int
     reason: str  # recorded in the cache; frames already sent for this video are rolled back
+    signalled: bool = False  # ffmpeg was stopped by a signal: an interruption, maybe not the video's fault
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +178,7 @@ def _decode_ahead(videos, cfg, out_queue, stop):
             busy["decode"] += clock() - t
             out_queue.put(VideoEnd(idx, dec.info, flow.finish() if flow else None))
         except DecodeError as e:
-            out_queue.put(VideoFailed(idx, str(e)))
+            out_queue.put(VideoFailed(idx, str(e), e.signalled))
         except Exception as e:  # an ffmpeg or OS surprise must not take the whole job down
             out_queue.put(VideoFailed(idx, f"decode failed: {type(e).__name__}: {e}"))
         if stop.is_set():
@@ -239,9 +264,14 @@ class _PartSink:
                    teacher_offset=self.start.get("logits", 0), teacher_count=self.n_teacher)
         self._add_record(rec)
 
-    def on_failed(self, rec, reason):
-        if self.n_frames:  # the decode broke after some frames were already appended
+    def discard_video(self):
+        """Drop the frames of the video in progress (its decode broke, or the job is stopping)."""
+        if self.n_frames:
             self._wait_write(self._part().rollback_video)
+        self.n_frames = self.n_teacher = 0
+
+    def on_failed(self, rec, reason):
+        self.discard_video()  # the decode may have broken after some frames were already appended
         rec.update(status="failed", error=reason, frame_offset=0, frame_count=0,
                    teacher_offset=0, teacher_count=0)
         self._add_record(rec)
@@ -268,13 +298,49 @@ class _PartSink:
             self.writer.abandon()
 
 
-def extract_videos(videos, cfg, tag, report, gpu_slot=0):
+def _consume(items, videos, sink, report, seconds, stopping):
+    """The teacher thread's loop: label and write decoded batches, record each finished video, commit
+    full parts; returns when the decoder is done or the job is stopping."""
+    clock = time.perf_counter
+    while not stopping():
+        t = clock()
+        try:
+            msg = items.get(timeout=0.2)  # wakes up now and then to see whether the job is stopping
+        except queue.Empty:
+            continue
+        finally:
+            seconds["wait_decode"] += clock() - t
+        if isinstance(msg, DecodeDone):
+            seconds.update(msg.busy_seconds)
+            return
+        if isinstance(msg, DecodedBatch):
+            sink.on_batch(msg)
+            continue
+        # ffmpeg ended on a signal: if it is the one stopping this job (a terminal's Ctrl-C reaches
+        # ffmpeg too, maybe before this process), the video is unfinished, not broken
+        signalled = msg.info.signalled if isinstance(msg, VideoEnd) else msg.signalled
+        if signalled and _stops_within(stopping, 1.0):
+            return
+        rec = _source_record(*videos[msg.idx])
+        if isinstance(msg, VideoEnd):
+            sink.on_end(rec, msg.info, msg.last_flow)
+        else:  # VideoFailed
+            sink.on_failed(rec, msg.reason)
+        report(rec)
+        if sink.part_full():
+            report({"committed_bytes": sink.commit()})
+
+
+def extract_videos(videos, cfg, tag, report, gpu_slot=0, stopping=lambda: False):
     """Extract `videos` [(id, path)] into parts of cfg.cache; report(record) after each video.
 
     Three threads overlap: decode+flow (producer), the teacher (this thread), and writing (one
     writer thread, so parts are still written by exactly one writer, in order). Each hand-over is
-    bounded, so memory does not grow with the number or length of videos.
+    bounded, so memory does not grow with the number or length of videos. Once stopping() is true
+    (a SIGINT or SIGTERM), the videos finished so far are committed and the video in flight dropped.
     """
+    if stopping():
+        return
     device = resolve_device(cfg.device, gpu_slot)
     teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device=device) if cfg.teacher != "none" else None
     # Where the time goes. This thread: "teacher", and "wait_decode" / "wait_write", the parts of the
@@ -285,27 +351,10 @@ def extract_videos(videos, cfg, tag, report, gpu_slot=0):
     stop = threading.Event()
     producer = threading.Thread(target=_decode_ahead, args=(videos, cfg, items, stop), daemon=True)
     producer.start()
-    clock = time.perf_counter
     try:
-        while True:
-            t = clock()
-            msg = items.get()
-            seconds["wait_decode"] += clock() - t
-            if isinstance(msg, DecodeDone):
-                seconds.update(msg.busy_seconds)
-                break
-            if isinstance(msg, DecodedBatch):
-                sink.on_batch(msg)
-                continue
-            rec = _source_record(*videos[msg.idx])
-            if isinstance(msg, VideoEnd):
-                sink.on_end(rec, msg.info, msg.last_flow)
-            else:  # VideoFailed
-                sink.on_failed(rec, msg.reason)
-            report(rec)
-            if sink.part_full():
-                report({"committed_bytes": sink.commit()})
-        if sink.writer is not None:
+        _consume(items, videos, sink, report, seconds, stopping)
+        sink.discard_video()  # stopping: the video in flight is redone by the rerun
+        if sink.writer is not None and sink.writer.videos:  # stopping or not, finished videos are committed
             report({"committed_bytes": sink.commit()})
         report({"stage_seconds": seconds})
     finally:
@@ -318,20 +367,83 @@ def extract_videos(videos, cfg, tag, report, gpu_slot=0):
         sink.close()
 
 
+def _stops_within(stopping, seconds):
+    deadline = time.monotonic() + seconds
+    while not stopping() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return stopping()
+
+
 def _config_dict(cfg):
     d = dataclasses.asdict(cfg)
     d["shard"] = list(d["shard"]) if d["shard"] else None
     return d
 
 
-def _worker_main(videos, cfg, tag, messages, threads, gpu_slot):
-    """Entry point of one --workers process: same code path, reports go through a queue."""
+def _worker_main(videos, cfg, tag, messages, threads, gpu_slot, stop_all):
+    """Entry point of one --workers process: same code path, reports go through a queue. It stops
+    (committing what it finished) on its own SIGINT/SIGTERM or when the parent sets stop_all."""
     torch.set_num_threads(threads)
-    try:
-        extract_videos(videos, cfg, tag, messages.put, gpu_slot)
-        messages.put({"worker_done": tag})
-    except BaseException:
-        messages.put({"worker_error": tag, "traceback": traceback.format_exc()})
+    stop = StopRequest(forwarded=stop_all)
+    with stop.on_signals(announce=False):
+        try:
+            extract_videos(videos, cfg, tag, messages.put, gpu_slot, stop)
+            messages.put({"worker_done": tag})
+        except BaseException:
+            messages.put({"worker_error": tag, "traceback": traceback.format_exc()})
+
+
+class ExtractInterrupted(ExtractError):
+    """A SIGINT or SIGTERM stopped the job after it committed the videos it had finished."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopRequest:
+    """Set by the first SIGINT or SIGTERM: the job commits the videos it has finished, then stops. A
+    second signal aborts at once, as a kill would (the part in flight is dropped; a rerun redoes it).
+
+    Called, it says whether to stop: a signal to this process, or (in a --workers process) the
+    parent's request forwarded through an mp.Event.
+    """
+
+    def __init__(self, forwarded=None):
+        self.signum = None
+        self.forwarded = forwarded
+        self.children = []  # worker processes, killed on a second signal
+
+    def __call__(self):
+        return self.signum is not None or (self.forwarded is not None and self.forwarded.is_set())
+
+    @contextlib.contextmanager
+    def on_signals(self, announce=True):
+        """Handle SIGINT and SIGTERM this way inside the block (main thread only; elsewhere as before)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self.signum is not None:
+                for p in self.children:
+                    p.kill()
+                if announce:
+                    os.write(2, f"\n{name} again: aborted; the part in flight is dropped, rerun the same "
+                                "command to resume\n".encode())
+                os._exit(128 + signum)
+            self.signum = signum
+            if announce:  # os.write: a handler must not re-enter a buffered stream (tqdm writes to stderr)
+                os.write(2, f"\n{name}: committing the videos finished so far, then stopping (send it again "
+                            "to abort at once)\n".encode())
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, signal.SIG_DFL if h is None else h)
 
 
 class _ShardLock:
@@ -339,56 +451,42 @@ class _ShardLock:
 
     def __init__(self, cache_dir, index, count):
         locks = os.path.join(cache_dir, "locks")
-        os.makedirs(locks, exist_ok=True)
-        self.path = os.path.join(locks, f"shard-{index}-of-{count}.lock")
-        self.file = open(self.path, "a+")
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.close()
+            self.lock = FileLock(os.path.join(locks, f"shard-{index}-of-{count}.lock"))
+        except LockBusy as e:
             raise ExtractError(f"{cache_dir}: shard {index}/{count} is being extracted by another process "
-                               f"({_holder(self.path)}); wait for it to finish or pick another --shard") from None
+                               f"({e.holder}); wait for it to finish or pick another --shard") from None
         # jobs that split the videos another way would take some of ours too
         for other in held_locks(cache_dir):
             if not other.endswith(f"-of-{count}.lock"):
-                self.file.close()
+                self.lock.release()
                 raise ExtractError(f"{cache_dir}: a job with another shard count is running ({other}, "
-                                   f"{_holder(os.path.join(locks, other))}); every job on one cache must use "
+                                   f"{lock_holder(os.path.join(locks, other))}); every job on one cache must use "
                                    "the same --shard I/N") from None
-        self.file.truncate(0)
-        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        self.file.flush()
 
     def release(self):
-        self.file.close()
-
-
-def _holder(lock_path):
-    try:
-        with open(lock_path) as f:
-            return f.read().strip() or "unknown"
-    except OSError:
-        return "unknown"
+        self.lock.release()
 
 
 def held_locks(cache_dir):
     """Names of the shard locks some live process holds (a lock file alone means nothing: flock
     is released when its holder dies, however it dies)."""
     locks = os.path.join(cache_dir, "locks")
-    held = []
-    for name in sorted(os.listdir(locks)) if os.path.isdir(locks) else []:
-        try:
-            with open(os.path.join(locks, name), "a") as f:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released again on close
-        except BlockingIOError:
-            held.append(name)
-        except OSError:
-            pass
-    return held
+    return [name for name in (sorted(os.listdir(locks)) if os.path.isdir(locks) else [])
+            if is_held(os.path.join(locks, name))]
 
 
 def run_extract(cfg):
-    """The whole of `cli.py extract`. Returns a summary dict."""
+    """The whole of `cli.py extract`. Returns a summary dict.
+
+    The first SIGINT or SIGTERM commits the videos finished so far and raises ExtractInterrupted
+    (rerunning the same command resumes); a second one aborts at once."""
+    stop = StopRequest()
+    with stop.on_signals(announce=cfg.progress):
+        return _run_extract(cfg, stop)
+
+
+def _run_extract(cfg, stop):
     t0 = time.time()
     cfg = _validate(cfg)
     shard_index, shard_count = cfg.shard
@@ -403,18 +501,25 @@ def run_extract(cfg):
     try:
         remove_stale_parts(cfg.cache)
         mine = videos[shard_index::shard_count]
-        todo = _videos_to_do(cfg, mine)
+        todo, changed, vanished = _videos_to_do(cfg, mine, videos)
         summary = {"videos_found": len(videos), "unlisted_folders": unlisted, "shard": f"{shard_index}/{shard_count}",
                    "skipped": len(mine) - len(todo), "done": 0, "partial": 0, "failed": 0, "frames": 0,
-                   "video_seconds": 0.0, "bytes_written": 0, "failures": [], "stage_seconds": {}}
+                   "video_seconds": 0.0, "bytes_written": 0, "failures": [], "stage_seconds": {},
+                   "changed": changed, "vanished": vanished}
         bar = tqdm(total=len(todo), unit="video", desc="extract", disable=not cfg.progress, dynamic_ncols=True)
         try:
-            _run_workers(todo, cfg, _summary_reporter(summary, bar, cfg.fps, t0))
+            _run_workers(todo, cfg, _summary_reporter(summary, bar, cfg.fps, t0), stop)
         except OSError as e:  # e.g. a full disk: committed parts stay valid, the part in flight is dropped
             raise ExtractError(f"{cfg.cache}: cannot write ({e.strerror or e}); the {summary['done'] + summary['failed']}"
                                " videos finished in this run are committed - free space and rerun to resume") from None
         finally:
             bar.close()
+        if stop():
+            finished = summary["done"] + summary["partial"] + summary["failed"]
+            raise ExtractInterrupted(
+                f"interrupted ({signal.Signals(stop.signum or signal.SIGTERM).name}): the {finished} videos finished "
+                f"in this run are committed to {cfg.cache}, {len(todo) - finished} are not; rerun the same command "
+                "to resume", stop.signum or signal.SIGTERM)
     finally:
         lock.release()
     summary["wall_seconds"] = time.time() - t0
@@ -450,11 +555,22 @@ def _prepare_cache(cfg, fingerprint):
         create_or_check(cfg.cache, fingerprint, _config_dict(cfg))
 
 
-def _videos_to_do(cfg, mine):
-    """The shard's videos not yet recorded in a committed part (failed ones are, unless --retry-failed)."""
+def _videos_to_do(cfg, mine, found):
+    """(todo, changed, vanished): the shard's videos not yet recorded in a committed part (failed ones
+    are, unless --retry-failed), plus those whose source changed since (another size or mtime: the file
+    was replaced; the new record supersedes the old); the ids of changed sources; and the ids the
+    cache holds that are no longer among the videos found (their frames stay in the cache)."""
     index, _ = load_index(cfg.cache)
-    finished = {i for i, (_, r) in index.items() if not (cfg.retry_failed and r["status"] == "failed")}
-    return [v for v in mine if v[0] not in finished]
+    todo, changed = [], []
+    for vid, path in mine:
+        rec = index[vid][1] if vid in index else None
+        if rec is None or (cfg.retry_failed and rec["status"] == "failed"):
+            todo.append((vid, path))
+        elif source_status(rec, path) == "changed":
+            todo.append((vid, path))
+            changed.append(vid)
+    present = {vid for vid, _ in found}
+    return todo, changed, sorted(vid for vid in index if vid not in present)
 
 
 def _summary_reporter(summary, bar, fps, t0):
@@ -488,24 +604,29 @@ def _failed_in_cache(cache, mine):
     return sum(1 for vid, _ in mine if vid in index and index[vid][1]["status"] == "failed")
 
 
-def _run_workers(todo, cfg, report):
+def _run_workers(todo, cfg, report, stop):
     tag_base = f"s{cfg.shard[0]}of{cfg.shard[1]}"
     workers = max(1, min(cfg.workers, len(todo)))
-    if not todo:
+    if not todo or stop():
         return
     if workers == 1:
-        extract_videos(todo, cfg, tag_base, report, int(os.environ.get("LOCAL_RANK", 0)))
+        extract_videos(todo, cfg, tag_base, report, int(os.environ.get("LOCAL_RANK", 0)), stop)
         return
     ctx = mp.get_context("spawn")  # never fork a process that holds torch/zarr threads
-    messages = ctx.Queue()
+    messages, stop_all = ctx.Queue(), ctx.Event()
     threads = max(1, (os.cpu_count() or 1) // workers)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     procs = [ctx.Process(target=_worker_main, args=(todo[w::workers], cfg, f"{tag_base}w{w}", messages, threads,
-                                                    local_rank * workers + w), daemon=True) for w in range(workers)]
-    for p in procs:
-        p.start()
+                                                    local_rank * workers + w, stop_all), daemon=True)
+             for w in range(workers)]
+    with _sigint_ignored():  # inherited: a Ctrl-C while a worker imports torch must not kill it mid-start
+        for p in procs:
+            p.start()
+    stop.children = procs
     running, errors = workers, []
     while running:
+        if stop() and not stop_all.is_set():
+            stop_all.set()  # SIGTERM may reach this process alone (kill PID, a scheduler): pass it on
         try:
             msg = messages.get(timeout=1.0)
         except queue.Empty:
@@ -520,10 +641,22 @@ def _run_workers(todo, cfg, report):
             report(msg)
     for p in procs:
         p.join()
-    if errors or any(p.exitcode != 0 for p in procs):
+    if (errors or any(p.exitcode != 0 for p in procs)) and not stop():
         raise ExtractError("an extraction worker crashed; rerun the same command to resume. "
                            + (errors[0].strip().splitlines()[-1] if errors else "exit codes "
                               + str([p.exitcode for p in procs])))
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
 def _remove_cache(cache_dir):

@@ -1,12 +1,19 @@
 """Features of labelled videos for evaluation, and `cli.py embed`.
 
-The labelled videos are decoded once into a frames-only cache (stage one with --teacher none and
---flow none, at the checkpoint's own fps and frame size), so evaluation reuses the same decoder,
-resumability and failure records as training data. Features of every video over clips x crops views
-are computed once per backbone, stored per video in HDF5 and shared by every protocol, split and
-label set over those videos.
+Decoding: each video is decoded once per data root and decode settings. When the distillation cache
+the checkpoint learnt from already holds the videos (same files, unchanged), its frames are used and
+nothing is decoded; otherwise they go through stage one into a frames-only cache in the work folder
+(--teacher none --flow none, at the checkpoint's fps, frame size and teacher decode size), which
+every eval and embed with that work folder shares, whatever rows it asks for. The 2D teacher row's
+embeddings come from the cache when it has them, else from the teacher run on the 224 px decode of
+each video, and are stored like any other row's features.
+
+Features of every video over clips x crops views are computed once per backbone and stored per
+video in WORK/features/<init>-<digest>.h5; WORK/features/index.json says which init, checkpoint,
+views and data root each store holds. Every protocol, split and label set over those videos shares them.
 """
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -17,14 +24,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.fingerprint import sha256_file
-from cache.reader import CacheReader
+from cache.fingerprint import CacheError, sha256_file
+from cache.reader import CacheReader, source_status
 from models.checkpoint import load_checkpoint, load_student
 from models.students import build_student, inflate_from_teacher, normalize_video
+from models.teacher import load_teacher, teacher_fingerprint
 from pipeline.clips import clip_span, load_clip, view_boxes, view_starts
 from pipeline.config import DEVICE_DEFAULTS, INITS, DistillConfig, EvalConfig, ExtractConfig, resolve_device
-from pipeline.extract import run_extract
+from pipeline.decode import DecodeError, VideoDecode
+from pipeline.extract import find_videos, run_extract
+from pipeline.locks import FileLock
 from pipeline.runs import checkpoint_path
+
+FEATURES_DIR = "features"  # WORK/features/: the feature stores and their index.json
+INDEX = "index.json"
 
 
 class EvalError(Exception):
@@ -42,8 +55,15 @@ class Preprocessing:
     stride: int = DistillConfig.stride
     crop: int = DistillConfig.crop
     crop_scale: float = DistillConfig.crop_scale  # fine-tuning cuts clips with the training crops
+    teacher_size: int = ExtractConfig.teacher_size  # the decode size, from which stored frames are downscaled
     source: str = "defaults"
     fingerprint: dict = field(default_factory=dict)
+    distill_cache: str = None  # the cache the checkpoint learnt from (its frames may serve evaluation)
+
+    def key(self):
+        """What features depend on: not where the checkpoint or its cache are (a row that depends on the
+        checkpoint names it in its own key), nor the full fingerprint."""
+        return dataclasses.asdict(self) | {"source": None, "fingerprint": None, "distill_cache": None}
 
 
 def preprocessing_of(checkpoint):
@@ -52,22 +72,54 @@ def preprocessing_of(checkpoint):
     ckpt = load_checkpoint(checkpoint)
     pre, cfg = ckpt["cache_fingerprint"]["preprocessing"], ckpt["config"]
     return Preprocessing(pre["fps"], pre["height"], pre["width"], cfg["clip_len"], cfg["stride"], cfg["crop"],
-                         cfg["crop_scale"], source=checkpoint, fingerprint=ckpt["cache_fingerprint"])
+                         cfg["crop_scale"], pre.get("teacher_size", ExtractConfig.teacher_size), source=checkpoint,
+                         fingerprint=ckpt["cache_fingerprint"], distill_cache=cfg.get("cache"))
 
 
-def build_eval_cache(root, out_dir, pre, with_teacher, progress, teacher_every=1):
-    """Decode the labelled videos once (frames only; teacher embeddings if the teacher row needs them).
-
-    The cache is named by the videos' folder too: video ids are relative paths, so two data roots
-    with the same layout must never share one.
-    """
+def eval_cache_dir(root, work, pre):
+    """WORK/cache-<root digest>-<fps>fps-<H>x<W>[-t<teacher size>]: one frames-only cache per data root
+    and decode settings. Video ids are relative paths, so two roots with the same layout never share one."""
     root_digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:8]
-    name = f"cache-{root_digest}-{pre.fps:g}fps-{pre.height}x{pre.width}" + (f"-teacher{teacher_every}" if with_teacher else "")
-    cache = os.path.join(out_dir, name)
+    name = f"cache-{root_digest}-{pre.fps:g}fps-{pre.height}x{pre.width}"
+    if pre.teacher_size != ExtractConfig.teacher_size:
+        name += f"-t{pre.teacher_size}"
+    return os.path.join(work, name)
+
+
+def build_eval_cache(root, work, pre, progress):
+    """Decode the videos under root once into a frames-only cache in `work` (resumable; a rerun or
+    another eval over the same root only adds what is missing or changed). Returns its reader."""
+    cache = eval_cache_dir(root, work, pre)
     run_extract(ExtractConfig(videos=root, cache=cache, fps=pre.fps, height=pre.height, width=pre.width,
-                              flow="none", teacher="efficientnet_lite0" if with_teacher else "none",
-                              teacher_every=teacher_every, shard=(0, 1), progress=progress))
+                              teacher_size=pre.teacher_size, flow="none", teacher="none", shard=(0, 1),
+                              progress=progress))
     return CacheReader(cache)
+
+
+def holds_videos(cache, videos, pre):
+    """Whether `cache` has every one of `videos` [(id, path)] decoded as `pre` says, from these very
+    files, unchanged since (same id, absolute path, size and mtime)."""
+    try:
+        reader = CacheReader(cache)
+    except CacheError:
+        return None
+    if pre.fingerprint and reader.fingerprint["preprocessing"] != pre.fingerprint.get("preprocessing"):
+        return None
+    for vid, path in videos:
+        rec = reader.index.get(vid)
+        if rec is None or rec[1].get("path") != os.path.abspath(path) or source_status(rec[1], path) != "same":
+            return None
+    return reader
+
+
+def frames_source(root, videos, work, pre, progress):
+    """(reader, note) for the frames of `videos` [(id, path)] under root: the distillation cache the
+    checkpoint learnt from when it already holds all of them unchanged (nothing is decoded), else the
+    frames-only cache in `work` (decoded once, shared by every eval and embed that uses this work)."""
+    reader = holds_videos(pre.distill_cache, videos, pre) if pre.distill_cache and videos else None
+    if reader is not None:
+        return reader, f"frames from the distillation cache {pre.distill_cache} (it holds these videos; none decoded)"
+    return build_eval_cache(root, work, pre, progress), None
 
 
 def load_backbone(init, checkpoint=None, student="r3d_cpu", seed=0):
@@ -101,23 +153,92 @@ def video_features(backbone, reader, ids, pre, clips, crops, device, batch_size,
     return np.stack(feats)
 
 
-def teacher_features(reader, ids):
-    """The 2D teacher baseline: its 1280-d embedding averaged over every frame it saw. [N,1,1280]."""
-    return np.stack([reader.read(v, fields=("embed",))["embed"].astype(np.float32).mean(0, keepdims=True)
-                     for v in ids])
+def view_times(n_frames, pre, clips, crops):
+    """[clips*crops, 2] (start, end) seconds of each view of a video, in the order of video_features."""
+    span = clip_span(pre.clip_len, pre.stride)
+    return np.array([(s / pre.fps, min(s + span, n_frames) / pre.fps)
+                     for s in view_starts(n_frames, clips, span) for _ in range(crops)], np.float32)
 
 
-def feature_attrs(init, cfg, root, pre, views):
+def teacher_row(reader, every, device, progress):
+    """(teacher fingerprint, compute) of the 2D teacher row: its 1280-d embedding of every `every`-th
+    frame, averaged per video, [N,1,1280]. From the cache's teacher rows when it has them at a step
+    dividing `every`; else the teacher runs on each video's own 224 px decode (the stored frames are
+    too small to show it what it saw in distillation). Either way, the frames-only cache is not redone."""
+    fp = reader.fingerprint
+    cached_every = fp["preprocessing"].get("teacher_every")
+    if fp["teacher"].get("name") != "none" and cached_every and every % cached_every == 0:
+        def from_cache(ids):
+            out = []
+            for v in ids:
+                rows = reader.read(v, fields=("embed",))
+                keep = rows["teacher_frame"] % every == 0
+                out.append(rows["embed"][keep].astype(np.float32).mean(0, keepdims=True))
+            return np.stack(out)
+        return fp["teacher"], from_cache
+    teacher = load_teacher(device=device)
+    tfp = teacher_fingerprint(teacher, device) | {"weights_sha256": sha256_file(teacher.weights_path)}
+    pre = fp["preprocessing"]
+
+    def from_decode(ids):
+        out = []
+        for v in tqdm(ids, desc="features teacher", unit="video", disable=not progress, dynamic_ncols=True):
+            path, embeds, n = reader.record(v)["path"], [], 0
+            try:
+                for stored, teacher_in in VideoDecode(path, fps=pre["fps"], height=pre["height"], width=pre["width"],
+                                                      teacher_size=pre["teacher_size"]):
+                    pick = np.flatnonzero((np.arange(n, n + len(stored)) % every) == 0)
+                    if len(pick):
+                        embeds.append(teacher.predict(teacher_in[pick])[1])
+                    n += len(stored)
+            except DecodeError as e:
+                raise EvalError(f"{path}: cannot decode it for the teacher row ({e})") from None
+            if not embeds:
+                raise EvalError(f"{path}: no frames decoded for the teacher row")
+            out.append(np.concatenate(embeds).mean(0, keepdims=True))
+        return np.stack(out)
+    return tfp, from_decode
+
+
+def views_of(init, cfg, pre):
+    if init == "teacher":
+        return f"teacher embeddings of every {cfg.teacher_every}. frame averaged (2D)"
+    return f"{cfg.clips} clips x {cfg.crops} crops, {pre.clip_len}x{pre.crop}^2 stride {pre.stride}"
+
+
+def feature_attrs(init, cfg, root, pre, views, teacher=None):
     """What a row's features depend on (the task, split and labels are not among them): the key of
-    its feature store. root: the folder the video ids are relative to."""
-    return {"init": init, "views": views, "root": os.path.abspath(root),
-            "checkpoint": os.path.abspath(cfg.checkpoint) if cfg.checkpoint and init in ("checkpoint", "scratch") else None,
-            # the weights' content, not the file's path or time: a copied or retrained checkpoint
-            # never reuses stale features
-            "checkpoint_sha256": sha256_file(cfg.checkpoint) if cfg.checkpoint and init == "checkpoint" else None,
-            "seed": cfg.seed if init in ("scratch", "inflate") else None,
-            "preprocessing": dataclasses.asdict(pre) | {"fingerprint": None},
-            "student": cfg.student if init == "scratch" and not cfg.checkpoint else None}
+    its feature store. root: the folder the video ids are relative to; teacher: the teacher's
+    fingerprint for the teacher row."""
+    attrs = {"init": init, "views": views, "root": os.path.abspath(root),
+             "checkpoint": os.path.abspath(cfg.checkpoint) if cfg.checkpoint and init in ("checkpoint", "scratch") else None,
+             # the weights' content, not the file's path or time: a copied or retrained checkpoint
+             # never reuses stale features
+             "checkpoint_sha256": sha256_file(cfg.checkpoint) if cfg.checkpoint and init == "checkpoint" else None,
+             "seed": cfg.seed if init in ("scratch", "inflate") else None,
+             "preprocessing": pre.key(),
+             "student": cfg.student if init == "scratch" and not cfg.checkpoint else None}
+    if teacher is not None:
+        attrs["teacher"] = teacher
+    return attrs
+
+
+def row_features(init, cfg, reader, ids, root, pre, device, work):
+    """[len(ids), V, D] features of one table row (from its store, computing what it lacks), the
+    attrs they depend on and the store's path."""
+    teacher = None
+    if init == "teacher":
+        teacher, compute = teacher_row(reader, cfg.teacher_every, device, cfg.progress)
+    else:
+        backbone = load_backbone(init, cfg.checkpoint, cfg.student, cfg.seed)
+
+        def compute(todo):
+            return video_features(backbone, reader, todo, pre, cfg.clips, cfg.crops, device, cfg.batch_size,
+                                  cfg.progress, f"features {init}")
+    attrs = feature_attrs(init, cfg, root, pre, views_of(init, cfg, pre), teacher)
+    digest = hashlib.sha1(json.dumps(attrs, sort_keys=True).encode()).hexdigest()[:12]
+    store = os.path.join(work, FEATURES_DIR, f"{init}-{digest}.h5")
+    return stored_features(store, ids, compute, attrs), attrs, store
 
 
 def stored_features(path, ids, compute, attrs):
@@ -125,7 +246,8 @@ def stored_features(path, ids, compute, attrs):
 
     The store holds one row per video (ids, features) for one backbone and view protocol (attrs), so
     every task, split and label set over the same videos shares it: UCF101's three splits, or the
-    object and motion labels of one folder, compute each video's features once.
+    object and motion labels of one folder, compute each video's features once. The folder's
+    index.json lists every store with what it holds.
     """
     have = {}
     if os.path.exists(path):
@@ -137,36 +259,84 @@ def stored_features(path, ids, compute, attrs):
     if todo:
         have.update(zip(todo, compute(todo)))
         keys = sorted(have)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"  # two evals sharing a work folder never write one file
         with h5py.File(tmp, "w") as f:
             f.attrs["config"] = json.dumps(attrs, sort_keys=True)
             f.create_dataset("ids", data=np.array([i.encode() for i in keys], dtype=h5py.string_dtype()))
             f.create_dataset("features", data=np.stack([have[i] for i in keys]), compression="gzip")
         os.replace(tmp, path)  # atomic: a killed eval leaves the old store or the new one
+        index_store(path, attrs, len(keys), np.shape(have[keys[0]]))
     return np.stack([have[i] for i in ids])
 
 
-def run_embed(videos, checkpoint, out, clips, crops, per_clip, device, batch_size=EvalConfig.batch_size, progress=True):
-    """Per-video student features for downstream users: HDF5 with ids, features and the config."""
+def index_store(path, attrs, videos, shape):
+    """Record in the store's folder's index.json what `path` holds (under a lock: evals sharing a
+    work folder update it at once); entries of stores that are gone are dropped."""
+    folder, name = os.path.split(os.path.abspath(path))
+    with FileLock(os.path.join(folder, ".index.lock"), blocking=True):
+        index = read_index(folder)
+        index[name] = {"init": attrs.get("init"), "checkpoint": attrs.get("checkpoint"), "views": attrs.get("views"),
+                       "root": attrs.get("root"), "videos": videos, "views_per_video": int(shape[0]),
+                       "dim": int(shape[-1]),
+                       "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "config": attrs}
+        index = {k: v for k, v in sorted(index.items()) if os.path.exists(os.path.join(folder, k))}
+        tmp = os.path.join(folder, f"{INDEX}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"stores": index}, f, indent=1)
+        os.replace(tmp, os.path.join(folder, INDEX))
+
+
+def read_index(folder):
+    """{store file name: what it holds} from folder/index.json ({} when there is none)."""
+    try:
+        with open(os.path.join(folder, INDEX)) as f:
+            return json.load(f)["stores"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def run_embed(videos, checkpoint, out, clips, crops, per_clip, device, work=None, batch_size=EvalConfig.batch_size,
+              progress=True):
+    """Per-video student features for downstream users: HDF5 with ids, features and the config.
+
+    The frames come from the distillation cache when it holds the videos, else from a frames-only
+    cache in `work` (default: the folder of `out`), shared with `eval --work` over the same folder;
+    the features are the checkpoint row's feature store there, so eval and embed compute them once.
+    """
     checkpoint = checkpoint_path(checkpoint)
     if not os.path.isfile(checkpoint):
         raise EvalError(f"{checkpoint}: checkpoint not found")
     pre = preprocessing_of(checkpoint)
-    reader = build_eval_cache(videos, out + ".cache", pre, False, progress)
-    if not reader.ids:
+    work = work or os.path.dirname(os.path.abspath(out))
+    found = find_videos(videos)
+    reader, note = frames_source(videos, found, work, pre, progress)
+    usable = set(reader.ids)
+    ids = [vid for vid, _ in found if vid in usable]
+    if not ids:
         raise EvalError(f"{videos}: no video could be decoded (see `cli.py cache info {reader.cache_dir}`)")
-    backbone = load_student(checkpoint)[0]
-    feats = video_features(backbone, reader, reader.ids, pre, clips, crops, torch.device(resolve_device(device)),
-                           batch_size, progress, "embed")
+    cfg = EvalConfig(task="embed", checkpoint=checkpoint, clips=clips, crops=crops, batch_size=batch_size,
+                     device=device, progress=progress)
+    feats, _, store = row_features("checkpoint", cfg, reader, ids, videos, pre, torch.device(resolve_device(device)),
+                                   work)
+    failed = [(vid, reader.index[vid][1]["error"]) for vid, _ in found
+              if vid in reader.index and vid not in usable]
+    frames = np.array([reader.num_frames(v) for v in ids], np.int32)
     tmp = f"{out}.{os.getpid()}.tmp"
     with h5py.File(tmp, "w") as f:
-        f.create_dataset("ids", data=np.array([i.encode() for i in reader.ids], dtype=h5py.string_dtype()))
+        f.create_dataset("ids", data=np.array([i.encode() for i in ids], dtype=h5py.string_dtype()))
         f.create_dataset("features", data=feats.mean(1), compression="gzip")
+        f.create_dataset("num_frames", data=frames)
         if per_clip:
             f.create_dataset("clip_features", data=feats, compression="gzip")
-        f.attrs["config"] = json.dumps({"checkpoint": os.path.abspath(checkpoint), "clips": clips, "crops": crops,
-                                        "preprocessing": dataclasses.asdict(pre) | {"fingerprint": None},
-                                        "cache_fingerprint": pre.fingerprint}, sort_keys=True)
+            f.create_dataset("clip_times", data=np.stack([view_times(n, pre, clips, crops) for n in frames]))
+        f.attrs["config"] = json.dumps({
+            "checkpoint": os.path.abspath(checkpoint), "clips": clips, "crops": crops,
+            "pooling": "backbone output (global average over time and space) of each of clips x crops views; "
+                       "features = their mean, not L2-normalised",
+            "preprocessing": pre.key(), "cache_fingerprint": pre.fingerprint, "frames_from": reader.cache_dir,
+            "feature_store": os.path.abspath(store), "failed": failed}, sort_keys=True)
     os.replace(tmp, out)
-    failed = [(i, r["error"]) for i, (_, r) in reader.index.items() if r["status"] == "failed"]
-    return {"videos": len(reader.ids), "dim": feats.shape[-1], "out": out, "failed": failed}
+    return {"videos": len(ids), "dim": feats.shape[-1], "out": out, "failed": failed, "frames_from": reader.cache_dir,
+            "note": note}

@@ -42,14 +42,25 @@ def embed_cosine(student_embed, teacher_embed, teacher_mask):
     return (1 - F.cosine_similarity(student_embed.float(), target, dim=-1)).mean()
 
 
-def info_nce(query, key, queue=None, tau=0.1):
+def info_nce(query, key, queue=None, tau=0.1, ids=None, queue_ids=None):
     """InfoNCE with the matching key as positive; other keys in the batch and a queue as negatives.
 
     query [B,D], key [B,D] (both L2-normalised; key from the momentum encoder, no gradient),
     queue [Q,D] or None -> scalar. Positives sit on the diagonal of the in-batch similarity matrix.
+    ids [B] / queue_ids [Q]: the video of each key; a negative from the query's own video (an older
+    key of it in the queue, or a second clip of it in the batch) is a false negative and is masked.
+    Computed in fp32 even under autocast: bf16 rounds cosines near 1 by ~0.002, x10 after tau.
     """
-    logits = query @ key.t()  # [B,B]
-    if queue is not None and len(queue):
-        logits = torch.cat([logits, query @ queue.t()], dim=1)  # [B,B+Q]
-    labels = torch.arange(len(query), device=query.device)
-    return F.cross_entropy(logits.float() / tau, labels)
+    with torch.autocast(query.device.type, enabled=False):
+        query, key = query.float(), key.float()
+        logits = query @ key.t()  # [B,B]
+        if ids is not None:
+            same = (ids[:, None] == ids[None, :]) & ~torch.eye(len(ids), dtype=torch.bool, device=ids.device)
+            logits = logits.masked_fill(same, float("-inf"))
+        if queue is not None and len(queue):
+            from_queue = query @ queue.float().t()  # [B,Q]
+            if ids is not None and queue_ids is not None:
+                from_queue = from_queue.masked_fill(ids[:, None] == queue_ids[None, :], float("-inf"))
+            logits = torch.cat([logits, from_queue], dim=1)  # [B,B+Q]
+        labels = torch.arange(len(query), device=query.device)
+        return F.cross_entropy(logits / tau, labels)

@@ -5,8 +5,6 @@ outputs are dicts of accuracies in [0, 1]. Nothing here reads files or knows abo
 """
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 KNN_KS = (10, 20, 100, 200)
 RECALL_KS = (1, 5, 10, 20, 50)
@@ -22,50 +20,60 @@ def topk_accuracy(scores, labels, k):
     return float(np.mean([labels[i] in top[i] for i in range(len(labels))]))
 
 
-def _fit_logreg(x, y, num_classes, wd, steps=200):
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
-    head = nn.Linear(x.shape[1], num_classes)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(head(x), y) + wd * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return head
+def fit_logreg(x, y, wd):
+    """Multinomial logistic regression minimising mean cross-entropy + wd * ||W||^2 (bias free),
+    with scikit-learn's L-BFGS from a zero start to a gradient tolerance: converged, and the same
+    result whatever ran before. x [N,D] float, y [N] int. sklearn's C is 1 / (2 * wd * N)."""
+    from sklearn.linear_model import LogisticRegression
+    return LogisticRegression(C=1.0 / (2 * wd * len(x)), tol=1e-8, max_iter=10000).fit(x, y)
 
 
-def linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes, seed=0):
+def class_log_probs(model, x, num_classes):
+    """[N, num_classes] log-probabilities; classes absent from the training set get -inf."""
+    out = np.full((len(x), num_classes), -np.inf, np.float64)
+    out[:, model.classes_] = model.predict_log_proba(x)
+    return out
+
+
+def grouped_holdout(n, groups, share, seed):
+    """Indices (fit, hold) with about `share` of n held out, whole groups at a time (clips of one
+    source video on both sides would make the held-out accuracy, and so the chosen weight decay, leak)."""
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    unique = np.random.default_rng(seed).permutation(np.unique(groups))
+    hold_groups, count = [], 0
+    for g in unique:
+        if count >= max(1, round(share * n)):
+            break
+        hold_groups.append(g)
+        count += int((groups == g).sum())
+    hold = np.isin(groups, hold_groups)
+    return np.flatnonzero(~hold), np.flatnonzero(hold)
+
+
+def linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes, seed=0, train_groups=None):
     """Multinomial logistic regression on L2-normalised, standardised clip features.
 
-    Weight decay is picked on a held-out 20 % of the training videos, then the probe is refit on all.
+    Weight decay is picked on a held-out 20 % of the training videos (whole groups: train_groups
+    names each video's source, as the split does), then the probe is refit on all.
     """
     n, v, d = train_feats.shape
     x_all = l2n(train_feats).reshape(n * v, d)
     mean, std = x_all.mean(0), x_all.std(0) + 1e-6
 
     def prep(f):
-        return ((l2n(f) - mean) / std).astype(np.float32)
+        return ((l2n(f) - mean) / std).reshape(-1, d)
 
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    hold = order[: max(1, n // 5)]
-    fit = order[max(1, n // 5):]
+    fit, hold = grouped_holdout(n, train_groups, 0.2, seed)
     best_wd, best_acc = 1e-4, -1.0
-    if len(fit) >= num_classes:
+    if len(fit) >= num_classes and len(hold) and len(np.unique(train_labels[fit])) > 1:
         for wd in (1e-5, 1e-4, 1e-3, 1e-2):
-            head = _fit_logreg(prep(train_feats[fit]).reshape(-1, d), np.repeat(train_labels[fit], v), num_classes, wd)
-            with torch.no_grad():
-                acc = (head(torch.from_numpy(prep(train_feats[hold]).reshape(-1, d))).argmax(1).numpy()
-                       == np.repeat(train_labels[hold], v)).mean()
+            model = fit_logreg(prep(train_feats[fit]), np.repeat(train_labels[fit], v), wd)
+            acc = (model.predict(prep(train_feats[hold])) == np.repeat(train_labels[hold], v)).mean()
             if acc > best_acc:
                 best_wd, best_acc = wd, acc
-    torch.manual_seed(seed)
-    head = _fit_logreg(prep(train_feats).reshape(-1, d), np.repeat(train_labels, v), num_classes, best_wd)
-    with torch.no_grad():
-        logits = head(torch.from_numpy(prep(test_feats).reshape(-1, d))).reshape(len(test_feats), v, -1)
-    return view_accuracies(logits.numpy(), test_labels, num_classes) | {"weight_decay": best_wd}
+    model = fit_logreg(prep(train_feats), np.repeat(train_labels, v), best_wd)
+    logits = class_log_probs(model, prep(test_feats), num_classes).reshape(len(test_feats), v, -1)
+    return view_accuracies(logits, test_labels, num_classes) | {"weight_decay": best_wd}
 
 
 def view_accuracies(logits, labels, num_classes):
@@ -107,3 +115,27 @@ def retrieval(train_feats, train_labels, test_feats, test_labels, ks=RECALL_KS):
     order = np.argsort(-(te @ tr.T), axis=1)
     hits = train_labels[order] == test_labels[:, None]
     return {f"R@{k}": float(hits[:, :k].any(1).mean()) for k in ks if k < len(tr)}
+
+
+def wilson_interval(p, n, z=1.96):
+    """(low, high) 95 % Wilson score interval of a share p measured on n independent samples: it stays
+    inside [0, 1] and is honest at small n and near 0 or 1, where p ± z·se is not."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def chance_level(metric, train_labels, num_classes, test_labels):
+    """What a metric scores without looking at the videos: top-k accuracy (linear, kNN, fine-tuning) of
+    a uniform guess, k / classes; R@k of k train videos drawn at random, exactly, averaged over the
+    test queries. None for what is not an accuracy (weight_decay, epochs)."""
+    if metric.startswith("R@"):
+        k, n = int(metric[2:]), len(train_labels)
+        per_class = np.bincount(train_labels, minlength=num_classes)
+        miss = [np.prod([(n - per_class[c] - i) / (n - i) for i in range(min(k, n))]) for c in test_labels]
+        return float(1 - np.mean(miss)) if len(miss) else None
+    if metric.endswith("_top1") or metric.endswith("_top5"):
+        return min(int(metric[-1]), num_classes) / num_classes
+    return None

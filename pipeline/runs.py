@@ -8,6 +8,7 @@ import os
 
 RUNS_DIR = "runs"
 LATEST = "latest"
+RUN_LOCK = ".lock"  # RUN/.lock: held (flock) by the distill training into RUN
 
 
 def new_run_dir(objective, runs_dir=RUNS_DIR):

@@ -162,6 +162,20 @@ def load_csv(root, labels, column, id_column="id", test_fraction=0.3, seed=0, tr
                   group_pattern)
 
 
+def compile_group_pattern(group_pattern):
+    try:
+        return re.compile(group_pattern) if group_pattern else None
+    except re.error as e:
+        raise TaskError(f"--group-pattern {group_pattern!r} is not a valid regular expression ({e})") from None
+
+
+def group_of(video_id, pattern):
+    """The source a video was cut from: the pattern's first group (or match) in its file name; a file
+    name that does not match is a group of its own."""
+    m = pattern.search(os.path.basename(video_id)) if pattern else None
+    return (m.group(1) if m.groups() else m.group(0)) if m else video_id
+
+
 def _split(name, root, classes, videos, missing, test_fraction, seed, train_list, test_list, group_pattern=None):
     """A Task from (id, path, label) triples: explicit train/test id lists, else a seeded split,
     stratified by class, that keeps each group (file names sharing group_pattern's first group, or
@@ -173,28 +187,26 @@ def _split(name, root, classes, videos, missing, test_fraction, seed, train_list
         missing = missing + [i for i in train_ids + test_ids if i not in everything]
         return Task(name, "lists", root, classes, [everything[i] for i in train_ids if i in everything],
                     [everything[i] for i in test_ids if i in everything], missing)
-    try:
-        pattern = re.compile(group_pattern) if group_pattern else None
-    except re.error as e:
-        raise TaskError(f"--group-pattern {group_pattern!r} is not a valid regular expression ({e})") from None
+    train, test = stratified_split(videos, len(classes), test_fraction, seed, group_pattern)
+    split = f"seed{seed}-test{test_fraction}" + (f"-groups{group_pattern}" if group_pattern else "")
+    return Task(name, split, root, classes, train, test, missing)
 
-    def group_of(video_id):
-        m = pattern.search(os.path.basename(video_id)) if pattern else None
-        return (m.group(1) if m.groups() else m.group(0)) if m else video_id
 
+def stratified_split(videos, num_classes, test_fraction, seed, group_pattern):
+    """(train, test) of (id, path, label) triples: per class, a seeded share of its groups to test."""
+    pattern = compile_group_pattern(group_pattern)
     by_class = collections.defaultdict(lambda: collections.defaultdict(list))  # label -> group -> videos
     for v in videos:
-        by_class[v[2]][group_of(v[0])].append(v)
+        by_class[v[2]][group_of(v[0], pattern)].append(v)
     rng = random.Random(seed)
     train, test = [], []
-    for label in range(len(classes)):
+    for label in range(num_classes):
         groups = sorted(by_class[label].values())
         rng.shuffle(groups)
         n_test = max(1, round(len(groups) * test_fraction)) if len(groups) > 1 else 0
         test += [v for g in groups[:n_test] for v in g]
         train += [v for g in groups[n_test:] for v in g]
-    split = f"seed{seed}-test{test_fraction}" + (f"-groups{group_pattern}" if pattern else "")
-    return Task(name, split, root, classes, sorted(train), sorted(test), missing)
+    return sorted(train), sorted(test)
 
 
 # The official releases: the folders their archives unpack to, and where to get them. Used to find

@@ -97,3 +97,35 @@ def hand_made_cache(path, lengths=(20, 3), teacher_every=2):
                       "teacher_offset": start["logits"], "teacher_count": len(pick)})
     w.commit({})
     return str(path)
+
+
+def tiny_checkpoint(path, student="r3d_cpu", objective="distinit", cache="no-such-cache", clip_len=4, crop=48, seed=0):
+    """A checkpoint as distill writes it, without training: the student's random weights with running
+    BatchNorm statistics moved off their defaults (an export in training mode would then differ), a
+    distillation head for distinit/both, the config and a cache fingerprint."""
+    import dataclasses
+
+    import torch
+
+    from models.students import build_student
+    from pipeline.config import DistillConfig
+    torch.manual_seed(seed)
+    backbone = build_student(student)
+    if student == "efficientnet3d_lite0":  # random init all but zeroes its output; start where eval's inflate row does
+        from models.students import inflate_from_teacher
+        inflate_from_teacher(backbone)
+    for m in backbone.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    model = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    if objective in ("distinit", "both"):
+        head = torch.nn.Linear(backbone.feature_dim, 1000)
+        model.update({f"distill_head.{k}": v for k, v in head.state_dict().items()})
+    cfg = DistillConfig(cache=str(cache), objective=objective, student=student, clip_len=clip_len, crop=crop)
+    fp = {"teacher": {"name": "efficientnet_lite0", "num_classes": 1000, "embed_dim": 1280},
+          "preprocessing": {"fps": 8.0, "height": 64, "width": 80, "resize": "cover-scale + centre crop"},
+          "flow": {"method": "dis", "bound": 20.0}, "vidistill_version": VIDISTILL_VERSION}
+    torch.save({"model": model, "config": dataclasses.asdict(cfg), "cache_fingerprint": fp, "step": 7,
+                "feature_dim": backbone.feature_dim}, str(path))
+    return str(path)

@@ -110,10 +110,11 @@ def test_cli_defaults_are_the_config_defaults():
     import click
 
     import cli as cli_module
-    from pipeline.config import DistillConfig, EvalConfig, ExtractConfig
-    commands = cli_module.cli.commands
+    from pipeline.config import DistillConfig, EvalConfig, ExportConfig, ExtractConfig, ShowConfig
+    commands = dict(cli_module.cli.commands, show=cli_module.cli.commands["cache"].commands["show"])
     checked = 0
-    for command, config in (("extract", ExtractConfig), ("distill", DistillConfig), ("eval", EvalConfig)):
+    for command, config in (("extract", ExtractConfig), ("distill", DistillConfig), ("eval", EvalConfig),
+                            ("export", ExportConfig), ("show", ShowConfig)):
         ctx = click.Context(commands[command])
         for param in commands[command].params:
             field = config.__dataclass_fields__.get(param.name)
@@ -127,3 +128,55 @@ def test_cli_defaults_are_the_config_defaults():
             assert got == field.default, f"{command} --{param.name}: CLI {got!r}, config {field.default!r}"
             checked += 1
     assert checked > 50
+
+
+def _commands(group, prefix=()):
+    """Every command's argv prefix, sub-commands included (cache info, cache verify, ...)."""
+    import click
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, prefix + (name,))
+        else:
+            yield prefix + (name,)
+
+
+def test_every_command_answers_a_bad_option_or_value_before_importing_torch():
+    import cli as cli_module
+    commands = list(_commands(cli_module.cli))
+    assert {("extract",), ("distill",), ("eval",), ("embed",), ("cache", "info")} <= set(commands)
+    probes = [c + ("--no-such-option",) for c in commands] + [
+        ("extract", "--videos", "v", "--fps", "0"), ("extract", "--videos", "v", "--workers", "0"),
+        ("eval", "--task", "folder", "--test-fraction", "1.5"), ("eval", "--task", "nope"),
+        ("eval", "--task", "ucf101", "--split", "4"), ("embed", "--videos", "v", "--checkpoint", "c", "--out", "o",
+                                                      "--clips", "0")]
+    script = ("import json, sys; sys.argv = ['cli.py']; import cli, contextlib, io\n"
+              "out = []\n"
+              "for argv in json.loads(sys.argv_probes):\n"
+              "    err = io.StringIO()\n"
+              "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):\n"
+              "        try: cli.cli(argv, prog_name='cli.py')\n"
+              "        except SystemExit as e: code = e.code\n"
+              "    out.append([argv, code, err.getvalue(), 'torch' in sys.modules])\n"
+              "print(json.dumps(out))").replace("sys.argv_probes", repr(json.dumps(probes)))
+    t = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for argv, code, err, torch_loaded in json.loads(result.stdout):
+        assert code == 2 and ("No such option" in err or "Invalid value" in err), (argv, err)
+        assert not torch_loaded, f"{' '.join(argv)}: torch was imported before the arguments were checked"
+    assert time.perf_counter() - t < 30
+
+
+def test_an_interrupt_that_python_can_only_print_still_ends_the_command_non_zero(tmp_path):
+    # A Ctrl-C landing in a DataLoader's worker shutdown (a __del__) is "ignored" by Python, which prints
+    # a traceback and carries on to exit 0; distill's guard makes it one line and exit 130.
+    script = ("import os, signal, sys, time; sys.argv = ['cli.py']; import cli\n"
+              "class ShutsWorkersDown:\n"
+              "    def __del__(self):\n"
+              "        os.kill(os.getpid(), signal.SIGINT); time.sleep(0.5)\n"
+              "with cli._exit_on_interrupt('interrupted: one line'):\n"
+              "    ShutsWorkersDown()\n"
+              "print('finished as if nothing happened')")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and result.stdout == ""
+    assert result.stderr == "interrupted: one line\n"

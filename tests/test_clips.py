@@ -1,9 +1,10 @@
 """Clip sampling geometry: frames and flow cut by the same box, flow vectors follow resize and flip."""
+import numpy as np
 import torch
 
 from cache.reader import CacheReader
 from helpers import H, K, W, hand_made_cache
-from pipeline.clips import ClipDataset, load_clip
+from pipeline.clips import ClipDataset, colour_augment, load_clip, random_box, teacher_square
 
 
 def test_same_box_for_frames_and_flow_and_flip_negates_x(tmp_path):
@@ -69,3 +70,36 @@ def test_dataset_serves_the_ids_it_is_given_and_skips_too_short_videos(tmp_path)
     assert int(ds[0]["video"][0, -1, 0, 0]) == 2  # v1's last frame, repeated
     ds = ClipDataset(r, clip_len=4, stride=2, crop=8, min_frames=4)
     assert ds.ids == ["v0"] and ds.skipped == 1
+
+
+def test_colour_augment_draws_one_transform_per_clip_for_all_its_frames():
+    torch.manual_seed(0)
+    frame = torch.randint(0, 256, (3, 1, 24, 24), dtype=torch.uint8)
+    clips = frame.expand(3, 5, 24, 24)[None].repeat(6, 1, 1, 1, 1)  # 6 clips of 5 identical frames
+    out = colour_augment(clips, jitter_p=1.0, grayscale_p=0.0, blur_p=1.0)
+    assert out.shape == clips.shape and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 255
+    assert torch.allclose(out, out[:, :, :1].expand_as(out), atol=1e-4)  # every frame got the same transform
+    views = out.reshape(6, -1)
+    assert all(not torch.allclose(views[i], views[j], atol=1.0) for i in range(6) for j in range(i))  # clips differ
+    # colour statistics move: per-clip mean colours spread out although the input was one image
+    assert out.mean(dim=(2, 3, 4)).std(0).mean() > 5
+
+
+def test_colour_augment_off_is_the_identity_and_grayscale_equalises_channels():
+    video = torch.randint(0, 256, (4, 3, 3, 16, 16), dtype=torch.uint8)
+    assert torch.allclose(colour_augment(video, jitter_p=0, grayscale_p=0, blur_p=0), video.float(), atol=1e-4)
+    gray = colour_augment(video, jitter_p=0, grayscale_p=1.0, blur_p=0)
+    assert torch.allclose(gray[:, 0], gray[:, 1], atol=1e-4) and torch.allclose(gray[:, 1], gray[:, 2], atol=1e-4)
+    blurred = colour_augment(video, jitter_p=0, grayscale_p=0, blur_p=1.0)
+    assert blurred.std() < video.float().std()  # blur removes the pixel noise
+
+
+def test_the_distilled_view_is_cut_inside_the_teacher_square():
+    top, left, side, _ = teacher_square(128, 171)
+    assert (top, left, side) == (0, 21, 128)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        t, l, bh, bw = random_box(128, 171, rng, scale=(0.25, 1.0), region=teacher_square(128, 171))
+        assert 0 <= t and t + bh <= 128 and 21 <= l and l + bw <= 21 + 128
+    anywhere = [random_box(128, 171, rng, scale=(0.25, 1.0)) for _ in range(200)]
+    assert any(l < 21 or l + bw > 149 for _, l, _, bw in anywhere)  # without the region crops reach the sides

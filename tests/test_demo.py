@@ -22,9 +22,10 @@ def test_demo_quick_runs_end_to_end_and_reports_its_own_numbers(tmp_path):
     assert rows == {"distinit", "modist", "both", "scratch", "inflate", "teacher"}
     # the table's numbers are the evaluation's own results
     for r in saved["rows"]:
-        eval_dir = out / "eval" / r["label_set"] / (r["row"] if r["row"] in ("distinit", "modist", "both") else "baselines") / "seed0"
+        eval_dir = out / "eval" / "test" / r["label_set"] / (r["row"] if r["row"] in ("distinit", "modist", "both") else "baselines") / "seed0"
         results = json.load(open(eval_dir / "results.json"))["results"]
         assert any(x["init"] == r["init"] and x["metric"] == r["metric"] and x["value"] == r["value"] for x in results)
     teacher_object = next(r for r in saved["rows"] if r["row"] == "teacher" and r["label_set"] == "object"
                           and r["metric"] == "video_top1")
     assert f"{100 * teacher_object['value']:.1f}" in report
+    assert "chosen on a validation split" in report and not (out / "eval" / "validation").exists()  # test only

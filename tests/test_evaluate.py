@@ -1,15 +1,19 @@
-"""Evaluation end to end on a folder task (rows, reports, feature reuse, embed), and one-line CLI errors."""
+"""Evaluation end to end on a folder task (rows, reports, feature reuse, embed), small-data reporting,
+and one-line CLI errors."""
 import json
 import os
+import re
 
 import h5py
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from cli import cli
 from helpers import extract_config, make_video
 from pipeline.config import DistillConfig, EvalConfig
-from pipeline.evaluate import run_eval
+from pipeline.evaluate import format_table, run_eval, small_data_warnings, write_reports
+from pipeline.protocols import chance_level, wilson_interval
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,7 @@ def test_eval_end_to_end_on_a_folder_task(tiny_folder_task, tmp_path):
     assert saved["results"] == json.loads(json.dumps(rows))
     md = open(out / "results.md").read()
     assert "| checkpoint |" in md and "linear video_top1" in md
-    stores = {p.name.split("-")[1]: p for p in out.glob("features-*.h5")}
+    stores = {p.name.split("-")[0]: p for p in (out / "features").glob("*.h5")}
     assert set(stores) == {"checkpoint", "scratch", "teacher"}
     with h5py.File(stores["checkpoint"]) as f:  # one row per decodable video, 2 clips x 3 crops, r3d_cpu
         assert f["features"].shape == (rows[0]["train_videos"] + rows[0]["test_videos"], 6, 128)
@@ -65,11 +69,13 @@ def test_eval_end_to_end_on_a_folder_task(tiny_folder_task, tmp_path):
     assert os.path.getmtime(stores["checkpoint"]) == before  # another split: features reused, not recomputed
     os.utime(run / "checkpoint.pt", (1, 1))  # same weights, another time stamp (cp, rsync): still reused
     run_eval(EvalConfig(**{**cfg.__dict__, "protocols": ("knn",), "inits": ("checkpoint",)}))
-    assert {p.name for p in out.glob("features-checkpoint-*.h5")} == {stores["checkpoint"].name}
+    assert {p.name for p in (out / "features").glob("checkpoint-*.h5")} == {stores["checkpoint"].name}
     run_distill(DistillConfig(cache=str(cache), out=str(run), student="r3d_cpu", clip_len=4, crop=48, batch_size=4,
                               steps=3, workers=0, progress=False))  # trained on: other weights, new features
     run_eval(EvalConfig(**{**cfg.__dict__, "protocols": ("knn",), "inits": ("checkpoint",)}))
-    assert len(list(out.glob("features-checkpoint-*.h5"))) == 2
+    assert len(list((out / "features").glob("checkpoint-*.h5"))) == 2
+    # the labelled videos are the ones distilled on: their frames come from that cache, none decoded again
+    assert not list(out.glob("cache-*")) and any(str(cache) in n for n in notes)
 
     feats = tmp_path / "feats.h5"
     result = CliRunner().invoke(cli, ["embed", "--videos", str(tiny_folder_task), "--checkpoint", str(run / "checkpoint.pt"),
@@ -78,7 +84,14 @@ def test_eval_end_to_end_on_a_folder_task(tiny_folder_task, tmp_path):
     with h5py.File(feats) as f:
         assert f["features"].shape == (12, 128) and f["clip_features"].shape == (12, 2, 128)
         assert sorted(i.decode() for i in f["ids"][()])[0] == "left/l0.mp4"
-        assert json.loads(f.attrs["config"])["clips"] == 2
+        config = json.loads(f.attrs["config"])
+        assert config["clips"] == 2 and config["frames_from"] == str(cache)  # read from the distill cache
+        assert [vid for vid, _ in config["failed"]] == ["right/broken.mp4"]
+        # 12 frames at 8 fps, clips of 4 frames 2 apart (7 frames): the first and the last window
+        assert f["num_frames"][0] == 12 and f["clip_times"].shape == (12, 2, 2)
+        assert f["clip_times"][0].tolist() == [[0.0, 0.875], [0.625, 1.5]]
+    assert not list(tmp_path.glob("*.cache")) and not list(tmp_path.glob("cache-*"))  # no hidden second decode
+    assert "checkpoint-" in " ".join(json.load(open(tmp_path / "features" / "index.json"))["stores"])
 
 
 def test_eval_cli_errors_are_one_line(tmp_path):
@@ -86,3 +99,99 @@ def test_eval_cli_errors_are_one_line(tmp_path):
     assert result.exit_code == 2 and "data folder does not exist" in result.output
     result = CliRunner().invoke(cli, ["eval", "--task", "folder", "--root", str(tmp_path), "--checkpoint", str(tmp_path / "x.pt")])
     assert result.exit_code == 2 and "checkpoint not found" in result.output
+
+
+def _labelled_folder(root, sizes):
+    """Class folders of generated videos: sizes = {class: number of videos}."""
+    for k, (cls, n) in enumerate(sizes.items()):
+        for i in range(n):
+            make_video(str(root / cls / f"{cls}{i}.mp4"), n=10, h=48, w=64, seed=10 * k + i, dx=k - 1)
+    return root
+
+
+@pytest.mark.slow
+def test_small_labelled_sets_get_counts_chance_warnings_intervals_and_one_decode(tmp_path):
+    root = _labelled_folder(tmp_path / "labelled", {"a": 3, "b": 3, "c": 1})
+    out = tmp_path / "eval"
+    base = ["eval", "--task", "folder", "--root", str(root), "--out", str(out), "--clips", "2"]
+    first = CliRunner().invoke(cli, base + ["--init", "scratch", "--protocol", "knn", "--protocol", "linear"])
+    assert first.exit_code == 0, first.output
+    text = first.output
+    assert "per class, train/test videos: a 2/1, b 2/1, c 1/0" in text
+    assert "chance: 33.3 % top-1 (3 classes guessed at random)" in text
+    assert "warning: 1 of 3 classes have no test video" in text and ": c" in text
+    assert "warning: only 2 test videos: one video moves an accuracy by 50.0 points" in text
+    # the table shows what was computed: kNN at k = 5 (the number of train videos), linear video and clip
+    header = next(line for line in text.splitlines() if line.startswith("| init |"))
+    assert header == "| init | linear video_top1 | linear clip_top1 | knn k5_top1 |"
+    assert "| chance | 33.3 | 33.3 | 33.3 |" in text
+
+    second = CliRunner().invoke(cli, base + ["--init", "teacher", "--protocol", "knn"])  # other rows, same out
+    assert second.exit_code == 0, second.output
+    assert len(list(out.glob("cache-*"))) == 1  # the labelled videos were decoded once, whatever the rows
+    saved = json.load(open(out / "results.json"))
+    assert [r["run"] for r in saved["runs"]] == [1, 2]  # the second eval added to the first, overwrote nothing
+    assert {(r["run"], r["init"]) for r in saved["results"]} == {(1, "scratch"), (2, "teacher")}
+    assert saved["runs"][0]["classes"] == [{"name": "a", "train": 2, "test": 1}, {"name": "b", "train": 2, "test": 1},
+                                           {"name": "c", "train": 1, "test": 0}]
+    row = next(r for r in saved["results"] if r["metric"] == "k5_top1" and r["init"] == "scratch")
+    assert row["ci95"] == list(wilson_interval(row["value"], 2)) and row["chance"] == 1 / 3
+    md = open(out / "results.md").read()
+    assert "## Run 1: folder" in md and "## Run 2: folder" in md and "**Warning:** only 2 test videos" in md
+    assert re.search(r"\| scratch \| \d+\.\d \(\d+\.\d–\d+\.\d\) \|", md)  # each accuracy with its interval
+    index = json.load(open(out / "features" / "index.json"))["stores"]
+    assert sorted(e["init"] for e in index.values()) == ["scratch", "teacher"]
+    assert all(e["videos"] == 7 and (out / "features" / name).exists() for name, e in index.items())
+
+
+def test_classes_of_one_video_are_refused_saying_each_class_needs_two(tmp_path):
+    for cls in ("a", "b", "c", "d", "e"):  # listed, never decoded: the split is refused first
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        (tmp_path / "data" / cls / "only.mp4").write_bytes(b"")
+    result = CliRunner().invoke(cli, ["eval", "--task", "folder", "--root", str(tmp_path / "data"), "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 2
+    message = result.output.strip()
+    assert "\n" not in message and "no decodable" not in message
+    assert "5 train / 0 test videos: no test videos; each class needs at least two videos" in message
+    assert "5 of 5 classes have fewer: a (1), b (1), c (1), d (1), e (1)" in message
+    assert not (tmp_path / "out").exists()  # nothing decoded, nothing written
+
+
+def _row(init, protocol, metric, value, n_test=4, run=None):
+    return {"init": init, "protocol": protocol, "metric": metric, "value": value, "task": "folder", "split": "s",
+            "seed": 0, "date": "d", "views": "v", "train_videos": 10, "test_videos": n_test,
+            "ci95": None if metric == "weight_decay" else wilson_interval(value, n_test),
+            "chance": chance_level(metric, np.array([0, 1] * 5), 7, np.array([0, 1, 0, 1]))}
+
+
+def test_the_table_shows_exactly_the_columns_computed_with_a_chance_row():
+    rows = [_row("checkpoint", "knn", "k10_top1", 0.5), _row("checkpoint", "linear", "video_top5", 1.0),
+            _row("checkpoint", "linear", "video_top1", 0.75), _row("checkpoint", "linear", "weight_decay", 1e-4),
+            _row("teacher", "knn", "k10_top1", 0.25), _row("teacher", "retrieval", "R@1", 0.5)]
+    lines = format_table(rows).splitlines()
+    assert lines[0] == "| init | linear video_top1 | linear video_top5 | knn k10_top1 | retrieval R@1 |"
+    assert lines[2] == "| checkpoint | 75.0 | 100.0 | 50.0 | – |"
+    assert lines[3] == "| teacher | – | – | 25.0 | 50.0 |"
+    assert lines[4].startswith("| chance | 14.3 | 71.4 | 14.3 | ")
+    assert "(" not in format_table(rows) and "75.0 (30.1–95.4)" in format_table(rows, intervals=True)
+
+
+def test_reports_accumulate_runs_and_keep_a_results_file_of_the_old_format(tmp_path):
+    json.dump({"notes": ["old"], "results": [_row("scratch", "knn", "k10_top1", 0.5)]}, open(tmp_path / "results.json", "w"))
+    rows = [_row("checkpoint", "knn", "k10_top1", 0.75)]
+    write_reports(str(tmp_path), rows, {"task": "folder", "split": "s", "seed": 0, "date": "d", "notes": ["new"],
+                                        "warnings": ["only 4 test videos"]})
+    saved = json.load(open(tmp_path / "results.json"))
+    assert [r["run"] for r in saved["runs"]] == [1, 2] and rows[0]["run"] == 2
+    assert [(r["run"], r["init"]) for r in saved["results"]] == [(1, "scratch"), (2, "checkpoint")]
+    md = open(tmp_path / "results.md").read()
+    assert md.index("## Run 1") < md.index("## Run 2") and "**Warning:** only 4 test videos" in md
+
+
+def test_small_data_warnings_name_the_classes_and_the_interval():
+    warnings = small_data_warnings([("a", 3, 1), ("b", 1, 0), ("c", 0, 2)], 3)
+    assert warnings[0].startswith("1 of 3 classes have no test video") and warnings[0].endswith(": b")
+    assert warnings[1].startswith("1 classes have test videos but no train video") and warnings[1].endswith(": c")
+    assert warnings[2].startswith("only 3 test videos: one video moves an accuracy by 33.3 points")
+    assert small_data_warnings([("a", 50, 20), ("b", 50, 20)], 40) == []

@@ -1,5 +1,11 @@
-"""Stage one end to end: real clips + broken files -> Zarr cache; reader, resume, shards, verify."""
+"""Stage one end to end: real clips + broken files -> Zarr cache; reader, resume, shards, verify,
+interrupts, replaced and vanished sources."""
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +16,9 @@ from cache.manifest import cache_info, verify_cache
 from cache.reader import CacheReader, committed_parts
 from cli import cli
 from helpers import extract_config, make_video
-from pipeline.extract import ExtractError, run_extract
+from pipeline.extract import ExtractError, ExtractInterrupted, run_extract
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +200,7 @@ def test_cli_extract_and_info(tmp_path):
     assert strict.exit_code == 1 and "skipped 3" in strict.output
     assert "1 videos of this shard are recorded as failed" in strict.output
     bad = CliRunner().invoke(cli, ["extract", "--videos", str(videos), "--cache", str(cache), "--fps", "0"])
-    assert bad.exit_code == 2 and "--fps must be > 0" in bad.output
+    assert bad.exit_code == 2 and "Invalid value for '--fps'" in bad.output  # checked by click, before torch
     info = CliRunner().invoke(cli, ["cache", "info", str(cache)])
     assert "videos     3: 2 ok, 0 partial, 1 failed" in info.output
     assert "bad.mp4: empty file (0 bytes)" in info.output
@@ -211,3 +219,135 @@ def test_two_workers_match_one(tmp_path):
     for vid in one.ids:
         assert np.array_equal(one.read(vid)["frames"], two.read(vid)["frames"])
         assert np.allclose(one.read(vid)["logits"], two.read(vid)["logits"], atol=1e-2)
+
+
+def test_a_sigterm_commits_the_finished_videos_of_a_part_that_is_not_full(tmp_path, monkeypatch):
+    import pipeline.extract as extract
+    videos = small_videos(tmp_path / "videos", 5)
+    recorded, real = [], extract._source_record
+
+    def record_then_signal(vid, path):  # the scheduler's SIGTERM lands right after the second video
+        recorded.append(vid)
+        if len(recorded) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(vid, path)
+    monkeypatch.setattr(extract, "_source_record", record_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ExtractInterrupted, match=r"interrupted \(SIGTERM\): the 2 videos finished in this run are "
+                                                r"committed to .*, 3 are not; rerun the same command to resume") as e:
+        run_extract(extract_config(videos, tmp_path / "c"))  # part_videos 64: the part is far from full
+    assert e.value.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    assert CacheReader(str(tmp_path / "c")).ids == ["v00.mp4", "v01.mp4"] and verify_cache(str(tmp_path / "c"))[0] == []
+    monkeypatch.setattr(extract, "_source_record", real)
+    s = run_extract(extract_config(videos, tmp_path / "c"))
+    assert s["skipped"] == 2 and s["done"] == 3 and len(CacheReader(str(tmp_path / "c")).ids) == 5
+
+
+def test_a_replaced_source_is_extracted_again_and_a_vanished_one_reported(tmp_path):
+    videos = small_videos(tmp_path / "videos", 3)
+    cache = tmp_path / "c"
+    run_extract(extract_config(videos, cache))
+    old = CacheReader(str(cache)).read("v01.mp4")["frames"]
+    make_video(str(videos / "v01.mp4"), n=14, h=64, w=96, seed=42)  # another file under the same name
+    os.utime(videos / "v01.mp4", (1e9, 1e9))
+    os.remove(videos / "v02.mp4")
+    info = cache_info(str(cache))
+    assert info["changed_sources"] == ["v01.mp4"] and info["vanished_sources"] == ["v02.mp4"]
+    s = run_extract(extract_config(videos, cache))
+    assert s["changed"] == ["v01.mp4"] and s["done"] == 1 and s["skipped"] == 1 and s["vanished"] == ["v02.mp4"]
+    r = CacheReader(str(cache))
+    assert r.num_frames("v01.mp4") == 14 and not np.array_equal(r.read("v01.mp4", 0, len(old))["frames"], old)
+    assert r.record("v01.mp4")["mtime"] == 1e9
+    assert verify_cache(str(cache))[0] == []  # two records of v01, of two files: no damage
+    assert run_extract(extract_config(videos, cache))["skipped"] == 2  # unchanged now
+    shown = CliRunner().invoke(cli, ["cache", "info", str(cache)])
+    assert "vanished   1 source file(s) no longer exist" in shown.output and "v02.mp4" in shown.output
+    listed = json.loads(CliRunner().invoke(cli, ["cache", "info", "--json", str(cache)]).output)
+    assert listed["vanished_sources"] == ["v02.mp4"] and listed["changed_sources"] == []
+    assert [(v["id"], v["frames"], v["status"], v["source_now"]) for v in listed["video_list"]] == [
+        ("v00.mp4", 8, "ok", "same"), ("v01.mp4", 14, "ok", "same"), ("v02.mp4", 10, "ok", "vanished")]
+
+
+def _tmp_part_frames_flushed(cache):
+    """Whether a part in flight has written a chunk of frames (>= 1 MB: a few whole videos by now)."""
+    parts = cache / "parts"
+    return parts.is_dir() and any(n.startswith(".tmp-") and (parts / n / "frames" / "c").is_dir()
+                                  for n in os.listdir(parts))
+
+
+@pytest.mark.slow
+def test_sigterm_mid_extract_commits_then_a_double_ctrl_c_aborts_and_the_reruns_finish(tmp_path):
+    videos = tmp_path / "v"
+    for i in range(12):
+        make_video(str(videos / f"v{i:02d}.mp4"), n=24, h=64, w=96, seed=i)
+    cache = tmp_path / "c"
+    cmd = [sys.executable, "cli.py", "extract", "--videos", str(videos), "--cache", str(cache), "--teacher-every", "8",
+           "--height", "64", "--width", "80"]  # default --part-videos 64: the one part never fills
+
+    def start():
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # its own process group, as a terminal's job
+    proc = start()
+    deadline = time.time() + 240
+    while proc.poll() is None and not _tmp_part_frames_flushed(cache) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what Slurm and Kubernetes send first
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted (SIGTERM): the ") and last.endswith("rerun the same command to resume")
+    assert "Traceback" not in err
+    kept = CacheReader(str(cache)).ids
+    assert 2 <= len(kept) < 12 and verify_cache(str(cache))[0] == []
+    assert last.split("the ")[1].split(" videos")[0] == str(len(kept))
+
+    proc = start()  # the resume, stopped by a Ctrl-C twice: the second aborts at once
+    while proc.poll() is None and not _tmp_part_frames_flushed(cache) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches every process of the job, ffmpeg too
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    # the second Ctrl-C aborts, or (a fast machine) finds the first one's commit done and the job leaving:
+    # during Python's own shutdown SIGINT kills with its default action, which a shell also reports as 130
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err[-2000:]
+    assert "SIGINT again: aborted" in err or "rerun the same command to resume" in err.strip().splitlines()[-1]
+
+    kept = CacheReader(str(cache)).ids  # the aborted run left its part in flight as debris for the rerun
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"extracted {12 - len(kept)} videos (0 partial), skipped {len(kept)} already" in done.stdout
+    assert CacheReader(str(cache)).ids == [f"v{i:02d}.mp4" for i in range(12)]
+    assert verify_cache(str(cache))[0] == []
+
+
+def test_a_second_signal_aborts_at_once_and_kills_the_workers():
+    script = ("import os, signal, subprocess, sys, time\n"
+              "from pipeline.extract import StopRequest\n"
+              "stop = StopRequest()\n"
+              "worker = subprocess.Popen(['sleep', '60'])\n"
+              "print(worker.pid, flush=True)\n"
+              "stop.children = [worker]\n"
+              "with stop.on_signals():\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(0.5)\n"
+              "    assert stop() and stop.signum == signal.SIGTERM\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(30)\n"
+              "print('not reached')")
+    t = time.time()
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and time.time() - t < 25
+    assert "SIGTERM: committing the videos finished so far" in result.stderr
+    assert "SIGINT again: aborted; the part in flight is dropped" in result.stderr
+    worker = int(result.stdout.split()[0])
+
+    def dead(pid):  # gone, or a zombie waiting for whoever inherited it to reap it
+        try:
+            return open(f"/proc/{pid}/status").read().split("State:")[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+    deadline = time.time() + 5
+    while not dead(worker) and time.time() < deadline:
+        time.sleep(0.05)
+    assert dead(worker)

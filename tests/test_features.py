@@ -2,7 +2,7 @@
 import h5py
 import numpy as np
 
-from pipeline.features import stored_features
+from pipeline.features import read_index, stored_features
 
 
 def test_feature_store_computes_each_video_once_across_tasks(tmp_path):
@@ -20,3 +20,10 @@ def test_feature_store_computes_each_video_once_across_tasks(tmp_path):
         assert [i.decode() for i in f["ids"][()]] == ["v1", "v2", "v3"] and f["features"].shape == (3, 2, 3)
     stored_features(store, ["v1"], compute, {**attrs, "views": "4 clips"})  # other views: not reused
     assert calls[-1] == ["v1"]
+    # the folder's index says what each store holds
+    other = str(tmp_path / "other.h5")
+    stored_features(other, ["v9"], compute, {"init": "teacher", "views": "frames"})
+    index = read_index(str(tmp_path))
+    assert sorted(index) == ["features.h5", "other.h5"]
+    assert index["features.h5"]["views"] == "4 clips" and index["features.h5"]["videos"] == 1
+    assert index["other.h5"]["init"] == "teacher" and (index["other.h5"]["views_per_video"], index["other.h5"]["dim"]) == (2, 3)

@@ -59,3 +59,44 @@ def test_kl_scales_with_tau_squared():
     student = torch.tensor([[2 * math.log(3.0), 0.0]])
     expected = 4 * (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25))
     assert abs(float(distill_kl(student, target, tau=2.0)) - expected) < 1e-6
+
+
+def test_a_negative_from_the_querys_own_video_is_masked():
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    k = torch.nn.functional.normalize(q + 0.3 * torch.randn(3, 8), dim=1)
+    queue = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    ids, queue_ids = torch.tensor([10, 11, 12]), torch.tensor([1, 2, 3, 4, 5])
+    # an older key of video 11 (here: its current key) in the queue is no negative for video 11's
+    # query, and still one for the others
+    with_own = torch.cat([queue, k[1:2]])
+    masked = info_nce(q, k, with_own, 0.1, ids=ids, queue_ids=torch.cat([queue_ids, torch.tensor([11])]))
+    rows = []
+    for i in range(3):
+        logits = torch.cat([q[i] @ k.t(), q[i] @ with_own.t()]) / 0.1
+        if i == 1:
+            logits[-1] = float("-inf")
+        rows.append(torch.nn.functional.cross_entropy(logits[None], torch.tensor([i])))
+    assert torch.allclose(masked, torch.stack(rows).mean())
+    assert info_nce(q, k, with_own, 0.1) > masked + 1e-3  # unmasked, the own key is a hard negative
+    # a second clip of one video in the batch is not a negative for the other either
+    twice = torch.tensor([10, 10, 12])
+    expected_rows = []
+    for i in range(3):
+        logits = torch.cat([q[i] @ k.t(), q[i] @ queue.t()]) / 0.1
+        if i < 2:
+            logits[1 - i] = float("-inf")
+        expected_rows.append(torch.nn.functional.cross_entropy(logits[None], torch.tensor([i])))
+    assert torch.allclose(info_nce(q, k, queue, 0.1, ids=twice, queue_ids=queue_ids), torch.stack(expected_rows).mean())
+
+
+def test_info_nce_is_computed_in_fp32_under_autocast():
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(16, 128), dim=1)
+    k = torch.nn.functional.normalize(q + 0.01 * torch.randn(16, 128), dim=1)  # cosines near 1
+    queue = torch.nn.functional.normalize(torch.randn(64, 128), dim=1)
+    exact = info_nce(q, k, queue, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert info_nce(q, k, queue, 0.1) == exact
+        naive = torch.nn.functional.cross_entropy(torch.cat([q @ k.t(), q @ queue.t()], 1) / 0.1, torch.arange(16))
+    assert naive != exact  # what bf16 logits would have done

@@ -1,5 +1,6 @@
 """Evaluation protocols on known answers: linear probe, weighted kNN, retrieval recall."""
 import numpy as np
+import torch
 
 from pipeline.protocols import knn_classify, linear_probe, retrieval
 
@@ -48,3 +49,72 @@ def test_protocols_on_random_features_are_near_chance():
     assert linear_probe(trf, trl, tef, tel, 10)["video_top1"] < 0.2
     assert knn_classify(trf, trl, tef, tel, 10)["k20_top1"] < 0.2
     assert retrieval(trf, trl, tef, tel)["R@1"] < 0.2
+
+
+def test_linear_probe_is_deterministic_and_converged():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(4, 16))
+    train = np.stack([centres[i % 4] + 1.5 * rng.normal(size=(2, 16)) for i in range(60)])  # [60,2,16], overlapping
+    test = np.stack([centres[i % 4] + 1.5 * rng.normal(size=(2, 16)) for i in range(40)])
+    ytr, yte = np.arange(60) % 4, np.arange(40) % 4
+    torch.manual_seed(1)
+    np.random.seed(1)
+    first = linear_probe(train, ytr, test, yte, 4, seed=0)
+    torch.manual_seed(12345)  # another global random state: the same numbers
+    np.random.seed(12345)
+    torch.randn(1000)
+    assert linear_probe(train, ytr, test, yte, 4, seed=0) == first
+
+
+def test_the_probe_reaches_the_optimum_of_its_objective():
+    """An independent solver (scipy's L-BFGS on the same objective: mean cross-entropy + wd |W|^2)
+    finds the same probabilities: the probe stops at the optimum, not at an iteration cap."""
+    from scipy.optimize import minimize
+    from scipy.special import log_softmax
+    from pipeline.protocols import class_log_probs, fit_logreg
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 10))
+    y = (x[:, 0] + 0.5 * x[:, 1] + 0.8 * rng.normal(size=120) > 0).astype(int) + (x[:, 2] > 1)
+    wd, k, d = 1e-3, 3, 10
+
+    def objective(theta):
+        w, b = theta[:k * d].reshape(k, d), theta[k * d:]
+        logp = log_softmax(x @ w.T + b, axis=1)
+        p = np.exp(logp)
+        p[np.arange(len(y)), y] -= 1
+        grad_w = p.T @ x / len(y) + 2 * wd * w
+        return -logp[np.arange(len(y)), y].mean() + wd * (w ** 2).sum(), np.concatenate([grad_w.ravel(), p.mean(0)])
+    theta = minimize(objective, np.zeros(k * d + k), jac=True, method="L-BFGS-B",
+                     options={"gtol": 1e-10, "ftol": 1e-14, "maxiter": 10000}).x
+    reference = log_softmax(x @ theta[:k * d].reshape(k, d).T + theta[k * d:], axis=1)
+    ours = class_log_probs(fit_logreg(x, y, wd), x, k)
+    np.testing.assert_allclose(np.exp(ours), np.exp(reference), atol=1e-4)
+
+
+def test_the_weight_decay_hold_out_keeps_groups_together():
+    from pipeline.protocols import grouped_holdout
+    groups = np.repeat(np.arange(10), 3)  # 10 source videos, 3 clips each
+    fit, hold = grouped_holdout(30, groups, 0.2, seed=0)
+    assert len(hold) == 6 and set(groups[fit]).isdisjoint(groups[hold])
+    assert sorted(np.concatenate([fit, hold])) == list(range(30))
+
+
+def test_wilson_interval_matches_known_values_and_stays_in_range():
+    from pipeline.protocols import wilson_interval
+    low, high = wilson_interval(0.5, 2)
+    assert abs(low - 0.0945) < 1e-3 and abs(high - 0.9055) < 1e-3
+    assert wilson_interval(1.0, 3)[1] == 1.0 and wilson_interval(1.0, 3)[0] > 0.4  # never [1, 1] from 3 videos
+    assert wilson_interval(0.0, 10)[0] == 0.0 and 0.2 < wilson_interval(0.0, 10)[1] < 0.35
+    assert wilson_interval(0.8, 1000)[1] - wilson_interval(0.8, 1000)[0] < 0.06
+    assert wilson_interval(0.3, 0) == (0.0, 1.0)
+
+
+def test_chance_levels_of_top_k_and_of_retrieval():
+    from pipeline.protocols import chance_level
+    train, test = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 1, 2])
+    assert chance_level("video_top1", train, 3, test) == 1 / 3 and chance_level("k10_top1", train, 3, test) == 1 / 3
+    assert chance_level("clip_top5", train, 10, test) == 0.5 and chance_level("video_top5", train, 3, test) == 1.0
+    # R@1: one random train video of 6, 2 of the query's class; R@5: 5 of 6 always include one of them
+    assert abs(chance_level("R@1", train, 3, test) - 2 / 6) < 1e-12 and chance_level("R@5", train, 3, test) == 1.0
+    assert abs(chance_level("R@2", train, 3, test) - (1 - (4 / 6) * (3 / 5))) < 1e-12
+    assert chance_level("weight_decay", train, 3, test) is None

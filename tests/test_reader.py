@@ -51,3 +51,39 @@ def test_reading_a_failed_or_unknown_video_says_why(tmp_path):
         r.read("broken.mp4")
     with pytest.raises(KeyError, match="'nope.mp4' is not in cache"):
         r.read("nope.mp4")
+
+
+def _record_part(cache, tag, vid, n_frames, size, mtime, status="ok"):
+    """A part holding one video record of n_frames frames from a source of this size and mtime."""
+    w = PartWriter(cache, tag, H, W, True, K, D)
+    start = w.begin_video()
+    if status == "ok":
+        w.append("frames", np.full((n_frames, H, W, 3), n_frames, np.uint8))
+        w.append("flow", quantize_flow(np.zeros((n_frames, H, W, 2), np.float32)))
+        w.append("teacher_frame", np.array([0], np.int32))
+        w.append("logits", np.zeros((1, K), np.float16))
+        w.append("embed", np.zeros((1, D), np.float16))
+    w.add_record({"id": vid, "status": status, "error": None if status == "ok" else "empty file (0 bytes)",
+                  "size": size, "mtime": mtime, "frame_offset": start["frames"],
+                  "frame_count": n_frames if status == "ok" else 0, "teacher_offset": start["logits"],
+                  "teacher_count": 1 if status == "ok" else 0})
+    w.commit({})
+
+
+def test_a_later_record_of_a_replaced_source_supersedes_the_earlier_one_whatever_the_names(tmp_path):
+    # parts are read in the order they were written (the time in their name), not by name: the
+    # re-extraction of a replaced file wins although its tag sorts first
+    cache = hand_made_cache(tmp_path / "c")
+    _record_part(cache, "z-first", "clip.mp4", 4, size=100, mtime=1.0)
+    _record_part(cache, "a-second", "clip.mp4", 6, size=250, mtime=2.0)  # another file under the same name
+    _record_part(cache, "m-third", "gone.mp4", 3, size=10, mtime=1.0)
+    _record_part(cache, "b-fourth", "gone.mp4", 0, size=0, mtime=5.0, status="failed")  # replaced by a broken file
+    index, duplicates = load_index(cache)
+    assert duplicates == []
+    assert index["clip.mp4"][1]["size"] == 250 and CacheReader(cache).num_frames("clip.mp4") == 6
+    assert CacheReader(cache).read("clip.mp4")["frames"][0, 0, 0, 0] == 6
+    assert index["gone.mp4"][1]["status"] == "failed"  # the old frames were of a file that is no longer there
+    assert "gone.mp4" not in CacheReader(cache).ids
+    # the same file recorded twice readable is damage, whatever the order
+    _record_part(cache, "dup", "clip.mp4", 6, size=250, mtime=2.0)
+    assert [vid for vid, _ in load_index(cache)[1]] == ["clip.mp4"]

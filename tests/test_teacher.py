@@ -92,3 +92,12 @@ def test_bad_weights_give_one_line_value_error(tmp_path):
         load_teacher(weights=wrong)
     with pytest.raises(ValueError, match="unknown teacher"):
         load_teacher("resnet50")
+
+
+def test_class_names_are_the_teachers_output_order(teacher, photos):
+    from models.teacher import class_names
+    names = class_names()
+    assert len(names) == 1000 and names == IMAGENET_CLASSES  # torchvision's metadata: nothing downloads
+    logits, _ = teacher.predict(photos)
+    assert [names[i] for i in logits.argmax(-1)] == ["Egyptian cat", "espresso"]
+    assert class_names(5) == [f"class {i}" for i in range(5)]

@@ -1,0 +1,82 @@
+"""`extract --videos LIST`: videos named by a list file instead of found in a folder.
+
+Large datasets come as lists (Kinetics CSVs, `find` output). A list gives the same (id, path) pairs a
+folder walk gives, so ids, resume, sharding and failure records work the same way:
+
+- `.txt`: one path per line; blank lines and lines starting with `#` are skipped; surrounding spaces
+  are stripped.
+- `.csv` (with a header row): the paths are in the column named `path`, else `id` (eval's default
+  `--id-column`, so one labels file serves both), else the first column. A file whose first row
+  already names a video (a video extension, no such column names) is read as having no header.
+- A relative path is relative to the list's folder, not to where the command runs; absolute paths
+  are taken as they are.
+- The id is the path relative to the list's folder when the file lies inside it (`find . -name
+  '*.mp4' > list.txt` in DIR gives the ids `extract --videos DIR` gives), else the absolute path.
+- A path listed twice (after normalisation: `./a.mp4`, `a.mp4` and `/abs/DIR/a.mp4` are one) is
+  extracted once; a path that does not exist is kept, so extraction records it as failed (no such
+  file: `cache info` lists it, `--strict` exits 1, `--retry-failed` tries it again once it is
+  there); a folder is skipped. Each is reported with its line number, never fatal.
+"""
+import csv
+import os
+
+from pipeline.decode import VIDEO_EXTENSIONS
+
+LIST_EXTENSIONS = (".txt", ".csv")
+PATH_COLUMNS = ("path", "id")  # a CSV's path column: the first of these present (any case), else the first column
+
+
+def is_video_list(path):
+    return os.path.isfile(path) and os.path.splitext(path)[1].lower() in LIST_EXTENSIONS
+
+
+def read_video_list(list_path):
+    """([(video_id, path)] sorted by id, [problem lines]) for a .txt or .csv list of video paths."""
+    base = os.path.dirname(os.path.abspath(list_path))
+    found, first_line, problems = {}, {}, []
+    for line_no, raw in list_entries(list_path):
+        path = os.path.normpath(raw if os.path.isabs(raw) else os.path.join(base, raw))
+        vid = video_id(base, path)
+        if vid in found:
+            problems.append(f"line {line_no}: {raw!r} is listed again (first on line {first_line[vid]}); extracted once")
+            continue
+        if os.path.isdir(path):
+            problems.append(f"line {line_no}: {raw!r} is a folder, not a video; skipped (pass the folder itself "
+                            "as --videos to search it)")
+            continue
+        if not os.path.lexists(path):
+            problems.append(f"line {line_no}: {raw!r} does not exist; recorded as failed")
+        elif not os.path.exists(path):
+            problems.append(f"line {line_no}: {raw!r} is a broken symbolic link; recorded as failed")
+        found[vid], first_line[vid] = path, line_no
+    return sorted(found.items()), problems
+
+
+def video_id(base, path):
+    """POSIX path relative to the list's folder when inside it, else the absolute path."""
+    rel = os.path.relpath(path, base)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+        return os.path.abspath(path).replace(os.sep, "/")
+    return rel.replace(os.sep, "/")
+
+
+def list_entries(list_path):
+    """[(line number, path as written)] of a list file, in file order."""
+    with open(list_path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
+        if list_path.lower().endswith(".csv"):
+            return _csv_entries(f)
+        return [(n, line.strip()) for n, line in enumerate(f, 1)
+                if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _csv_entries(f):
+    rows = list(csv.reader(f))
+    if not rows:
+        return []
+    header = [c.strip().lower() for c in rows[0]]
+    column = next((header.index(name) for name in PATH_COLUMNS if name in header), 0)
+    headerless = column == 0 and not set(PATH_COLUMNS) & set(header) and \
+        os.path.splitext(header[0])[1] in VIDEO_EXTENSIONS if header else False
+    start = 0 if headerless else 1
+    return [(n, row[column].strip()) for n, row in enumerate(rows[start:], start + 1)
+            if len(row) > column and row[column].strip()]
