@@ -50,8 +50,9 @@ def with_defaults(cfg):
         if cfg.task not in OFFICIAL:
             raise EvalError(f"--task {cfg.task} needs --root (the folder with the labelled videos)")
         root = default_root(cfg.task)
-    if checkpoint is None and latest_run():
-        checkpoint = os.path.join(latest_run(), "checkpoint.pt")
+    latest = latest_run() if checkpoint is None else None
+    if latest:
+        checkpoint = os.path.join(latest, "checkpoint.pt")
         notes.append(f"checkpoint: {checkpoint} (the latest distill run; --checkpoint to choose another)")
     elif checkpoint:
         checkpoint = checkpoint_path(checkpoint)

@@ -106,12 +106,16 @@ def _listed_videos(list_path):
     return found
 
 
+def teacher_identity(teacher, device):
+    """The teacher's part of a fingerprint: its description where it will run (CPU and GPU compute at
+    different precision) and the sha256 of its weights file."""
+    return teacher_fingerprint(teacher, device) | {"weights_sha256": sha256_file(teacher.weights_path)}
+
+
 def make_fingerprint(cfg, teacher):
     return {
-        # where the teacher will run, not where it was loaded to be fingerprinted: CPU and GPU jobs
-        # compute its outputs at different precision and must not fill one cache
-        "teacher": (teacher_fingerprint(teacher, resolve_device(cfg.device))
-                    | {"weights_sha256": sha256_file(teacher.weights_path)}) if teacher else {"name": "none"},
+        # where the teacher will run, not where it was loaded to be fingerprinted
+        "teacher": teacher_identity(teacher, resolve_device(cfg.device)) if teacher else {"name": "none"},
         "preprocessing": {"fps": cfg.fps, "height": cfg.height, "width": cfg.width,
                           "resize": "cover-scale + centre crop, SAR and rotation applied",
                           # the stored frames are downscaled from a decode at the teacher's size, so it

@@ -28,11 +28,11 @@ from cache.fingerprint import CacheError, sha256_file
 from cache.reader import CacheReader, source_status
 from models.checkpoint import load_checkpoint, load_student
 from models.students import build_student, inflate_from_teacher, normalize_video
-from models.teacher import load_teacher, teacher_fingerprint
+from models.teacher import load_teacher
 from pipeline.clips import clip_span, load_clip, view_boxes, view_starts
 from pipeline.config import DEVICE_DEFAULTS, INITS, DistillConfig, EvalConfig, ExtractConfig, resolve_device
 from pipeline.decode import DecodeError, VideoDecode
-from pipeline.extract import find_videos, run_extract
+from pipeline.extract import find_videos, run_extract, teacher_identity
 from pipeline.locks import FileLock
 from pipeline.runs import checkpoint_path
 
@@ -177,7 +177,7 @@ def teacher_row(reader, every, device, progress):
             return np.stack(out)
         return fp["teacher"], from_cache
     teacher = load_teacher(device=device)
-    tfp = teacher_fingerprint(teacher, device) | {"weights_sha256": sha256_file(teacher.weights_path)}
+    tfp = teacher_identity(teacher, device)
     pre = fp["preprocessing"]
 
     def from_decode(ids):
