@@ -392,8 +392,8 @@ def describe_plan(cfg, plan, short_videos, world):
         lines.append(f"note: {short_videos} of {p['videos']} videos are shorter than a clip "
                      f"({clip_span(cfg.clip_len, cfg.stride)} frames); their clips repeat the last frame")
     if p["total"] < TOO_FEW_STEPS:
-        lines.append(f"warning: {p['total']} steps are too few to learn much (the demo's students need ~400 to "
-                     f"beat their baselines); e.g. `cli.py distill --cache {cfg.cache} --steps 400`")
+        lines.append(f"warning: {p['total']} steps are too few to learn much (on the demo's videos 150 steps "
+                     f"taught almost nothing, 400-600 did); e.g. `cli.py distill --cache {cfg.cache} --steps 400`")
     return lines
 
 
