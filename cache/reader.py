@@ -119,11 +119,14 @@ class CacheReader:
     def num_frames(self, video_id):
         return self.record(video_id)["frame_count"]
 
-    def _group(self, part):
+    def _arrays(self, part):
+        """{name: zarr array} of a part, opened once per process: looking an array up in its group
+        costs a metadata read each time, more than reading a clip's chunk."""
         if self._pid != os.getpid():  # first use, or we are a freshly forked worker
             self._groups, self._pid = {}, os.getpid()
         if part not in self._groups:
-            self._groups[part] = zarr.open_group(os.path.join(self.cache_dir, PARTS_DIR, part), mode="r")
+            group = zarr.open_group(os.path.join(self.cache_dir, PARTS_DIR, part), mode="r")
+            self._groups[part] = dict(group.arrays())
         return self._groups[part]
 
     def read(self, video_id, start=0, stop=None, fields=("frames", "flow", "logits", "embed")):
@@ -141,7 +144,7 @@ class CacheReader:
         if not 0 <= start < stop <= n:
             raise IndexError(f"frames [{start}, {stop}) out of range for {video_id!r} ({n} frames)")
         try:
-            return self._read(self._group(part), rec, start, stop, fields)
+            return self._read(self._arrays(part), rec, start, stop, fields)
         except CacheError:
             raise
         except Exception as e:  # a truncated or corrupt chunk: name it, never a codec traceback

@@ -104,12 +104,12 @@ class ClipDataset(torch.utils.data.Dataset):
     same clips come out whatever the worker count, and after a resume.
     """
 
-    def __init__(self, reader, clip_len=8, stride=2, crop=112, with_flow=False, with_teacher=True,
+    def __init__(self, reader, clip_len=8, stride=2, crop=112, with_flow=False, teacher_fields=("logits", "embed"),
                  two_views=False, gap_seconds=(0.5, 10.0), min_frames=1, seed=0, crop_scale=0.25, ids=None,
                  first_view_in_teacher_square=False):
         self.reader = reader  # only the index: Zarr opens lazily in each worker
         self.cfg = dict(clip_len=clip_len, stride=stride, crop=crop, with_flow=with_flow, crop_scale=crop_scale,
-                        with_teacher=with_teacher, two_views=two_views)
+                        teacher_fields=tuple(teacher_fields), two_views=two_views)
         # the view distilled from the teacher is cut inside what the teacher saw, so its target
         # never describes an object the clip does not show
         self.first_region = teacher_square(*reader.frame_size) if first_view_in_teacher_square else None
@@ -152,29 +152,31 @@ class ClipDataset(torch.utils.data.Dataset):
             out["video" + suffix] = video
             if flow is not None:
                 out["flow" + suffix] = flow
-        if c["with_teacher"]:
-            out.update(self.teacher_window(vid, starts[0], n))
+        if c["teacher_fields"]:
+            out.update(self.teacher_window(vid, starts[0], n, c["teacher_fields"]))
         return out
 
-    def teacher_window(self, vid, start, n):
-        """Teacher logits/embeddings of the teacher frames inside [start, start+span), padded + mask.
+    def teacher_window(self, vid, start, n, fields=("logits", "embed")):
+        """Teacher logits (and embeddings, when asked: most objectives never read them) of the teacher
+        frames inside [start, start+span), padded + mask.
 
         With a sparse teacher (extract --teacher-every larger than the clip span) a window can hold no
         teacher frame; it then takes the teacher frame nearest to its centre, so every clip has a target.
         """
         stop = min(start + self.span, n)
-        t = self.reader.read(vid, start, stop, fields=("logits", "embed"))
-        if len(t["logits"]) == 0:
-            t = self.reader.read(vid, fields=("logits", "embed"))
+        t = self.reader.read(vid, start, stop, fields=fields)
+        if len(t["teacher_frame"]) == 0:
+            t = self.reader.read(vid, fields=fields)
             j = int(np.argmin(np.abs(t["teacher_frame"] - (start + stop - 1) / 2)))
             t = {k: v[j:j + 1] for k, v in t.items()}
-        m = len(t["logits"])
-        k, d = t["logits"].shape[1], t["embed"].shape[1]
-        logits = torch.zeros(self.max_teacher, k, dtype=torch.float16)
-        embed = torch.zeros(self.max_teacher, d, dtype=torch.float16)
-        mask = torch.zeros(self.max_teacher, dtype=torch.bool)
-        logits[:m], embed[:m], mask[:m] = torch.from_numpy(t["logits"]), torch.from_numpy(t["embed"]), True
-        return {"teacher_logits": logits, "teacher_embed": embed, "teacher_mask": mask}
+        m = len(t["teacher_frame"])
+        out = {"teacher_mask": torch.zeros(self.max_teacher, dtype=torch.bool)}
+        out["teacher_mask"][:m] = True
+        for name in fields:
+            rows = torch.zeros(self.max_teacher, t[name].shape[1], dtype=torch.float16)
+            rows[:m] = torch.from_numpy(t[name])
+            out[f"teacher_{name}"] = rows
+        return out
 
 
 # ---- colour augmentations, batched on the training device inside the step ----------------------

@@ -6,10 +6,26 @@ mistyped option at once. Each config is saved whole inside the cache or checkpoi
 """
 from dataclasses import dataclass
 
-OBJECTIVES = ("distinit", "modist", "both")
+OBJECTIVES = ("distinit", "modist", "both")  # the demo's runs; `lss` and any "+" combination also train
+OBJECTIVE_PARTS = ("distinit", "modist", "lss")
 INITS = ("checkpoint", "scratch", "inflate", "teacher")  # rows of an evaluation table
-PROTOCOLS = ("linear", "knn", "retrieval", "finetune")
+PROTOCOLS = ("linear", "knn", "retrieval", "finetune", "zeroshot")
 TASKS = ("ucf101", "hmdb51", "folder", "csv")
+
+
+
+def objective_parts(objective):
+    """'both' -> ('distinit', 'modist'); 'distinit+lss' -> ('distinit', 'lss'); in OBJECTIVE_PARTS order.
+    Raises ValueError on an unknown part."""
+    parts = set(("distinit", "modist") if objective == "both" else objective.split("+"))
+    unknown = parts - set(OBJECTIVE_PARTS) - {"both"}
+    if unknown or not objective:
+        raise ValueError(f"--objective takes distinit, modist, lss or a '+' combination of them (both = "
+                         f"distinit+modist), not {objective!r}")
+    if "both" in parts:
+        parts |= {"distinit", "modist"}
+    return tuple(p for p in OBJECTIVE_PARTS if p in parts)
+
 
 # Clips cut from one source video must not straddle a split (near-duplicate frames would leak the
 # answer). UCF101 names them v_<Class>_g<group>_c<clip>; the same rule serves any similar naming.
@@ -58,8 +74,11 @@ class DistillConfig:
     # the distilled view's crop: inside the central square the teacher saw ("teacher_square"), so its
     # target never describes what the clip does not show, or "anywhere" in the frame
     distill_view: str = "teacher_square"
-    # colour augmentations of every RGB view (MaCLR's configs), drawn per clip on the device;
-    # a probability of 0 turns one off
+    # colour augmentations (MaCLR's configs), drawn per clip on the device; a probability of 0 turns one
+    # off. Which views: "key" jitters the contrastive key clip only, so the student's own clip, which
+    # DistInit matches to the teacher's view of clean frames, stays clean (the demo's validation runs:
+    # jittering it cost distinit 22 points of object accuracy); "all" jitters every RGB view, as MaCLR does
+    colour_views: str = "key"
     jitter: float = 0.4  # brightness, contrast and saturation factors in [1 - jitter, 1 + jitter]
     hue: float = 0.1  # hue shift in [-hue, hue] turns of the colour wheel
     jitter_p: float = 0.8
@@ -81,6 +100,14 @@ class DistillConfig:
     modist_weight: float = 1.0
     cross_weight: float = 1.0  # RGB<->flow terms inside MoDist, both directions summed (1.0 in the released code)
     flow_weight: float = 0.0  # flow<->flow term inside MoDist (off in the released configs)
+    # LSS: the student's concept-space head matches the teacher's distribution over the bank's
+    # concepts (categories and descriptions), and its category distribution, carried through the
+    # membership, agrees with its own description distribution (concept alignment)
+    concepts: str = ""  # the bank from `cli.py concepts` (needed by lss)
+    lss_weight: float = 1.0
+    align_weight: float = 1.0  # concept alignment, inside lss
+    concept_tau: float = 0.1  # the student's temperature over concept cosines
+    concept_teacher_tau: float = 0.04  # the teacher's, sharper (as DINO's teacher is)
     shuffle_bn_groups: int = 2  # key encoders' BatchNorm sub-batches on one device (shuffle-BN)
     nce_tau: float = 0.1
     queue_size: int = 4096
@@ -92,6 +119,14 @@ class DistillConfig:
     log_every: int = 10
     device: str = "auto"
     progress: bool = True
+
+
+@dataclass
+class ConceptsConfig:
+    classes: str = "k400"  # k400, ucf101, hmdb51, imagenet, or a file with one class name per line
+    descriptions: str = None  # JSON {class: [descriptions]}; None: the content words of each class name
+    out: str = "concepts.h5"
+    text_encoder: str = "minilm"
 
 
 @dataclass
@@ -120,12 +155,16 @@ class EvalConfig:
     id_column: str = "id"
     work: str = None  # where the decoded-frames cache lives (default: out); share it between runs
     teacher_every: int = 1  # teacher row: embeddings of every k-th frame are averaged
+    # zeroshot: the text encoder that embeds the task's class names; None: the checkpoint's concept
+    # bank's encoder, else minilm
+    text_encoder: str = None
     device: str = "auto"
     progress: bool = True
 
     def rows(self):
         """The table's rows: as asked, else the checkpoint (if any) against every baseline."""
-        return tuple(self.inits) or (("checkpoint",) if self.checkpoint else ()) + ("scratch", "inflate", "teacher")
+        baselines = ("scratch", "teacher") if tuple(self.protocols) == ("zeroshot",) else ("scratch", "inflate", "teacher")
+        return tuple(self.inits) or (("checkpoint",) if self.checkpoint else ()) + baselines  # inflate: no text space
 
 
 EXPORT_FORMATS = ("torchvision", "torchscript", "onnx")

@@ -17,15 +17,16 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from cache.fingerprint import VIDISTILL_VERSION, CacheError, read_cache_json
+from cache.fingerprint import VIDISTILL_VERSION, CacheError, read_cache_json, sha256_file
 from cache.manifest import verify_cache
 from cache.reader import CacheReader
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.students import ProjectionHead, build_motion_pathway, build_student, normalize_video
 from pipeline.clips import ClipDataset, clip_span, colour_augment
-from pipeline.config import DEVICE_DEFAULTS, OBJECTIVES, resolve_device
+from pipeline.config import DEVICE_DEFAULTS, objective_parts, resolve_device
 from pipeline.locks import FileLock, LockBusy
-from pipeline.losses import distill_kl, embed_cosine, info_nce, teacher_targets
+from pipeline.concepts import ConceptError, read_bank
+from pipeline.losses import bridged_teacher, concept_align, concept_distill, distill_kl, embed_cosine, info_nce, teacher_targets
 from pipeline.runs import RUN_LOCK, latest_run, new_run_dir, point_latest
 from pipeline.tblog import TrainEvents
 
@@ -35,18 +36,26 @@ class DistillError(Exception):
 
 def resolve(cfg):
     """Fill the "auto" fields from the device; validate."""
-    if cfg.objective not in OBJECTIVES:
-        raise DistillError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
+    try:
+        objective = "+".join(objective_parts(cfg.objective))
+    except ValueError as e:
+        raise DistillError(str(e)) from None
+    if objective == "distinit+modist":
+        objective = "both"  # one name for one run: run folders, resume and the demo's rows use it
+    if "lss" in objective and not cfg.concepts:
+        raise DistillError("--objective with lss needs --concepts BANK.h5 (make one with `cli.py concepts`)")
     if cfg.target_mode not in ("average", "random"):
         raise DistillError("--target-mode must be 'average' or 'random'")
     if cfg.distill_view not in ("teacher_square", "anywhere"):
         raise DistillError("--distill-view must be 'teacher_square' or 'anywhere'")
+    if cfg.colour_views not in ("key", "all"):
+        raise DistillError(f"--colour-views must be 'key' or 'all', not {cfg.colour_views!r}")
     device = resolve_device(cfg.device)
     auto = DEVICE_DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
     if cfg.optimizer not in ("adamw", "sgd"):
         raise DistillError(f"--optimizer must be adamw or sgd, not {cfg.optimizer!r}")
     return dataclasses.replace(
-        cfg, device=device,
+        cfg, device=device, objective=objective,
         weight_decay=cfg.weight_decay if cfg.weight_decay >= 0 else (0.05 if cfg.optimizer == "adamw" else 5e-4),
         student=cfg.student if cfg.student != "auto" else auto["student"],
         clip_len=cfg.clip_len or auto["clip_len"],
@@ -56,15 +65,21 @@ def resolve(cfg):
 class Distiller(nn.Module):
     """The student backbone plus whatever the objective needs: heads, motion pathway, momentum copies."""
 
-    def __init__(self, cfg, num_classes, embed_dim, flow_bound, momentum=0.99):
+    def __init__(self, cfg, num_classes, embed_dim, flow_bound, momentum=0.99, concepts=None):
         super().__init__()
         self.cfg = cfg
         self.momentum = momentum  # of the key encoders: from the run's plan unless set
         self.flow_bound = flow_bound  # the cache's flow bound scales flow inputs to about [-1, 1]
         self.backbone = build_student(cfg.student)
         d = self.backbone.feature_dim
-        self.use_distinit = cfg.objective in ("distinit", "both")
-        self.use_modist = cfg.objective in ("modist", "both")
+        parts = objective_parts(cfg.objective)
+        self.use_distinit, self.use_modist, self.use_lss = ("distinit" in parts), ("modist" in parts), ("lss" in parts)
+        if self.use_lss:
+            # the concept bank as fixed buffers (saved with the weights): nothing text-side runs in the loop
+            for key in ("category_vectors", "description_vectors", "membership", "bridge_vectors"):
+                self.register_buffer(key, torch.as_tensor(concepts[key], dtype=torch.float32))
+            self.concept_head = ProjectionHead(d, dim_out=self.category_vectors.shape[1])
+        self.bank = concepts["identity"] if self.use_lss else None  # which bank: saved in the checkpoint
         if self.use_distinit:
             self.distill_head = nn.Linear(d, num_classes)  # one head per teacher (the cache has one)
             self.embed_head = nn.Linear(d, embed_dim) if cfg.embed_weight > 0 else None
@@ -110,7 +125,8 @@ class Distiller(nn.Module):
     def forward(self, batch):
         """Returns a dict of named scalar losses for one batch (already on the device)."""
         cfg, losses = self.cfg, {}
-        feat = self.backbone(normalize_video(self.augment(batch["video"])))  # [B,D]
+        video = self.augment(batch["video"]) if cfg.colour_views == "all" else batch["video"]
+        feat = self.backbone(normalize_video(video))  # [B,D]
         if self.use_distinit:
             target = teacher_targets(batch["teacher_logits"], batch["teacher_mask"], cfg.tau, cfg.target_mode)
             losses["distinit"] = distill_kl(self.distill_head(feat), target, cfg.tau)
@@ -118,6 +134,22 @@ class Distiller(nn.Module):
                 losses["embed"] = embed_cosine(self.embed_head(feat), batch["teacher_embed"], batch["teacher_mask"])
         if self.use_modist:
             losses.update(self.contrastive_losses(feat, batch))
+        if self.use_lss:
+            losses.update(self.concept_losses(feat, batch))
+        return losses
+
+    def concept_losses(self, feat, batch):
+        """LSS: the student's distributions over the bank's concepts match the teacher's (concept
+        distillation), and its category distribution, carried through the membership, agrees with its
+        own description distribution (concept alignment)."""
+        cfg = self.cfg
+        student = self.concept_head(feat)  # [B,D] unit
+        teacher = bridged_teacher(batch["teacher_logits"], batch["teacher_mask"], self.bridge_vectors)  # [B,D]
+        losses = {"concept": sum(concept_distill(student, teacher, vectors, cfg.concept_tau, cfg.concept_teacher_tau)
+                                 for vectors in (self.category_vectors, self.description_vectors))}
+        if cfg.align_weight > 0:
+            losses["align"] = concept_align(student, self.category_vectors, self.description_vectors, self.membership,
+                                            cfg.concept_tau)
         return losses
 
     def contrastive_losses(self, feat, batch):
@@ -149,7 +181,8 @@ class Distiller(nn.Module):
         cfg = self.cfg
         weights = {"distinit": cfg.distinit_weight, "embed": cfg.embed_weight * cfg.distinit_weight,
                    "rgb_nce": cfg.modist_weight, "flow_nce": cfg.modist_weight * cfg.flow_weight,
-                   "cross_nce": cfg.modist_weight * cfg.cross_weight}
+                   "cross_nce": cfg.modist_weight * cfg.cross_weight,
+                   "concept": cfg.lss_weight, "align": cfg.lss_weight * cfg.align_weight}
         return sum(weights[k] * v for k, v in losses.items())
 
 
@@ -228,10 +261,11 @@ def check_cache(cache_dir, objective):
     if problems:
         raise DistillError(f"{cache_dir} is damaged ({len(problems)} problem(s), e.g. {problems[0]}); "
                            "run `cli.py cache verify --repair` and extract again")
-    if objective in ("distinit", "both") and fp["teacher"]["name"] == "none":
+    parts = objective_parts(objective)
+    if ("distinit" in parts or "lss" in parts) and fp["teacher"]["name"] == "none":
         raise DistillError(f"{cache_dir} has no teacher outputs (extracted with --teacher none); "
                            f"--objective {objective} needs them")
-    if objective in ("modist", "both") and fp["flow"]["method"] == "none":
+    if "modist" in parts and fp["flow"]["method"] == "none":
         raise DistillError(f"{cache_dir} has no optical flow (extracted with --flow none); "
                            f"--objective {objective} needs it")
     return fp
@@ -240,8 +274,9 @@ def check_cache(cache_dir, objective):
 def build_training(cfg, fingerprint, plan):
     """Model (on cfg.device), optimiser and warmup+cosine schedule for a resolved config and plan."""
     tcfg = fingerprint["teacher"]
+    concepts = load_concepts(cfg.concepts, tcfg) if "lss" in objective_parts(cfg.objective) else None
     model = Distiller(cfg, tcfg.get("num_classes"), tcfg.get("embed_dim"), fingerprint["flow"].get("bound"),
-                      plan["momentum"]).to(cfg.device)
+                      plan["momentum"], concepts).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -249,6 +284,21 @@ def build_training(cfg, fingerprint, plan):
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, plan["warmup"], plan["total"]))
     return model, opt, sched
+
+
+def load_concepts(path, teacher):
+    """The bank's vectors, refused when its bridge does not fit the cache's teacher."""
+    try:
+        bank = read_bank(path)
+    except ConceptError as e:
+        raise DistillError(str(e)) from None
+    if teacher.get("num_classes") != len(bank["bridge_vectors"]):
+        raise DistillError(f"{path}: its bridge maps {len(bank['bridge_vectors'])} ImageNet classes into the text "
+                           f"space, but the cache's teacher ({teacher.get('name')}) has {teacher.get('num_classes')} "
+                           f"outputs; lss needs the ImageNet teacher")
+    bank["identity"] = {"path": os.path.abspath(path), "sha256": sha256_file(path), "text_encoder": bank["text_encoder"],
+                        "categories": len(bank["categories"]), "descriptions": len(bank["descriptions"])}
+    return bank
 
 
 def autocast(device):
@@ -292,7 +342,8 @@ def train_step(model, forward, opt, sched, batch, amp):
 _RESUME_KEYS = ("cache", "objective", "student", "clip_len", "stride", "crop", "crop_scale", "batch_size", "seed",
                 "tau", "target_mode", "embed_weight", "queue_size", "proj_dim", "optimizer", "lr", "weight_decay",
                 "warmup_steps", "momentum", "distinit_weight", "modist_weight", "cross_weight", "flow_weight",
-                "distill_view", "jitter", "hue", "jitter_p", "grayscale_p", "blur_p", "shuffle_bn_groups")
+                "distill_view", "colour_views", "jitter", "concepts", "lss_weight", "align_weight", "concept_tau",
+                "concept_teacher_tau", "hue", "jitter_p", "grayscale_p", "blur_p", "shuffle_bn_groups")
 
 
 def run_distill(cfg):
@@ -349,11 +400,13 @@ def init_distributed(cfg):
 
 
 def training_clips(cfg):
-    modist = cfg.objective in ("modist", "both")
-    distinit = cfg.objective in ("distinit", "both")
+    parts = objective_parts(cfg.objective)
+    modist, teacher = "modist" in parts, "distinit" in parts or "lss" in parts
+    # the teacher's embedding is read only when a loss uses it (--embed-weight): most runs never do
+    fields = ("logits", "embed") if "distinit" in parts and cfg.embed_weight > 0 else ("logits",) if teacher else ()
     return ClipDataset(CacheReader(cfg.cache), cfg.clip_len, cfg.stride, cfg.crop, with_flow=modist,
-                       with_teacher=distinit, two_views=modist, seed=cfg.seed, crop_scale=cfg.crop_scale,
-                       first_view_in_teacher_square=distinit and cfg.distill_view == "teacher_square")
+                       teacher_fields=fields, two_views=modist, seed=cfg.seed, crop_scale=cfg.crop_scale,
+                       first_view_in_teacher_square=teacher and cfg.distill_view == "teacher_square")
 
 
 MIN_EPOCH_STEPS = 25  # a small cache is sampled several times per epoch, so an epoch means something
@@ -373,7 +426,7 @@ def plan_steps(cfg, n_videos, world, rank):
             "warmup": cfg.warmup_steps or max(1, round(0.05 * total)),
             # the key encoders' time constant 1 / (1 - m) is a quarter of the run (0.99 at 400 steps)
             "momentum": cfg.momentum or min(0.999, max(0.9, 1 - 4 / total))}
-    if cfg.objective in ("modist", "both") and cfg.queue_size > n_videos:
+    if "modist" in objective_parts(cfg.objective) and cfg.queue_size > n_videos:
         # a queue longer than the data holds several keys of the query's own video as "negatives"
         if rank == 0:
             print(f"note: --queue-size {cfg.queue_size} > {n_videos} videos in the cache; using {n_videos}")
@@ -387,7 +440,7 @@ def describe_plan(cfg, plan, short_videos, world):
     lines = [f"plan: {p['videos']} videos x {p['clips_per_video']} clip(s) each per epoch = {p['per_epoch']} steps "
              f"of {cfg.batch_size} x {world} clips; {p['total']} steps = {p['total'] / p['per_epoch']:.1f} epochs; "
              f"warm-up {p['warmup']} steps, peak lr {cfg.lr:g}"
-             + (f", key momentum {p['momentum']:.3f}" if cfg.objective != "distinit" else "")]
+             + (f", key momentum {p['momentum']:.3f}" if "modist" in objective_parts(cfg.objective) else "")]
     if short_videos:
         lines.append(f"note: {short_videos} of {p['videos']} videos are shorter than a clip "
                      f"({clip_span(cfg.clip_len, cfg.stride)} frames); their clips repeat the last frame")
@@ -510,7 +563,8 @@ def checkpoint_state(run, step, batches_used):
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
             "config": dataclasses.asdict(run["cfg"]), "cache_fingerprint": run["fingerprint"], "videos": run["videos"],
             "plan": run["plan"],
-            "feature_dim": run["model"].backbone.feature_dim, "vidistill_version": VIDISTILL_VERSION}
+            "feature_dim": run["model"].backbone.feature_dim, "vidistill_version": VIDISTILL_VERSION,
+            "concepts": run["model"].bank}
 
 
 def train_loop(run, loader, step, batches_used):

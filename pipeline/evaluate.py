@@ -8,6 +8,7 @@ with its task, split, protocol, views, checkpoint and seed.
 import collections
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import re
@@ -16,10 +17,11 @@ import numpy as np
 import torch
 
 from pipeline.config import INITS, PROTOCOLS, resolve_device
-from pipeline.features import EvalError, frames_source, load_backbone, preprocessing_of, row_features
+from models.checkpoint import load_checkpoint
+from pipeline.features import EvalError, concept_head_of, frames_source, load_backbone, preprocessing_of, row_features
 from pipeline.finetune import finetune
 from pipeline.locks import FileLock
-from pipeline.protocols import chance_level, knn_classify, linear_probe, retrieval, wilson_interval
+from pipeline.protocols import chance_level, knn_classify, linear_probe, retrieval, wilson_interval, zero_shot
 from pipeline.runs import checkpoint_path, latest_run
 from pipeline.tasks import OFFICIAL, compile_group_pattern, default_root, group_of, load_task
 from pipeline.tblog import write_eval_events
@@ -66,28 +68,28 @@ def run_eval(cfg):
     device = torch.device(resolve_device(cfg.device))
     task = load_task(cfg.task, cfg.root, cfg.split, cfg.splits, cfg.test_fraction, cfg.seed, cfg.train_list, cfg.test_list,
                      cfg.labels, cfg.label_column, cfg.id_column, cfg.group_pattern)
-    labelled = [(vid, label) for vid, _, label in task.train], [(vid, label) for vid, _, label in task.test]
-    require_both_sides(task, *labelled)  # before any decoding: a split that cannot be scored fails at once
+    scored_sides(cfg, task)  # before any decoding: a split that cannot be scored fails at once
     os.makedirs(cfg.out, exist_ok=True)
     pre = preprocessing_of(cfg.checkpoint)
     work = cfg.work or cfg.out
     # task.root: the folder the video ids are relative to (e.g. ROOT/UCF-101 of an official layout)
     reader, source = frames_source(task.root, [(vid, path) for vid, path, _ in task.train + task.test], work, pre,
                                    cfg.progress)
-    usable = set(reader.ids)
-    train, test = ([(vid, label) for vid, label in side if vid in usable] for side in labelled)
-    unreadable = len(task.train) + len(task.test) - len(train) - len(test)
+    unreadable = len(task.train) + len(task.test) - len(set(reader.ids) & {vid for vid, _, _ in task.train + task.test})
     failed = f"{unreadable} videos failed to decode (see `cli.py cache info {reader.cache_dir}`)" if unreadable else None
-    require_both_sides(task, train, test, failed)
+    train, test = scored_sides(cfg, task, set(reader.ids), failed)
     counts = class_counts(task.classes, train, test)
     trl, tel = np.array([label for _, label in train]), np.array([label for _, label in test])
     warnings = small_data_warnings(counts, len(test))
-    notes += [task.describe()] + ([source] if source else []) + ([failed] if failed else []) + \
-        [per_class_line(counts), chance_line(task.classes, trl, tel)] + [f"warning: {w}" for w in warnings]
+    scope = [f"zeroshot alone: all {len(test)} videos are scored, none is trained on"] if not train else []
+    notes += [task.describe()] + scope + ([source] if source else []) + ([failed] if failed else []) + \
+        [per_class_line(counts), chance_line(task.classes, trl if len(trl) else tel, tel)] + \
+        [f"warning: {w}" for w in warnings]
+    space = concept_space(cfg, task.classes, notes) if "zeroshot" in cfg.protocols else None
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []
     for init in cfg.rows():
-        results, attrs, store = evaluate_row(init, cfg, reader, task, train, test, pre, device, work, notes)
+        results, attrs, store = evaluate_row(init, cfg, reader, task, train, test, pre, device, work, notes, space)
         for protocol, metrics in results.items():
             for metric, value in metrics.items():
                 accuracy = metric not in NOT_ACCURACY
@@ -103,11 +105,26 @@ def run_eval(cfg):
                              "seed": cfg.seed, "date": date, "train_videos": len(train), "test_videos": len(test)})
     run = {"date": date, "task": task.name, "split": task.split, "seed": cfg.seed, "train_videos": len(train),
            "test_videos": len(test), "classes": [{"name": c, "train": a, "test": b} for c, a, b in counts],
-           "chance_top1": 1 / len(task.classes), "majority": majority(task.classes, trl, tel),
+           "chance_top1": 1 / len(task.classes), "majority": majority(task.classes, trl if len(trl) else tel, tel),
            "warnings": warnings, "notes": notes, "config": dataclasses.asdict(cfg)}
     notes += write_eval_events(cfg, rows, task, train, test)  # TensorBoard: beside the checkpoint
     write_reports(cfg.out, rows, run)
     return rows, task, notes
+
+
+def scored_sides(cfg, task, usable=None, failed=None):
+    """(train, test) as [(id, label)]: the split's sides, or, with zero-shot alone on a folder or csv
+    task, no train side and every video to score. usable: the ids that decoded (None: not decoded
+    yet). Refuses what cannot be scored, saying why."""
+    train, test = [(vid, label) for vid, _, label in task.train], [(vid, label) for vid, _, label in task.test]
+    if usable is not None:
+        train, test = ([(vid, label) for vid, label in side if vid in usable] for side in (train, test))
+    if not zeroshot_alone(cfg, task):
+        require_both_sides(task, train, test, failed)
+        return train, test
+    if not train + test:
+        raise EvalError(f"{task.describe()}: no videos that decode" + (f" ({failed})" if failed else ""))
+    return [], train + test
 
 
 def require_both_sides(task, train, test, failed=None):
@@ -162,7 +179,7 @@ def small_data_warnings(counts, n_test):
         warnings.append(f"{len(untested)} of {len(counts)} classes have no test video, so nothing measures them "
                         f"(a class needs at least two videos to be on both sides): "
                         + ", ".join(untested[:10]) + (" …" if len(untested) > 10 else ""))
-    unlearnt = [c for c, a, b in counts if a == 0 and b > 0]
+    unlearnt = [c for c, a, b in counts if a == 0 and b > 0] if any(a for _, a, _ in counts) else []  # zero-shot
     if unlearnt:
         warnings.append(f"{len(unlearnt)} classes have test videos but no train video, so every test video of "
                         "theirs counts as an error: " + ", ".join(unlearnt[:10]) + (" …" if len(unlearnt) > 10 else ""))
@@ -175,14 +192,15 @@ def small_data_warnings(counts, n_test):
     return warnings
 
 
-def evaluate_row(init, cfg, reader, task, train, test, pre, device, work, notes):
+def evaluate_row(init, cfg, reader, task, train, test, pre, device, work, notes, space=None):
     """One row of the table: its features (from the store, computing what it lacks) through every
     protocol asked for. Returns ({protocol: metrics}, what the features depend on, feature store path)."""
-    feats, attrs, store = row_features(init, cfg, reader, [v for v, _ in train + test], task.root, pre, device, work)
-    trf, tef = feats[:len(train)], feats[len(train):]
     trl, tel = np.array([label for _, label in train]), np.array([label for _, label in test])
     num_classes = len(task.classes)
-    results = {}
+    results, attrs, store = {}, None, None
+    if {"linear", "knn", "retrieval"} & set(cfg.protocols):
+        feats, attrs, store = row_features(init, cfg, reader, [v for v, _ in train + test], task.root, pre, device, work)
+        trf, tef = feats[:len(train)], feats[len(train):]
     if "linear" in cfg.protocols:
         pattern = compile_group_pattern(cfg.group_pattern)
         groups = [group_of(vid, pattern) for vid, _ in train]  # the weight-decay hold-out splits as the task does
@@ -191,13 +209,53 @@ def evaluate_row(init, cfg, reader, task, train, test, pre, device, work, notes)
         results["knn"] = knn_classify(trf, trl, tef, tel, num_classes)
     if "retrieval" in cfg.protocols:
         results["retrieval"] = retrieval(trf, trl, tef, tel)
+    if "zeroshot" in cfg.protocols:
+        if init != "teacher" and concept_head_of(init, cfg) is None:
+            notes.append(f"zeroshot skipped for the {init} row (its network has no concept head nor ImageNet head)")
+        else:
+            feats, z_attrs, z_store = row_features(init, cfg, reader, [v for v, _ in test], task.root, pre, device,
+                                                   work, space)
+            results["zeroshot"] = zero_shot(feats, tel, space["classes"])
+            attrs, store = attrs or z_attrs, store or z_store
     if "finetune" in cfg.protocols:
         if init == "teacher":
             notes.append("finetune skipped for the 2D teacher row (not a video network)")
         else:
             fresh = load_backbone(init, cfg.checkpoint, cfg.student, cfg.seed)  # features must not see tuned weights
             results["finetune"] = finetune(fresh, reader, train, test, num_classes, pre, cfg, device)
-    return results, attrs, store
+    return results, attrs or {"views": None, "checkpoint": None}, store or ""
+
+
+def zeroshot_alone(cfg, task):
+    """Zero-shot is the only protocol on a folder or csv task: every video is scored (on ucf101 and
+    hmdb51 the official split's test side is, so numbers compare with the literature's)."""
+    return tuple(cfg.protocols) == ("zeroshot",) and task.name not in OFFICIAL
+
+
+def concept_space(cfg, classes, notes):
+    """Zero-shot's text space: the encoder (the checkpoint's concept bank's unless --text-encoder says),
+    the teacher's bridge into it, and the task's class names in it ({"identity", "bridge", "classes"})."""
+    from pipeline.concepts import ConceptError, check_encoder, class_vectors, words_of
+    bank = load_checkpoint(cfg.checkpoint).get("concepts") if cfg.checkpoint else None
+    name = cfg.text_encoder or (bank["text_encoder"]["name"] if bank else "minilm")
+    try:
+        encoder, identity, bridge = text_space(name)
+        if bank:
+            check_encoder(bank["text_encoder"], encoder, f"{cfg.checkpoint}'s concept bank")
+    except (ValueError, ConceptError) as e:
+        raise EvalError(str(e)) from None
+    notes.append(f"zeroshot: class names in {encoder.name}'s space, e.g. {classes[0]!r} -> '{words_of(classes[0])}'")
+    return {"identity": identity, "bridge": bridge, "classes": class_vectors(encoder, classes)}
+
+
+@functools.lru_cache(maxsize=2)
+def text_space(name):
+    """(encoder, its identity, the teacher's bridge into its space): loaded and embedded once per
+    process, however many evaluations (the demo's rows and label sets) ask."""
+    from models.text import load_text_encoder
+    from pipeline.concepts import bridge_vectors, encoder_identity
+    encoder = load_text_encoder(name)
+    return encoder, encoder_identity(encoder), bridge_vectors(encoder)
 
 
 def table_columns(rows):

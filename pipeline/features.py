@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 import torch
+import torch.nn as nn
 from tqdm import tqdm
 
 from cache.fingerprint import CacheError, sha256_file
 from cache.reader import CacheReader, source_status
 from models.checkpoint import load_checkpoint, load_student
-from models.students import build_student, inflate_from_teacher, normalize_video
+from models.students import ProjectionHead, build_student, inflate_from_teacher, normalize_video
 from models.teacher import load_teacher
 from pipeline.clips import clip_span, load_clip, view_boxes, view_starts
 from pipeline.config import DEVICE_DEFAULTS, INITS, DistillConfig, EvalConfig, ExtractConfig, resolve_device
@@ -160,20 +161,25 @@ def view_times(n_frames, pre, clips, crops):
                      for s in view_starts(n_frames, clips, span) for _ in range(crops)], np.float32)
 
 
-def teacher_row(reader, every, device, progress):
-    """(teacher fingerprint, compute) of the 2D teacher row: its 1280-d embedding of every `every`-th
-    frame, averaged per video, [N,1,1280]. From the cache's teacher rows when it has them at a step
-    dividing `every`; else the teacher runs on each video's own 224 px decode (the stored frames are
-    too small to show it what it saw in distillation). Either way, the frames-only cache is not redone."""
+def teacher_row(reader, every, device, progress, output="embed"):
+    """(teacher fingerprint, compute) of the 2D teacher row: per video, the average over every
+    `every`-th frame of its 1280-d embedding (output "embed") or of its ImageNet probabilities
+    ("probs"), [N,1,D]. From the cache's teacher rows when it has them at a step dividing `every`;
+    else the teacher runs on each video's own 224 px decode (the stored frames are too small to show
+    it what it saw in distillation). Either way, the frames-only cache is not redone."""
+    field = "embed" if output == "embed" else "logits"
+
+    def per_frame(x):  # [F, D] -> what is averaged
+        return x if output == "embed" else torch.softmax(torch.from_numpy(x).float(), -1).numpy()
     fp = reader.fingerprint
     cached_every = fp["preprocessing"].get("teacher_every")
     if fp["teacher"].get("name") != "none" and cached_every and every % cached_every == 0:
         def from_cache(ids):
             out = []
             for v in ids:
-                rows = reader.read(v, fields=("embed",))
+                rows = reader.read(v, fields=(field,))
                 keep = rows["teacher_frame"] % every == 0
-                out.append(rows["embed"][keep].astype(np.float32).mean(0, keepdims=True))
+                out.append(per_frame(rows[field][keep].astype(np.float32)).mean(0, keepdims=True))
             return np.stack(out)
         return fp["teacher"], from_cache
     teacher = load_teacher(device=device)
@@ -183,21 +189,67 @@ def teacher_row(reader, every, device, progress):
     def from_decode(ids):
         out = []
         for v in tqdm(ids, desc="features teacher", unit="video", disable=not progress, dynamic_ncols=True):
-            path, embeds, n = reader.record(v)["path"], [], 0
+            path, rows, n = reader.record(v)["path"], [], 0
             try:
                 for stored, teacher_in in VideoDecode(path, fps=pre["fps"], height=pre["height"], width=pre["width"],
                                                       teacher_size=pre["teacher_size"]):
                     pick = np.flatnonzero((np.arange(n, n + len(stored)) % every) == 0)
                     if len(pick):
-                        embeds.append(teacher.predict(teacher_in[pick])[1])
+                        logits, embeds = teacher.predict(teacher_in[pick])
+                        rows.append(per_frame(embeds if field == "embed" else logits))
                     n += len(stored)
             except DecodeError as e:
                 raise EvalError(f"{path}: cannot decode it for the teacher row ({e})") from None
-            if not embeds:
+            if not rows:
                 raise EvalError(f"{path}: no frames decoded for the teacher row")
-            out.append(np.concatenate(embeds).mean(0, keepdims=True))
+            out.append(np.concatenate(rows).mean(0, keepdims=True))
         return np.stack(out)
     return tfp, from_decode
+
+
+class BridgeHead(nn.Module):
+    """A student's ImageNet head into the text space: its probabilities times the class names' text
+    embeddings (the bridge LSS uses for the image-only teacher)."""
+
+    def __init__(self, fc, bridge):
+        super().__init__()
+        self.fc = fc
+        self.register_buffer("bridge", torch.as_tensor(bridge, dtype=torch.float32))
+
+    def forward(self, x):  # [B,D_feat] -> [B,D_text], unit norm
+        return nn.functional.normalize(torch.softmax(self.fc(x), -1) @ self.bridge, dim=-1)
+
+
+def concept_head_of(init, cfg):
+    """Which head takes the row into the concept space: "concept" (an lss student's), "bridge" (a
+    student's ImageNet head, through the bridge), "random" (scratch), or None (no text space: inflate,
+    a modist-only student)."""
+    if init == "scratch":
+        return "random"
+    if init != "checkpoint":
+        return None
+    weights = load_checkpoint(cfg.checkpoint)["model"]
+    return "concept" if "concept_head.net.0.weight" in weights else "bridge" if "distill_head.weight" in weights else None
+
+
+def concept_model(init, cfg, space):
+    """The row's network into the concept space: the lss student's concept head; a student without
+    one through its distillation head and the bridge; scratch with a random head of that shape."""
+    kind = concept_head_of(init, cfg)
+    if kind is None:
+        raise EvalError(f"zeroshot: the {init} row has no concept space")
+    backbone = load_backbone(init, cfg.checkpoint, cfg.student, cfg.seed)
+    d, dim = backbone.feature_dim, space["bridge"].shape[1]
+    if kind == "random":
+        return nn.Sequential(backbone, ProjectionHead(d, dim_out=dim)).eval()  # seeded by load_backbone
+    weights = load_checkpoint(cfg.checkpoint)["model"]
+    if kind == "concept":
+        head, prefix = ProjectionHead(d, dim_out=weights["concept_head.net.2.weight"].shape[0]), "concept_head."
+    else:
+        head, prefix = BridgeHead(nn.Linear(d, weights["distill_head.weight"].shape[0]), space["bridge"]), "distill_head."
+        weights = {k.replace(prefix, prefix + "fc."): v for k, v in weights.items()} | {prefix + "bridge": head.bridge}
+    head.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    return nn.Sequential(backbone, head).eval()
 
 
 def views_of(init, cfg, pre):
@@ -223,21 +275,29 @@ def feature_attrs(init, cfg, root, pre, views, teacher=None):
     return attrs
 
 
-def row_features(init, cfg, reader, ids, root, pre, device, work):
+def row_features(init, cfg, reader, ids, root, pre, device, work, space=None):
     """[len(ids), V, D] features of one table row (from its store, computing what it lacks), the
-    attrs they depend on and the store's path."""
+    attrs they depend on and the store's path. space: zeroshot's concept space ({"identity", "bridge"}):
+    the row's embeddings in that text space instead of its backbone features."""
     teacher = None
     if init == "teacher":
-        teacher, compute = teacher_row(reader, cfg.teacher_every, device, cfg.progress)
-    else:
-        backbone = load_backbone(init, cfg.checkpoint, cfg.student, cfg.seed)
+        teacher, teacher_compute = teacher_row(reader, cfg.teacher_every, device, cfg.progress,
+                                               "probs" if space else "embed")
 
         def compute(todo):
-            return video_features(backbone, reader, todo, pre, cfg.clips, cfg.crops, device, cfg.batch_size,
-                                  cfg.progress, f"features {init}")
+            out = teacher_compute(todo)
+            return out if space is None else out @ space["bridge"]  # probabilities -> text space
+    else:
+        model = concept_model(init, cfg, space) if space else load_backbone(init, cfg.checkpoint, cfg.student, cfg.seed)
+
+        def compute(todo):
+            return video_features(model, reader, todo, pre, cfg.clips, cfg.crops, device, cfg.batch_size,
+                                  cfg.progress, f"{'concepts' if space else 'features'} {init}")
     attrs = feature_attrs(init, cfg, root, pre, views_of(init, cfg, pre), teacher)
+    if space:
+        attrs["concept_space"] = space["identity"]
     digest = hashlib.sha1(json.dumps(attrs, sort_keys=True).encode()).hexdigest()[:12]
-    store = os.path.join(work, FEATURES_DIR, f"{init}-{digest}.h5")
+    store = os.path.join(work, FEATURES_DIR, f"{init}{'-concepts' if space else ''}-{digest}.h5")
     return stored_features(store, ids, compute, attrs), attrs, store
 
 

@@ -16,7 +16,7 @@ def finetune(backbone, reader, train, test, num_classes, pre, cfg, device):
     (random box, flip); tested over the evaluation views. train/test: [(video id, label)]."""
     torch.manual_seed(cfg.seed)
     model = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, num_classes)).to(device).train()
-    data = ClipDataset(reader, pre.clip_len, pre.stride, pre.crop, with_teacher=False, seed=cfg.seed,
+    data = ClipDataset(reader, pre.clip_len, pre.stride, pre.crop, teacher_fields=(), seed=cfg.seed,
                        crop_scale=pre.crop_scale, ids=[v for v, _ in train])
     labels = [label for _, label in train]
     steps_per_epoch = max(1, len(data) // cfg.batch_size)

@@ -64,3 +64,40 @@ def info_nce(query, key, queue=None, tau=0.1, ids=None, queue_ids=None):
             logits = torch.cat([logits, from_queue], dim=1)  # [B,B+Q]
         labels = torch.arange(len(query), device=query.device)
         return F.cross_entropy(logits / tau, labels)
+
+
+def bridged_teacher(teacher_logits, teacher_mask, bridge):
+    """The clip's teacher in the text space: its frame-averaged ImageNet probabilities times the text
+    embeddings of the 1000 class names (the bridge of an image-only teacher into a language space).
+
+    teacher_logits [B,M,K], teacher_mask [B,M], bridge [K,D] (unit rows) -> [B,D] unit.
+    """
+    probs = teacher_targets(teacher_logits, teacher_mask, 1.0)  # [B,K]
+    return F.normalize(probs @ bridge, dim=-1)
+
+
+def concept_distill(student, teacher, concepts, tau_student, tau_teacher):
+    """LSS concept distillation: cross-entropy between the teacher's and the student's distributions
+    over the concepts, softmax of cosine / tau (the teacher's sharper), mean over the batch.
+
+    student [B,D], teacher [B,D] (unit), concepts [K,D] (unit) -> scalar.
+    """
+    with torch.autocast(student.device.type, enabled=False):
+        target = F.softmax(teacher.float() @ concepts.t() / tau_teacher, dim=-1)  # [B,K]
+        log_p = F.log_softmax(student.float() @ concepts.t() / tau_student, dim=-1)  # [B,K]
+        return -(target * log_p).sum(-1).mean()
+
+
+def concept_align(student, categories, descriptions, membership, tau):
+    """LSS concept alignment: the description distribution implied by the student's category
+    distribution (each category's mass spread evenly over its descriptions) agrees with the student's
+    own description distribution (cross-entropy; both sides carry gradient).
+
+    student [B,D] (unit), categories [C,D], descriptions [A,D] (unit), membership [C,A] 0/1 -> scalar.
+    """
+    with torch.autocast(student.device.type, enabled=False):
+        p_category = F.softmax(student.float() @ categories.t() / tau, dim=-1)  # [B,C]
+        spread = membership / membership.sum(1, keepdim=True).clamp_min(1.0)  # [C,A], rows sum to 1
+        implied = p_category @ spread  # [B,A], rows sum to 1
+        log_p_description = F.log_softmax(student.float() @ descriptions.t() / tau, dim=-1)  # [B,A]
+        return -(implied * log_p_description).sum(-1).mean()

@@ -139,3 +139,18 @@ def chance_level(metric, train_labels, num_classes, test_labels):
     if metric.endswith("_top1") or metric.endswith("_top5"):
         return min(int(metric[-1]), num_classes) / num_classes
     return None
+
+
+def zero_shot(feats, labels, class_vectors):
+    """Classify by the cosine between each view's concept-space embedding and the class names' text
+    embeddings; no training side. feats [N,V,D], labels [N], class_vectors [K,D] (unit rows).
+    Clip level: every view scored on its own; video level: the views' embeddings averaged."""
+    views = l2n(feats)  # [N,V,D]
+    clip_scores = views.reshape(-1, views.shape[-1]) @ class_vectors.T  # [N*V,K]
+    video_scores = l2n(views.mean(1)) @ class_vectors.T  # [N,K]
+    clip_labels = np.repeat(labels, views.shape[1])
+    out = {}
+    for k in (1, 5) if len(class_vectors) > 5 else (1,):  # top-5 of 5 classes or fewer is always 100 %
+        out[f"video_top{k}"] = topk_accuracy(video_scores, labels, k)
+        out[f"clip_top{k}"] = topk_accuracy(clip_scores, clip_labels, k)
+    return out

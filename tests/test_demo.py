@@ -19,10 +19,13 @@ def test_demo_quick_runs_end_to_end_and_reports_its_own_numbers(tmp_path):
     assert os.path.getsize(out / "report.png") > 5000
     saved = json.load(open(out / "report.json"))
     rows = {r["row"] for r in saved["rows"]}
-    assert rows == {"distinit", "modist", "both", "scratch", "inflate", "teacher"}
+    assert rows == {"distinit", "modist", "both", "distinit+lss", "scratch", "inflate", "teacher"}
+    zeroshot = {r["row"] for r in saved["rows"] if r["protocol"] == "zeroshot"}
+    assert zeroshot == {"distinit", "both", "distinit+lss", "scratch", "teacher"}  # the rows with a text space
+    assert "object zeroshot video_top1" in report
     # the table's numbers are the evaluation's own results
     for r in saved["rows"]:
-        eval_dir = out / "eval" / "test" / r["label_set"] / (r["row"] if r["row"] in ("distinit", "modist", "both") else "baselines") / "seed0"
+        eval_dir = out / "eval" / "test" / r["label_set"] / (r["row"] if r["row"] not in ("scratch", "inflate", "teacher") else "baselines") / "seed0"
         results = json.load(open(eval_dir / "results.json"))["results"]
         assert any(x["init"] == r["init"] and x["metric"] == r["metric"] and x["value"] == r["value"] for x in results)
     teacher_object = next(r for r in saved["rows"] if r["row"] == "teacher" and r["label_set"] == "object"

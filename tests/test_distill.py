@@ -316,7 +316,7 @@ def test_the_schedule_scales_with_a_small_run():
 def test_several_clips_of_one_video_per_epoch_are_different_clips(eight_video_cache):
     from cache.reader import CacheReader
     from pipeline.clips import ClipDataset
-    ds = ClipDataset(CacheReader(eight_video_cache), clip_len=4, stride=1, crop=32, with_teacher=False)
+    ds = ClipDataset(CacheReader(eight_video_cache), clip_len=4, stride=1, crop=32, teacher_fields=())
     first, again = ds[(0, 3)], ds[(0, 3 + len(ds))]  # items 3 and 3 + 8: video 3 twice
     assert first["index"] == again["index"] == 3
     assert not torch.equal(first["video"], again["video"])
@@ -364,3 +364,37 @@ def test_ctrl_c_in_distill_exits_non_zero_without_a_traceback(eight_video_cache,
     assert any(line.startswith("interrupted: the run's checkpoint.pt keeps the last step saved")
                for line in err.splitlines())
     assert load_checkpoint(str(out / "checkpoint.pt"))["step"] >= 2
+
+
+def test_lss_trains_a_concept_head_against_fixed_concept_buffers(eight_video_cache, concept_bank, tmp_path):
+    from cache.fingerprint import sha256_file
+    from pipeline.concepts import read_bank
+    out = tmp_path / "lss"
+    run_distill(tiny(eight_video_cache, out, steps=3, objective="distinit+lss", concepts=concept_bank))
+    rec = json.loads(open(out / "log.jsonl").readlines()[-1])
+    assert {"distinit", "concept", "align"} <= set(rec) and "rgb_nce" not in rec
+    ckpt = load_checkpoint(str(out / "checkpoint.pt"))
+    bank = read_bank(concept_bank)
+    assert ckpt["config"]["objective"] == "distinit+lss"
+    assert ckpt["model"]["concept_head.net.2.weight"].shape == (384, 128)  # into MiniLM's 384-d space
+    # the bank's vectors are buffers: saved with the weights, never trained
+    assert torch.equal(ckpt["model"]["category_vectors"], torch.as_tensor(bank["category_vectors"]))
+    assert ckpt["concepts"]["sha256"] == sha256_file(concept_bank)
+    assert ckpt["concepts"]["text_encoder"]["name"] == "minilm" and ckpt["concepts"]["categories"] == 5
+
+
+def test_objective_combinations_and_lss_refusals(eight_video_cache, concept_bank, tmp_path):
+    from pipeline.concepts import read_bank, write_bank
+    from pipeline.distill import resolve
+    assert resolve(DistillConfig(objective="both+lss", concepts=concept_bank, device="cpu")).objective == \
+        "distinit+modist+lss"
+    assert resolve(DistillConfig(objective="modist+distinit", device="cpu")).objective == "both"
+    with pytest.raises(DistillError, match="lss needs --concepts BANK.h5"):
+        resolve(DistillConfig(objective="lss", device="cpu"))
+    with pytest.raises(DistillError, match="not 'distinit\\+clip'"):
+        resolve(DistillConfig(objective="distinit+clip", device="cpu"))
+    bank = read_bank(concept_bank)
+    bank["bridge_vectors"] = bank["bridge_vectors"][:10]  # a bridge for some other 10-class teacher
+    write_bank(str(tmp_path / "ten.h5"), bank, bank["text_encoder"], {})
+    with pytest.raises(DistillError, match="ten.h5: its bridge maps 10 ImageNet classes .* has 1000 outputs"):
+        run_distill(tiny(eight_video_cache, tmp_path / "run", steps=1, objective="lss", concepts=str(tmp_path / "ten.h5")))

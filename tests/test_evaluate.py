@@ -195,3 +195,31 @@ def test_small_data_warnings_name_the_classes_and_the_interval():
     assert warnings[1].startswith("1 classes have test videos but no train video") and warnings[1].endswith(": c")
     assert warnings[2].startswith("only 3 test videos: one video moves an accuracy by 33.3 points")
     assert small_data_warnings([("a", 50, 20), ("b", 50, 20)], 40) == []
+
+
+@pytest.mark.slow
+def test_zeroshot_alone_scores_every_video_of_a_folder_task(tiny_folder_task, concept_bank, tmp_path):
+    import torch
+    from pipeline.distill import run_distill
+    from pipeline.extract import run_extract
+    from pipeline.features import EvalError
+    cache = tmp_path / "cache"
+    run_extract(extract_config(tiny_folder_task, cache, height=64, width=80, teacher_every=4))
+    run = tmp_path / "run"
+    run_distill(DistillConfig(cache=str(cache), out=str(run), objective="lss", concepts=concept_bank, student="r3d_cpu",
+                              clip_len=4, crop=48, batch_size=4, steps=2, workers=0, progress=False))
+    cfg = EvalConfig(task="folder", root=str(tiny_folder_task), out=str(tmp_path / "eval"), protocols=("zeroshot",),
+                     checkpoint=str(run / "checkpoint.pt"), clips=2, teacher_every=4, progress=False)
+    rows, task, notes = run_eval(cfg)
+    # nothing is trained on: all 12 decodable videos are scored, even with a 70/30 split configured
+    assert {r["test_videos"] for r in rows} == {12} and {r["train_videos"] for r in rows} == {0}
+    assert {r["init"] for r in rows} == {"checkpoint", "scratch", "teacher"}  # inflate has no text space
+    assert {(r["protocol"], r["metric"]) for r in rows} == {("zeroshot", "video_top1"), ("zeroshot", "clip_top1")}
+    assert all(0 <= r["value"] <= 1 and r["chance"] == 0.5 for r in rows)
+    assert any("'left' -> 'left'" in n for n in notes) and any("all 12 videos are scored" in n for n in notes)
+    # a checkpoint whose bank came from another text encoder is refused, not silently compared
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["concepts"]["text_encoder"]["weights_sha256"] = "0" * 64
+    torch.save(ckpt, run / "other.pt")
+    with pytest.raises(EvalError, match="other.pt's concept bank: made with text encoder minilm"):
+        run_eval(EvalConfig(**{**cfg.__dict__, "checkpoint": str(run / "other.pt")}))

@@ -2,8 +2,10 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
-from pipeline.losses import distill_kl, embed_cosine, info_nce, teacher_targets
+from pipeline.losses import (bridged_teacher, concept_align, concept_distill, distill_kl, embed_cosine, info_nce,
+                             teacher_targets)
 
 
 def test_kl_is_zero_for_identical_distributions_and_positive_otherwise():
@@ -100,3 +102,43 @@ def test_info_nce_is_computed_in_fp32_under_autocast():
         assert info_nce(q, k, queue, 0.1) == exact
         naive = torch.nn.functional.cross_entropy(torch.cat([q @ k.t(), q @ queue.t()], 1) / 0.1, torch.arange(16))
     assert naive != exact  # what bf16 logits would have done
+
+
+def test_bridged_teacher_is_mean_probabilities_through_the_bridge():
+    torch.manual_seed(0)
+    logits, mask = torch.randn(2, 3, 10), torch.tensor([[True, True, False], [True, False, False]])
+    bridge = F.normalize(torch.randn(10, 6), dim=1)
+    got = bridged_teacher(logits, mask, bridge)
+    want0 = F.normalize((F.softmax(logits[0, :2], -1).mean(0) @ bridge), dim=0)
+    want1 = F.normalize(F.softmax(logits[1, 0], -1) @ bridge, dim=0)
+    assert torch.allclose(got, torch.stack([want0, want1]), atol=1e-6)
+
+
+def test_concept_distill_is_cross_entropy_and_pulls_the_student_to_the_teacher():
+    torch.manual_seed(0)
+    concepts = F.normalize(torch.randn(7, 8), dim=1)
+    teacher = F.normalize(torch.randn(3, 8), dim=1)
+    student = F.normalize(torch.randn(3, 8), dim=1).requires_grad_()
+    loss = concept_distill(student, teacher, concepts, 0.1, 0.04)
+    p_t = F.softmax(teacher @ concepts.t() / 0.04, -1)
+    assert torch.allclose(loss, -(p_t * F.log_softmax(student @ concepts.t() / 0.1, -1)).sum(-1).mean())
+    loss.backward()
+    moved = F.normalize(student.detach() - 0.01 * student.grad, dim=1)
+    assert concept_distill(moved, teacher, concepts, 0.1, 0.04) < loss
+    # lower when the student stands where the teacher does than anywhere random
+    assert concept_distill(teacher, teacher, concepts, 0.1, 0.04) < loss
+
+
+def test_concept_align_is_lowest_when_descriptions_follow_categories():
+    torch.manual_seed(0)
+    membership = torch.tensor([[1., 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1]])  # [C=3, A=4]
+    categories, descriptions = F.normalize(torch.randn(3, 5), dim=1), F.normalize(torch.randn(4, 5), dim=1)
+    student = F.normalize(torch.randn(2, 5), dim=1)
+    loss = concept_align(student, categories, descriptions, membership, 0.1)
+    p_c = F.softmax(student @ categories.t() / 0.1, -1)
+    implied = p_c @ (membership / membership.sum(1, keepdim=True))
+    assert torch.allclose(implied.sum(1), torch.ones(2))
+    assert torch.allclose(loss, -(implied * F.log_softmax(student @ descriptions.t() / 0.1, -1)).sum(-1).mean())
+    # cross-entropy >= the implied distribution's entropy, reached when the description side equals it
+    entropy = -(implied * implied.clamp_min(1e-12).log()).sum(-1).mean()
+    assert loss >= entropy - 1e-6

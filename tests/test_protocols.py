@@ -118,3 +118,14 @@ def test_chance_levels_of_top_k_and_of_retrieval():
     assert abs(chance_level("R@1", train, 3, test) - 2 / 6) < 1e-12 and chance_level("R@5", train, 3, test) == 1.0
     assert abs(chance_level("R@2", train, 3, test) - (1 - (4 / 6) * (3 / 5))) < 1e-12
     assert chance_level("weight_decay", train, 3, test) is None
+
+
+def test_zero_shot_scores_views_alone_and_their_average():
+    from pipeline.protocols import zero_shot
+    classes = np.eye(6, 8, dtype=np.float32)  # six orthogonal class-name vectors
+    labels = np.array([0, 1, 2, 3])
+    feats = classes[labels][:, None, :].repeat(3, 1) * 2.0  # every view on its class (length does not matter)
+    feats[0, 0] = classes[5]  # one wrong view of video 0: outvoted by its two right ones
+    got = zero_shot(feats, labels, classes)
+    assert got["video_top1"] == 1.0 and got["clip_top1"] == 11 / 12 and got["clip_top5"] == 1.0
+    assert set(zero_shot(feats, labels, classes[:4])) == {"video_top1", "clip_top1"}  # 4 classes: top-5 is trivial
