@@ -161,6 +161,9 @@ def view_times(n_frames, pre, clips, crops):
                      for s in view_starts(n_frames, clips, span) for _ in range(crops)], np.float32)
 
 
+_decoded_teacher = {}  # (cache, every, teacher weights, device) -> {video id: {"embed", "probs"}}, per process
+
+
 def teacher_row(reader, every, device, progress, output="embed"):
     """(teacher fingerprint, compute) of the 2D teacher row: per video, the average over every
     `every`-th frame of its 1280-d embedding (output "embed") or of its ImageNet probabilities
@@ -186,24 +189,30 @@ def teacher_row(reader, every, device, progress, output="embed"):
     tfp = teacher_identity(teacher, device)
     pre = fp["preprocessing"]
 
+    # one decode serves both outputs: the probes' embeddings and zero-shot's probabilities of a video
+    # are averaged from the same frames, so the second row asking for them finds them here
+    memo = _decoded_teacher.setdefault((os.path.abspath(reader.cache_dir), every, tfp["weights_sha256"], str(device)), {})
+
     def from_decode(ids):
-        out = []
-        for v in tqdm(ids, desc="features teacher", unit="video", disable=not progress, dynamic_ncols=True):
-            path, rows, n = reader.record(v)["path"], [], 0
+        for v in tqdm([v for v in ids if v not in memo], desc="features teacher", unit="video", disable=not progress,
+                      dynamic_ncols=True):
+            path, embeds, probs, n = reader.record(v)["path"], [], [], 0
             try:
                 for stored, teacher_in in VideoDecode(path, fps=pre["fps"], height=pre["height"], width=pre["width"],
                                                       teacher_size=pre["teacher_size"]):
                     pick = np.flatnonzero((np.arange(n, n + len(stored)) % every) == 0)
                     if len(pick):
-                        logits, embeds = teacher.predict(teacher_in[pick])
-                        rows.append(per_frame(embeds if field == "embed" else logits))
+                        logits, embed = teacher.predict(teacher_in[pick])
+                        embeds.append(embed)
+                        probs.append(torch.softmax(torch.from_numpy(logits), -1).numpy())
                     n += len(stored)
             except DecodeError as e:
                 raise EvalError(f"{path}: cannot decode it for the teacher row ({e})") from None
-            if not rows:
+            if not embeds:
                 raise EvalError(f"{path}: no frames decoded for the teacher row")
-            out.append(np.concatenate(rows).mean(0, keepdims=True))
-        return np.stack(out)
+            memo[v] = {"embed": np.concatenate(embeds).mean(0, keepdims=True),
+                       "probs": np.concatenate(probs).mean(0, keepdims=True)}
+        return np.stack([memo[v][output] for v in ids])
     return tfp, from_decode
 
 

@@ -223,3 +223,20 @@ def test_zeroshot_alone_scores_every_video_of_a_folder_task(tiny_folder_task, co
     torch.save(ckpt, run / "other.pt")
     with pytest.raises(EvalError, match="other.pt's concept bank: made with text encoder minilm"):
         run_eval(EvalConfig(**{**cfg.__dict__, "checkpoint": str(run / "other.pt")}))
+
+
+@pytest.mark.slow
+def test_teacher_row_decodes_each_video_once_for_probes_and_zeroshot(tiny_folder_task, tmp_path, monkeypatch):
+    import pipeline.features as features
+    opened = []
+
+    class CountingDecode(features.VideoDecode):
+        def __init__(self, path, **kw):
+            opened.append(path)
+            super().__init__(path, **kw)
+    monkeypatch.setattr(features, "VideoDecode", CountingDecode)
+    cfg = EvalConfig(task="folder", root=str(tiny_folder_task), out=str(tmp_path / "eval"), protocols=("knn", "zeroshot"),
+                     inits=("teacher",), teacher_every=4, progress=False)
+    rows, task, _ = run_eval(cfg)
+    assert {r["protocol"] for r in rows} == {"knn", "zeroshot"}
+    assert sorted(opened) == sorted(set(opened)) and len(opened) == rows[0]["train_videos"] + rows[0]["test_videos"]
