@@ -144,9 +144,9 @@ def read_bank(path):
     return bank
 
 
-def check_encoder(bank_identity, encoder, where):
-    """Refuse a text space other than the bank's: vectors of two encoders are not comparable."""
-    got = encoder_identity(encoder)
+def check_encoder(bank_identity, got, where):
+    """Refuse a text space other than the bank's (got: the encoder's identity): vectors of two
+    encoders are not comparable."""
     if got["name"] != bank_identity["name"] or got["weights_sha256"] != bank_identity["weights_sha256"]:
         raise ConceptError(f"{where}: made with text encoder {bank_identity['name']} "
                            f"(weights {bank_identity['weights_sha256'][:12]}), but this is {got['name']} "

@@ -468,6 +468,10 @@ def settings_changed(ckpt, cfg, fingerprint, world, videos):
     elif ckpt.get("videos") != videos:
         was = ckpt.get("videos", {}).get("count", "unrecorded")
         changed.append(f"the cache's videos changed since: {was} then, {videos['count']} now")
+    bank = ckpt.get("concepts")
+    if bank and os.path.isfile(cfg.concepts) and bank["sha256"] != sha256_file(cfg.concepts):
+        # resuming would keep training against the checkpoint's copy of the old vectors
+        changed.append(f"another concept bank in {cfg.concepts} (rebuilt since)")
     return changed
 
 

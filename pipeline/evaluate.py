@@ -82,9 +82,9 @@ def run_eval(cfg):
     trl, tel = np.array([label for _, label in train]), np.array([label for _, label in test])
     warnings = small_data_warnings(counts, len(test))
     scope = [f"zeroshot alone: all {len(test)} videos are scored, none is trained on"] if not train else []
+    prior = trl if len(trl) else tel  # the class frequencies "always name the most frequent" reads
     notes += [task.describe()] + scope + ([source] if source else []) + ([failed] if failed else []) + \
-        [per_class_line(counts), chance_line(task.classes, trl if len(trl) else tel, tel)] + \
-        [f"warning: {w}" for w in warnings]
+        [per_class_line(counts), chance_line(task.classes, prior, tel)] + [f"warning: {w}" for w in warnings]
     space = concept_space(cfg, task.classes, notes) if "zeroshot" in cfg.protocols else None
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []
@@ -105,7 +105,7 @@ def run_eval(cfg):
                              "seed": cfg.seed, "date": date, "train_videos": len(train), "test_videos": len(test)})
     run = {"date": date, "task": task.name, "split": task.split, "seed": cfg.seed, "train_videos": len(train),
            "test_videos": len(test), "classes": [{"name": c, "train": a, "test": b} for c, a, b in counts],
-           "chance_top1": 1 / len(task.classes), "majority": majority(task.classes, trl if len(trl) else tel, tel),
+           "chance_top1": 1 / len(task.classes), "majority": majority(task.classes, prior, tel),
            "warnings": warnings, "notes": notes, "config": dataclasses.asdict(cfg)}
     notes += write_eval_events(cfg, rows, task, train, test)  # TensorBoard: beside the checkpoint
     write_reports(cfg.out, rows, run)
@@ -241,7 +241,7 @@ def concept_space(cfg, classes, notes):
     try:
         encoder, identity, bridge = text_space(name)
         if bank:
-            check_encoder(bank["text_encoder"], encoder, f"{cfg.checkpoint}'s concept bank")
+            check_encoder(bank["text_encoder"], identity, f"{cfg.checkpoint}'s concept bank")
     except (ValueError, ConceptError) as e:
         raise EvalError(str(e)) from None
     notes.append(f"zeroshot: class names in {encoder.name}'s space, e.g. {classes[0]!r} -> '{words_of(classes[0])}'")

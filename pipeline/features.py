@@ -229,35 +229,38 @@ class BridgeHead(nn.Module):
         return nn.functional.normalize(torch.softmax(self.fc(x), -1) @ self.bridge, dim=-1)
 
 
-def concept_head_of(init, cfg):
+def concept_head_of(init, cfg, weights=None):
     """Which head takes the row into the concept space: "concept" (an lss student's), "bridge" (a
     student's ImageNet head, through the bridge), "random" (scratch), or None (no text space: inflate,
-    a modist-only student)."""
+    a modist-only student). weights: the checkpoint's model state, when already loaded."""
     if init == "scratch":
         return "random"
     if init != "checkpoint":
         return None
-    weights = load_checkpoint(cfg.checkpoint)["model"]
+    weights = weights or load_checkpoint(cfg.checkpoint)["model"]
     return "concept" if "concept_head.net.0.weight" in weights else "bridge" if "distill_head.weight" in weights else None
 
 
 def concept_model(init, cfg, space):
     """The row's network into the concept space: the lss student's concept head; a student without
     one through its distillation head and the bridge; scratch with a random head of that shape."""
-    kind = concept_head_of(init, cfg)
+    weights = load_checkpoint(cfg.checkpoint)["model"] if init == "checkpoint" else {}
+    kind = concept_head_of(init, cfg, weights)
     if kind is None:
         raise EvalError(f"zeroshot: the {init} row has no concept space")
     backbone = load_backbone(init, cfg.checkpoint, cfg.student, cfg.seed)
     d, dim = backbone.feature_dim, space["bridge"].shape[1]
     if kind == "random":
         return nn.Sequential(backbone, ProjectionHead(d, dim_out=dim)).eval()  # seeded by load_backbone
-    weights = load_checkpoint(cfg.checkpoint)["model"]
+
+    def state(prefix):
+        return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     if kind == "concept":
-        head, prefix = ProjectionHead(d, dim_out=weights["concept_head.net.2.weight"].shape[0]), "concept_head."
+        head = ProjectionHead(d, dim_out=weights["concept_head.net.2.weight"].shape[0])
+        head.load_state_dict(state("concept_head."))
     else:
-        head, prefix = BridgeHead(nn.Linear(d, weights["distill_head.weight"].shape[0]), space["bridge"]), "distill_head."
-        weights = {k.replace(prefix, prefix + "fc."): v for k, v in weights.items()} | {prefix + "bridge": head.bridge}
-    head.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+        head = BridgeHead(nn.Linear(d, weights["distill_head.weight"].shape[0]), space["bridge"])
+        head.fc.load_state_dict(state("distill_head."))
     return nn.Sequential(backbone, head).eval()
 
 

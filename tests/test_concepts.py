@@ -74,7 +74,7 @@ def test_bank_holds_unit_vectors_membership_and_encoder_identity(concept_bank, t
 def test_bank_of_another_encoder_is_refused(concept_bank, text_encoder, tmp_path):
     other = dict(read_bank(concept_bank)["text_encoder"], weights_sha256="0" * 64)
     with pytest.raises(ConceptError, match="made with text encoder minilm .*rebuild it with `cli.py concepts`"):
-        check_encoder(other, text_encoder, "bank.h5")
+        check_encoder(other, encoder_identity(text_encoder), "bank.h5")
     with h5py.File(tmp_path / "not_a_bank.h5", "w") as f:
         f["x"] = [1]
     with pytest.raises(ConceptError, match="not_a_bank.h5: not a vidistill concept bank"):

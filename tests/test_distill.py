@@ -393,7 +393,14 @@ def test_objective_combinations_and_lss_refusals(eight_video_cache, concept_bank
         resolve(DistillConfig(objective="lss", device="cpu"))
     with pytest.raises(DistillError, match="not 'distinit\\+clip'"):
         resolve(DistillConfig(objective="distinit+clip", device="cpu"))
+    # a bank rebuilt at the same path since: resuming would keep training against the checkpoint's old vectors
     bank = read_bank(concept_bank)
+    write_bank(str(tmp_path / "bank.h5"), bank, bank["text_encoder"], {})
+    run_distill(tiny(eight_video_cache, tmp_path / "lss", steps=1, objective="lss", concepts=str(tmp_path / "bank.h5")))
+    bank["category_vectors"] = bank["category_vectors"][::-1].copy()
+    write_bank(str(tmp_path / "bank.h5"), bank, bank["text_encoder"], {})
+    with pytest.raises(DistillError, match="another concept bank in .*bank.h5 \\(rebuilt since\\)"):
+        run_distill(tiny(eight_video_cache, tmp_path / "lss", steps=2, objective="lss", concepts=str(tmp_path / "bank.h5")))
     bank["bridge_vectors"] = bank["bridge_vectors"][:10]  # a bridge for some other 10-class teacher
     write_bank(str(tmp_path / "ten.h5"), bank, bank["text_encoder"], {})
     with pytest.raises(DistillError, match="ten.h5: its bridge maps 10 ImageNet classes .* has 1000 outputs"):
