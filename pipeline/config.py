@@ -46,6 +46,7 @@ class ExtractConfig:
     width: int = 171
     teacher: str = "efficientnet_lite0"
     teacher_weights: str = None
+    teacher_pretrained: str = None  # clip:ARCH only: a hub tag, fetched once before any work
     teacher_size: int = 224
     teacher_every: int = 1
     flow: str = "dis"
@@ -126,7 +127,9 @@ class ConceptsConfig:
     classes: str = "k400"  # k400, ucf101, hmdb51, imagenet, or a file with one class name per line
     descriptions: str = None  # JSON {class: [descriptions]}; None: the content words of each class name
     out: str = "concepts.h5"
-    text_encoder: str = "minilm"
+    text_encoder: str = "minilm"  # or clip:ARCH, the text tower of a CLIP teacher (with its weights)
+    text_weights: str = None  # clip: a local open_clip/OpenAI checkpoint
+    text_pretrained: str = None  # clip: a hub tag instead (needs the network)
 
 
 @dataclass
@@ -155,9 +158,14 @@ class EvalConfig:
     id_column: str = "id"
     work: str = None  # where the decoded-frames cache lives (default: out); share it between runs
     teacher_every: int = 1  # teacher row: embeddings of every k-th frame are averaged
-    # zeroshot: the text encoder that embeds the task's class names; None: the checkpoint's concept
-    # bank's encoder, else minilm
+    # the teacher row's teacher (and its weights file); None: the one the checkpoint distilled from, else
+    # efficientnet_lite0
+    teacher: str = None
+    teacher_weights: str = None
+    # zeroshot: the text encoder that embeds the task's class names (and its weights file, for clip);
+    # None: the checkpoint's concept bank's encoder, else a CLIP teacher's own text tower, else minilm
     text_encoder: str = None
+    text_weights: str = None
     device: str = "auto"
     progress: bool = True
 

@@ -26,7 +26,8 @@ from pipeline.clips import ClipDataset, clip_span, colour_augment
 from pipeline.config import DEVICE_DEFAULTS, objective_parts, resolve_device
 from pipeline.locks import FileLock, LockBusy
 from pipeline.concepts import ConceptError, read_bank
-from pipeline.losses import bridged_teacher, concept_align, concept_distill, distill_kl, embed_cosine, info_nce, teacher_targets
+from pipeline.losses import (bridged_teacher, concept_align, concept_distill, distill_kl, embed_cosine, info_nce,
+                             joint_teacher, teacher_targets)
 from pipeline.runs import RUN_LOCK, latest_run, new_run_dir, point_latest
 from pipeline.tblog import TrainEvents
 
@@ -80,6 +81,9 @@ class Distiller(nn.Module):
                 self.register_buffer(key, torch.as_tensor(concepts[key], dtype=torch.float32))
             self.concept_head = ProjectionHead(d, dim_out=self.category_vectors.shape[1])
         self.bank = concepts["identity"] if self.use_lss else None  # which bank: saved in the checkpoint
+        # a CLIP teacher's cached embeddings already live in the bank's space; an ImageNet teacher's
+        # logits reach it through the bridge
+        self.teacher_in_text_space = self.use_lss and concepts["identity"]["teacher_space"] == "joint"
         if self.use_distinit:
             self.distill_head = nn.Linear(d, num_classes)  # one head per teacher (the cache has one)
             self.embed_head = nn.Linear(d, embed_dim) if cfg.embed_weight > 0 else None
@@ -144,7 +148,8 @@ class Distiller(nn.Module):
         own description distribution (concept alignment)."""
         cfg = self.cfg
         student = self.concept_head(feat)  # [B,D] unit
-        teacher = bridged_teacher(batch["teacher_logits"], batch["teacher_mask"], self.bridge_vectors)  # [B,D]
+        teacher = (joint_teacher(batch["teacher_embed"], batch["teacher_mask"]) if self.teacher_in_text_space
+                   else bridged_teacher(batch["teacher_logits"], batch["teacher_mask"], self.bridge_vectors))  # [B,D]
         losses = {"concept": sum(concept_distill(student, teacher, vectors, cfg.concept_tau, cfg.concept_teacher_tau)
                                  for vectors in (self.category_vectors, self.description_vectors))}
         if cfg.align_weight > 0:
@@ -274,7 +279,8 @@ def check_cache(cache_dir, objective):
 def build_training(cfg, fingerprint, plan):
     """Model (on cfg.device), optimiser and warmup+cosine schedule for a resolved config and plan."""
     tcfg = fingerprint["teacher"]
-    concepts = load_concepts(cfg.concepts, tcfg) if "lss" in objective_parts(cfg.objective) else None
+    concepts = load_concepts(cfg.concepts, tcfg, teacher_source(cfg.cache, fingerprint)) \
+        if "lss" in objective_parts(cfg.objective) else None
     model = Distiller(cfg, tcfg.get("num_classes"), tcfg.get("embed_dim"), fingerprint["flow"].get("bound"),
                       plan["momentum"], concepts).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -286,18 +292,40 @@ def build_training(cfg, fingerprint, plan):
     return model, opt, sched
 
 
-def load_concepts(path, teacher):
-    """The bank's vectors, refused when its bridge does not fit the cache's teacher."""
+def teacher_source(cache_dir, fingerprint):
+    """How the cache's teacher was loaded (name as given to extract, weights file, sha256): an evaluation
+    runs the same teacher for its teacher row, without the cache at hand."""
+    extracted = read_cache_json(cache_dir).get("config", {})
+    return {"name": extracted.get("teacher"), "weights": extracted.get("teacher_weights"),
+            "weights_sha256": fingerprint["teacher"].get("weights_sha256")}
+
+
+def teacher_in_text_space(teacher):
+    """A CLIP teacher (its cache fingerprint): its embeddings are in its text tower's space."""
+    return teacher.get("space") == "clip joint"
+
+
+def load_concepts(path, teacher, source):
+    """The bank's vectors, refused when it is not in the teacher's space: a CLIP teacher's bank must come
+    from its own text tower; an ImageNet teacher's bridge must map its classes."""
     try:
         bank = read_bank(path)
     except ConceptError as e:
         raise DistillError(str(e)) from None
-    if teacher.get("num_classes") != len(bank["bridge_vectors"]):
+    encoder = bank["text_encoder"]
+    if teacher_in_text_space(teacher):
+        if (encoder["name"], encoder["weights_sha256"]) != (teacher["name"], teacher["weights_sha256"]):
+            raise DistillError(f"{path}: made with text encoder {encoder['name']} (weights {encoder['weights_sha256'][:12]}),"
+                               f" but the cache's teacher is {teacher['name']} (weights {teacher['weights_sha256'][:12]}): "
+                               f"its embeddings live in that model's space; rebuild the bank with `cli.py concepts "
+                               f"--text-encoder {source['name']} --text-weights {source['weights']}`")
+    elif teacher.get("num_classes") != len(bank["bridge_vectors"]):
         raise DistillError(f"{path}: its bridge maps {len(bank['bridge_vectors'])} ImageNet classes into the text "
                            f"space, but the cache's teacher ({teacher.get('name')}) has {teacher.get('num_classes')} "
                            f"outputs; lss needs the ImageNet teacher")
-    bank["identity"] = {"path": os.path.abspath(path), "sha256": sha256_file(path), "text_encoder": bank["text_encoder"],
-                        "categories": len(bank["categories"]), "descriptions": len(bank["descriptions"])}
+    bank["identity"] = {"path": os.path.abspath(path), "sha256": sha256_file(path), "text_encoder": encoder,
+                        "categories": len(bank["categories"]), "descriptions": len(bank["descriptions"]),
+                        "teacher_space": "joint" if teacher_in_text_space(teacher) else "bridge"}
     return bank
 
 
@@ -358,7 +386,7 @@ def _run_distill(cfg, held):
     cfg = resolve(cfg)
     fingerprint = check_cache(cfg.cache, cfg.objective)
     cfg, rank, world = init_distributed(cfg)
-    dataset = training_clips(cfg)
+    dataset = training_clips(cfg, fingerprint)
     cfg, plan = plan_steps(cfg, len(dataset), world, rank)
     if rank == 0:
         for line in describe_plan(cfg, plan, dataset.shorter_than_a_clip(), world):
@@ -399,11 +427,13 @@ def init_distributed(cfg):
     return cfg, rank, world
 
 
-def training_clips(cfg):
+def training_clips(cfg, fingerprint):
     parts = objective_parts(cfg.objective)
     modist, teacher = "modist" in parts, "distinit" in parts or "lss" in parts
-    # the teacher's embedding is read only when a loss uses it (--embed-weight): most runs never do
-    fields = ("logits", "embed") if "distinit" in parts and cfg.embed_weight > 0 else ("logits",) if teacher else ()
+    # the teacher's embedding is read only when a loss uses it (--embed-weight, lss on a CLIP teacher):
+    # most runs never do
+    embeds = ("distinit" in parts and cfg.embed_weight > 0) or ("lss" in parts and teacher_in_text_space(fingerprint["teacher"]))
+    fields = ("logits", "embed") if embeds else ("logits",) if teacher else ()
     return ClipDataset(CacheReader(cfg.cache), cfg.clip_len, cfg.stride, cfg.crop, with_flow=modist,
                        teacher_fields=fields, two_views=modist, seed=cfg.seed, crop_scale=cfg.crop_scale,
                        first_view_in_teacher_square=teacher and cfg.distill_view == "teacher_square")
@@ -568,7 +598,7 @@ def checkpoint_state(run, step, batches_used):
             "config": dataclasses.asdict(run["cfg"]), "cache_fingerprint": run["fingerprint"], "videos": run["videos"],
             "plan": run["plan"],
             "feature_dim": run["model"].backbone.feature_dim, "vidistill_version": VIDISTILL_VERSION,
-            "concepts": run["model"].bank}
+            "concepts": run["model"].bank, "teacher": teacher_source(run["cfg"].cache, run["fingerprint"])}
 
 
 def train_loop(run, loader, step, batches_used):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.config import INITS, PROTOCOLS, resolve_device
+from cache.fingerprint import sha256_file
 from models.checkpoint import load_checkpoint
 from pipeline.features import EvalError, concept_head_of, frames_source, load_backbone, preprocessing_of, row_features
 from pipeline.finetune import finetune
@@ -58,7 +59,17 @@ def with_defaults(cfg):
         notes.append(f"checkpoint: {checkpoint} (the latest distill run; --checkpoint to choose another)")
     elif checkpoint:
         checkpoint = checkpoint_path(checkpoint)
-    return dataclasses.replace(cfg, root=root, checkpoint=checkpoint), notes
+    teacher, teacher_weights = cfg.teacher, cfg.teacher_weights
+    if teacher is None:  # the teacher row shows the teacher the checkpoint learnt from
+        source = (load_checkpoint(checkpoint).get("teacher") or {}) if checkpoint and os.path.isfile(checkpoint) else {}
+        teacher, teacher_weights = source.get("name") or "efficientnet_lite0", teacher_weights or source.get("weights")
+        if source.get("weights") and teacher_weights == source["weights"]:
+            if not os.path.isfile(teacher_weights) or sha256_file(teacher_weights) != source["weights_sha256"]:
+                raise EvalError(f"{teacher_weights}: the weights of the checkpoint's teacher {teacher} are gone or "
+                                "changed since it was distilled; pass --teacher-weights FILE (the original file)")
+        if teacher != "efficientnet_lite0":
+            notes.append(f"teacher row: {teacher} ({teacher_weights}), the checkpoint's teacher")
+    return dataclasses.replace(cfg, root=root, checkpoint=checkpoint, teacher=teacher, teacher_weights=teacher_weights), notes
 
 
 def run_eval(cfg):
@@ -233,13 +244,22 @@ def zeroshot_alone(cfg, task):
 
 
 def concept_space(cfg, classes, notes):
-    """Zero-shot's text space: the encoder (the checkpoint's concept bank's unless --text-encoder says),
-    the teacher's bridge into it, and the task's class names in it ({"identity", "bridge", "classes"})."""
+    """Zero-shot's text space: the encoder (--text-encoder, else the checkpoint's concept bank's, else a
+    CLIP teacher's own text tower, else minilm), the ImageNet bridge into it, and the task's class
+    names in it ({"identity", "bridge", "classes"})."""
     from pipeline.concepts import ConceptError, check_encoder, class_vectors, words_of
     bank = load_checkpoint(cfg.checkpoint).get("concepts") if cfg.checkpoint else None
-    name = cfg.text_encoder or (bank["text_encoder"]["name"] if bank else "minilm")
+    if cfg.text_encoder:
+        name, weights = cfg.text_encoder, cfg.text_weights
+    elif bank:  # how the bank's encoder was loaded (banks made before this was recorded: by name)
+        load = bank["text_encoder"].get("load") or {"name": bank["text_encoder"]["name"]}
+        name, weights = load["name"], load.get("weights")
+    elif (cfg.teacher or "").startswith("clip:"):
+        name, weights = cfg.teacher, cfg.teacher_weights
+    else:
+        name, weights = "minilm", None
     try:
-        encoder, identity, bridge = text_space(name)
+        encoder, identity, bridge = text_space(name, weights)
         if bank:
             check_encoder(bank["text_encoder"], identity, f"{cfg.checkpoint}'s concept bank")
     except (ValueError, ConceptError) as e:
@@ -249,12 +269,12 @@ def concept_space(cfg, classes, notes):
 
 
 @functools.lru_cache(maxsize=2)
-def text_space(name):
+def text_space(name, weights=None):
     """(encoder, its identity, the teacher's bridge into its space): loaded and embedded once per
     process, however many evaluations (the demo's rows and label sets) ask."""
     from models.text import load_text_encoder
     from pipeline.concepts import bridge_vectors, encoder_identity
-    encoder = load_text_encoder(name)
+    encoder = load_text_encoder(name, weights)
     return encoder, encoder_identity(encoder), bridge_vectors(encoder)
 
 

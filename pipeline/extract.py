@@ -493,6 +493,9 @@ def run_extract(cfg):
 def _run_extract(cfg, stop):
     t0 = time.time()
     cfg = _validate(cfg)
+    if cfg.teacher_pretrained:  # fetched once, here: every worker then loads the same local file
+        from models.clip import hub_weights, parse_spec
+        cfg = dataclasses.replace(cfg, teacher_weights=hub_weights(parse_spec(cfg.teacher)[0], cfg.teacher_pretrained))
     shard_index, shard_count = cfg.shard
     unlisted = []
     videos = find_videos(cfg.videos, unlisted)
@@ -538,6 +541,8 @@ def _validate(cfg):
     """Refuse bad settings before any work; returns cfg with its shard (index, count) filled in."""
     if cfg.teacher_every < 1:
         raise ExtractError("--teacher-every must be >= 1")
+    if cfg.teacher_pretrained and (not cfg.teacher.startswith("clip:") or cfg.teacher_weights):
+        raise ExtractError("--teacher-pretrained TAG is for a clip:ARCH teacher without --teacher-weights")
     if cfg.fps <= 0 or cfg.height < 8 or cfg.width < 8 or cfg.workers < 1:
         raise ExtractError(f"--fps must be > 0, --height and --width >= 8, --workers >= 1 "
                            f"(got {cfg.fps}, {cfg.height}, {cfg.width}, {cfg.workers})")
@@ -545,7 +550,9 @@ def _validate(cfg):
     shard_index, shard_count = cfg.shard or shard_from_env()
     if not 0 <= shard_index < shard_count:
         raise ExtractError(f"shard {shard_index}/{shard_count}: index must be in [0, {shard_count})")
-    return dataclasses.replace(cfg, shard=(shard_index, shard_count))
+    # recorded in the cache as an absolute path: an evaluation run from elsewhere loads the same file
+    weights = os.path.abspath(cfg.teacher_weights) if cfg.teacher_weights else None
+    return dataclasses.replace(cfg, shard=(shard_index, shard_count), teacher_weights=weights)
 
 
 def _prepare_cache(cfg, fingerprint):

@@ -164,28 +164,30 @@ def view_times(n_frames, pre, clips, crops):
 _decoded_teacher = {}  # (cache, every, teacher weights, device) -> {video id: {"embed", "probs"}}, per process
 
 
-def teacher_row(reader, every, device, progress, output="embed"):
-    """(teacher fingerprint, compute) of the 2D teacher row: per video, the average over every
-    `every`-th frame of its 1280-d embedding (output "embed") or of its ImageNet probabilities
-    ("probs"), [N,1,D]. From the cache's teacher rows when it has them at a step dividing `every`;
-    else the teacher runs on each video's own 224 px decode (the stored frames are too small to show
-    it what it saw in distillation). Either way, the frames-only cache is not redone."""
-    field = "embed" if output == "embed" else "logits"
-
-    def per_frame(x):  # [F, D] -> what is averaged
-        return x if output == "embed" else torch.softmax(torch.from_numpy(x).float(), -1).numpy()
+def teacher_row(reader, every, device, progress, source=("efficientnet_lite0", None)):
+    """(teacher fingerprint, compute(ids, output)) of the 2D teacher row: per video, the average over
+    every `every`-th frame of its embedding (output "embed") or of its ImageNet probabilities ("probs"),
+    [N,1,D]. From the cache's teacher rows when it has them at a step dividing `every`; else the
+    teacher `source` (name, weights file) runs on each video's own 224 px decode (the stored frames are
+    too small to show it what it saw in distillation). Either way, the frames-only cache is not redone."""
+    def probs(logits):
+        return torch.softmax(torch.from_numpy(logits).float(), -1).numpy()
     fp = reader.fingerprint
     cached_every = fp["preprocessing"].get("teacher_every")
     if fp["teacher"].get("name") != "none" and cached_every and every % cached_every == 0:
-        def from_cache(ids):
+        def from_cache(ids, output):
             out = []
             for v in ids:
-                rows = reader.read(v, fields=(field,))
+                rows = reader.read(v, fields=("embed" if output == "embed" else "logits",))
                 keep = rows["teacher_frame"] % every == 0
-                out.append(per_frame(rows[field][keep].astype(np.float32)).mean(0, keepdims=True))
+                x = rows["embed"][keep] if output == "embed" else probs(rows["logits"][keep])
+                out.append(x.astype(np.float32).mean(0, keepdims=True))
             return np.stack(out)
         return fp["teacher"], from_cache
-    teacher = load_teacher(device=device)
+    try:
+        teacher = load_teacher(*source, device=device)
+    except ValueError as e:
+        raise EvalError(f"teacher row: {e}") from None
     tfp = teacher_identity(teacher, device)
     pre = fp["preprocessing"]
 
@@ -193,10 +195,10 @@ def teacher_row(reader, every, device, progress, output="embed"):
     # are averaged from the same frames, so the second row asking for them finds them here
     memo = _decoded_teacher.setdefault((os.path.abspath(reader.cache_dir), every, tfp["weights_sha256"], str(device)), {})
 
-    def from_decode(ids):
+    def from_decode(ids, output):
         for v in tqdm([v for v in ids if v not in memo], desc="features teacher", unit="video", disable=not progress,
                       dynamic_ncols=True):
-            path, embeds, probs, n = reader.record(v)["path"], [], [], 0
+            path, embeds, frame_probs, n = reader.record(v)["path"], [], [], 0
             try:
                 for stored, teacher_in in VideoDecode(path, fps=pre["fps"], height=pre["height"], width=pre["width"],
                                                       teacher_size=pre["teacher_size"]):
@@ -204,16 +206,22 @@ def teacher_row(reader, every, device, progress, output="embed"):
                     if len(pick):
                         logits, embed = teacher.predict(teacher_in[pick])
                         embeds.append(embed)
-                        probs.append(torch.softmax(torch.from_numpy(logits), -1).numpy())
+                        frame_probs.append(probs(logits))
                     n += len(stored)
             except DecodeError as e:
                 raise EvalError(f"{path}: cannot decode it for the teacher row ({e})") from None
             if not embeds:
                 raise EvalError(f"{path}: no frames decoded for the teacher row")
             memo[v] = {"embed": np.concatenate(embeds).mean(0, keepdims=True),
-                       "probs": np.concatenate(probs).mean(0, keepdims=True)}
+                       "probs": np.concatenate(frame_probs).mean(0, keepdims=True)}
         return np.stack([memo[v][output] for v in ids])
     return tfp, from_decode
+
+
+def in_text_space(teacher, text_identity):
+    """A CLIP teacher whose own text tower made the space: its embeddings are compared with it directly."""
+    return (teacher.get("space") == "clip joint" and teacher["name"] == text_identity["name"]
+            and teacher.get("weights_sha256") == text_identity["weights_sha256"])
 
 
 class BridgeHead(nn.Module):
@@ -294,11 +302,12 @@ def row_features(init, cfg, reader, ids, root, pre, device, work, space=None):
     teacher = None
     if init == "teacher":
         teacher, teacher_compute = teacher_row(reader, cfg.teacher_every, device, cfg.progress,
-                                               "probs" if space else "embed")
+                                               (cfg.teacher or "efficientnet_lite0", cfg.teacher_weights))
 
         def compute(todo):
-            out = teacher_compute(todo)
-            return out if space is None else out @ space["bridge"]  # probabilities -> text space
+            if space is None or in_text_space(teacher, space["identity"]):
+                return teacher_compute(todo, "embed")
+            return teacher_compute(todo, "probs") @ space["bridge"]  # ImageNet probabilities -> text space
     else:
         model = concept_model(init, cfg, space) if space else load_backbone(init, cfg.checkpoint, cfg.student, cfg.seed)
 

@@ -3,6 +3,12 @@ import torch
 import torch.nn.functional as F
 
 
+def frame_mean(per_frame, teacher_mask):
+    """per_frame [B,M,D] (padded), teacher_mask [B,M] bool -> [B,D], the mean over each clip's real frames."""
+    mask = teacher_mask.float()[..., None]
+    return (per_frame.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 def teacher_targets(teacher_logits, teacher_mask, tau, mode="average", generator=None):
     """Soft targets for each clip from the teacher's per-frame logits.
 
@@ -19,7 +25,7 @@ def teacher_targets(teacher_logits, teacher_mask, tau, mode="average", generator
         return probs.gather(1, pick[:, :, None].expand(-1, -1, probs.shape[-1])).squeeze(1)
     if mode != "average":
         raise ValueError(f"unknown target mode {mode!r}")
-    return (probs * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)  # [B,K]
+    return frame_mean(probs, teacher_mask)  # [B,K]
 
 
 def distill_kl(student_logits, target_probs, tau):
@@ -37,8 +43,7 @@ def embed_cosine(student_embed, teacher_embed, teacher_mask):
 
     student_embed [B,D], teacher_embed [B,M,D], teacher_mask [B,M] -> scalar.
     """
-    mask = teacher_mask.float()[..., None]
-    target = (teacher_embed.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # [B,D]
+    target = frame_mean(teacher_embed, teacher_mask)  # [B,D]
     return (1 - F.cosine_similarity(student_embed.float(), target, dim=-1)).mean()
 
 
@@ -74,6 +79,15 @@ def bridged_teacher(teacher_logits, teacher_mask, bridge):
     """
     probs = teacher_targets(teacher_logits, teacher_mask, 1.0)  # [B,K]
     return F.normalize(probs @ bridge, dim=-1)
+
+
+def joint_teacher(teacher_embed, teacher_mask):
+    """The clip's teacher in the text space when the teacher is text-aligned (CLIP): its frame-averaged
+    joint-space embedding, no bridge.
+
+    teacher_embed [B,M,D] (unit rows), teacher_mask [B,M] -> [B,D] unit.
+    """
+    return F.normalize(frame_mean(teacher_embed, teacher_mask), dim=-1)
 
 
 def concept_distill(student, teacher, concepts, tau_student, tau_teacher):
