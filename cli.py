@@ -217,6 +217,8 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
               help="Student temperature over concept cosines.")
 @click.option("--concept-teacher-tau", default=D.concept_teacher_tau, show_default=True, type=_POSITIVE,
               help="Teacher temperature over concept cosines (sharper than the student's).")
+@click.option("--concept-self-weight", default=D.concept_self_weight, show_default=True,
+              help="lss self-distillation: match an EMA copy of the student on a second clip of the video (0: off).")
 @click.option("--shuffle-bn-groups", default=D.shuffle_bn_groups, show_default=True,
               help="Shuffle-BN: key-encoder sub-batches on one device (under DDP keys are shuffled across GPUs).")
 @click.option("--queue-size", default=D.queue_size, show_default=True, help="Negatives kept from earlier batches.")
@@ -224,6 +226,9 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
               help="Key-encoder momentum (0: from the run's length, 1 - 4/steps within [0.9, 0.999]: 0.99 at 400 "
                    "steps, 0.999 from 4000).")
 @click.option("--workers", default=D.workers, show_default=True, help="DataLoader worker processes.")
+@click.option("--read-cache-mb", default=D.read_cache_mb, show_default=True, type=click.IntRange(min=0),
+              help="Decompressed frame/flow chunks kept in memory per loader process: a cache that fits is "
+                   "decompressed once, not every epoch (0: off).")
 @click.option("--seed", default=D.seed, show_default=True)
 @click.option("--save-every", default=D.save_every, show_default=True, help="Checkpoint every N steps (and at the end).")
 @click.option("--device", default=D.device, show_default=True)

@@ -3,6 +3,7 @@
 Stage two reads through `CacheReader`. Zarr groups are opened lazily and re-opened after a fork,
 because a store touched before a DataLoader forks its workers can deadlock in them.
 """
+import collections
 import json
 import os
 
@@ -14,6 +15,9 @@ from cache.flow_codec import dequantize_flow
 from cache.writer import PARTS_DIR
 
 READABLE = ("ok", "partial")  # "partial": decoded as far as the file allowed, with a warning
+# Decompressed frame and flow chunks kept per process: a cache that fits (the demo's pool, ~190 MB) is
+# decompressed once, not at every epoch; on a large cache the least recently used chunks make room.
+CHUNK_CACHE_MB = 512
 
 
 def committed_parts(cache_dir):
@@ -89,11 +93,34 @@ def source_status(rec, path=None):
     return "same" if (rec["size"], rec["mtime"]) == (st.st_size, st.st_mtime) else "changed"
 
 
-class CacheReader:
-    """Random access to frames, flow, teacher logits and embeddings of cached videos."""
+class ChunkCache:
+    """Decompressed chunks within a byte budget, the least recently used dropped first."""
 
-    def __init__(self, cache_dir):
+    def __init__(self, budget_bytes):
+        self.budget, self.used, self.chunks = budget_bytes, 0, collections.OrderedDict()
+
+    def get(self, key, load):
+        chunk = self.chunks.get(key)
+        if chunk is not None:
+            self.chunks.move_to_end(key)
+            return chunk
+        chunk = load()
+        if chunk.nbytes <= self.budget:
+            self.chunks[key] = chunk
+            self.used += chunk.nbytes
+            while self.used > self.budget:
+                self.used -= self.chunks.popitem(last=False)[1].nbytes
+        return chunk
+
+
+class CacheReader:
+    """Random access to frames, flow, teacher logits and embeddings of cached videos.
+
+    chunk_cache_mb: decompressed frame/flow chunks kept in memory, per process (0: none)."""
+
+    def __init__(self, cache_dir, chunk_cache_mb=CHUNK_CACHE_MB):
         self.cache_dir = cache_dir
+        self.chunk_cache_bytes = int(chunk_cache_mb * 2 ** 20)
         self.meta = read_cache_json(cache_dir)
         self.fingerprint = self.meta["fingerprint"]
         self.flow_bound = self.fingerprint["flow"]["bound"]
@@ -124,6 +151,7 @@ class CacheReader:
         costs a metadata read each time, more than reading a clip's chunk."""
         if self._pid != os.getpid():  # first use, or we are a freshly forked worker
             self._groups, self._pid = {}, os.getpid()
+            self._chunks = ChunkCache(self.chunk_cache_bytes)
         if part not in self._groups:
             group = zarr.open_group(os.path.join(self.cache_dir, PARTS_DIR, part), mode="r")
             self._groups[part] = dict(group.arrays())
@@ -144,22 +172,33 @@ class CacheReader:
         if not 0 <= start < stop <= n:
             raise IndexError(f"frames [{start}, {stop}) out of range for {video_id!r} ({n} frames)")
         try:
-            return self._read(self._arrays(part), rec, start, stop, fields)
+            return self._read(part, rec, start, stop, fields)
         except CacheError:
             raise
         except Exception as e:  # a truncated or corrupt chunk: name it, never a codec traceback
             raise CacheError(f"{self.cache_dir}/{PARTS_DIR}/{part}: unreadable data for video {video_id!r} "
                              f"({type(e).__name__}: {str(e)[:120]}); run `cli.py cache verify --repair`") from None
 
-    def _read(self, g, rec, start, stop, fields):
-        off = rec["frame_offset"]
+    def _rows(self, part, name, lo, hi):
+        """Rows [lo, hi) of a part's frames or flow, through the chunk cache: whole chunks are read
+        (zarr decompresses whole chunks anyway) and kept; the caller gets its own copy."""
+        array = self._arrays(part)[name]
+        if not self.chunk_cache_bytes:
+            return array[lo:hi]
+        rows = array.chunks[0]
+        pieces = [self._chunks.get((part, name, c), lambda c=c: array[c * rows:(c + 1) * rows])
+                  [max(lo - c * rows, 0):hi - c * rows] for c in range(lo // rows, (hi - 1) // rows + 1)]
+        return np.concatenate(pieces)  # a copy even of one piece: the cached chunk stays untouched
+
+    def _read(self, part, rec, start, stop, fields):
+        g, off = self._arrays(part), rec["frame_offset"]
         out = {}
         if "frames" in fields:
-            out["frames"] = g["frames"][off + start:off + stop]
+            out["frames"] = self._rows(part, "frames", off + start, off + stop)
         if "flow" in fields:
             if "flow" not in g:
                 raise CacheError(f"{self.cache_dir} was extracted with --flow none; it has no flow")
-            out["flow"] = dequantize_flow(g["flow"][off + start:off + stop], self.flow_bound)
+            out["flow"] = dequantize_flow(self._rows(part, "flow", off + start, off + stop), self.flow_bound)
         if "logits" in fields or "embed" in fields:
             if "logits" not in g:
                 raise CacheError(f"{self.cache_dir} was extracted with --teacher none; it has no teacher outputs")

@@ -109,10 +109,15 @@ class DistillConfig:
     align_weight: float = 1.0  # concept alignment, inside lss
     concept_tau: float = 0.1  # the student's temperature over concept cosines
     concept_teacher_tau: float = 0.04  # the teacher's, sharper (as DINO's teacher is)
+    # the paper's self-distillation inside lss: the student's concept distributions on its clip match
+    # those of an EMA copy of it (backbone + concept head) on a second clip of the same video; 0: off
+    concept_self_weight: float = 0.0
     shuffle_bn_groups: int = 2  # key encoders' BatchNorm sub-batches on one device (shuffle-BN)
     nce_tau: float = 0.1
     queue_size: int = 4096
     momentum: float = 0.0  # key encoders; 0: from the run's length, 1 - 4 / steps within [0.9, 0.999]
+    # decompressed frame/flow chunks each loader process keeps (a cache that fits is decompressed once)
+    read_cache_mb: int = 512
     proj_dim: int = 128
     workers: int = 2
     seed: int = 0

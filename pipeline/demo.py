@@ -89,9 +89,10 @@ def evaluate_runs(out, runs, label_set, seed, clips, progress=True, validation=F
     """
     data = os.path.join(out, "data", "labelled")
     lists = validation_lists(out, label_set, seed) if validation else {}
-    evals = [(name, dict(checkpoint=ckpt, inits=("checkpoint",))) for name, ckpt in runs.items()]
-    if baselines:  # with the distilled runs' preprocessing and architecture (from a checkpoint)
-        evals.append((None, dict(checkpoint=next(iter(runs.values())), inits=baselines)))
+    # the baselines first: their teacher row runs inside the one decode of the labelled videos, which
+    # every student's evaluation then reads
+    evals = [(None, dict(checkpoint=next(iter(runs.values())), inits=baselines))] if baselines else []
+    evals += [(name, dict(checkpoint=ckpt, inits=("checkpoint",))) for name, ckpt in runs.items()]
     got = []
     for name, kw in evals:
         # both label sets are columns of one labels.csv over the same videos, so they share one

@@ -45,6 +45,8 @@ def resolve(cfg):
         objective = "both"  # one name for one run: run folders, resume and the demo's rows use it
     if "lss" in objective and not cfg.concepts:
         raise DistillError("--objective with lss needs --concepts BANK.h5 (make one with `cli.py concepts`)")
+    if cfg.concept_self_weight > 0 and "lss" not in objective:
+        raise DistillError("--concept-self-weight is part of lss: add lss to --objective")
     if cfg.target_mode not in ("average", "random"):
         raise DistillError("--target-mode must be 'average' or 'random'")
     if cfg.distill_view not in ("teacher_square", "anywhere"):
@@ -80,6 +82,11 @@ class Distiller(nn.Module):
             for key in ("category_vectors", "description_vectors", "membership", "bridge_vectors"):
                 self.register_buffer(key, torch.as_tensor(concepts[key], dtype=torch.float32))
             self.concept_head = ProjectionHead(d, dim_out=self.category_vectors.shape[1])
+        # LSS self-distillation's teacher: an EMA copy of the student and its concept head
+        self.ema_concepts = None
+        if self.use_lss and cfg.concept_self_weight > 0:
+            self.ema_concepts = nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.concept_head))
+            self.ema_concepts.requires_grad_(False)
         self.bank = concepts["identity"] if self.use_lss else None  # which bank: saved in the checkpoint
         # a CLIP teacher's cached embeddings already live in the bank's space; an ImageNet teacher's
         # logits reach it through the bridge
@@ -103,9 +110,14 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self):
-        m = self.momentum
-        for q_mod, k_mod in ((nn.Sequential(self.backbone, self.proj_rgb), self.key_rgb),
-                             (nn.Sequential(self.motion, self.proj_flow), self.key_flow)):
+        """Every momentum copy (MoDist's key encoders, lss's EMA teacher) moves towards the student."""
+        m, pairs = self.momentum, []
+        if self.use_modist:
+            pairs += [(nn.Sequential(self.backbone, self.proj_rgb), self.key_rgb),
+                      (nn.Sequential(self.motion, self.proj_flow), self.key_flow)]
+        if self.ema_concepts is not None:
+            pairs.append((nn.Sequential(self.backbone, self.concept_head), self.ema_concepts))
+        for q_mod, k_mod in pairs:
             for q, k in zip(q_mod.parameters(), k_mod.parameters()):
                 k.mul_(m).add_(q.detach(), alpha=1 - m)
 
@@ -129,6 +141,7 @@ class Distiller(nn.Module):
     def forward(self, batch):
         """Returns a dict of named scalar losses for one batch (already on the device)."""
         cfg, losses = self.cfg, {}
+        self.momentum_update()
         video = self.augment(batch["video"]) if cfg.colour_views == "all" else batch["video"]
         feat = self.backbone(normalize_video(video))  # [B,D]
         if self.use_distinit:
@@ -150,8 +163,14 @@ class Distiller(nn.Module):
         student = self.concept_head(feat)  # [B,D] unit
         teacher = (joint_teacher(batch["teacher_embed"], batch["teacher_mask"]) if self.teacher_in_text_space
                    else bridged_teacher(batch["teacher_logits"], batch["teacher_mask"], self.bridge_vectors))  # [B,D]
-        losses = {"concept": sum(concept_distill(student, teacher, vectors, cfg.concept_tau, cfg.concept_teacher_tau)
-                                 for vectors in (self.category_vectors, self.description_vectors))}
+        def distill(target):  # over the categories and over the descriptions
+            return sum(concept_distill(student, target, vectors, cfg.concept_tau, cfg.concept_teacher_tau)
+                       for vectors in (self.category_vectors, self.description_vectors))
+        losses = {"concept": distill(teacher)}
+        if self.ema_concepts is not None:  # the EMA student's view of another clip of the video
+            with torch.no_grad():
+                video2 = normalize_video(self.augment(batch["video2"]))
+                losses["concept_self"] = distill(shuffled_forward(self.ema_concepts, video2, cfg.shuffle_bn_groups))
         if cfg.align_weight > 0:
             losses["align"] = concept_align(student, self.category_vectors, self.description_vectors, self.membership,
                                             cfg.concept_tau)
@@ -164,7 +183,6 @@ class Distiller(nn.Module):
         q_rgb = self.proj_rgb(feat)  # [B,128]
         q_flow = self.proj_flow(self.motion(batch["flow"].float() / self.flow_bound))  # [B,128]
         with torch.no_grad():
-            self.momentum_update()
             video2 = normalize_video(self.augment(batch["video2"]))
             k_rgb = shuffled_forward(self.key_rgb, video2, cfg.shuffle_bn_groups)
             k_flow = shuffled_forward(self.key_flow, batch["flow2"].float() / self.flow_bound, cfg.shuffle_bn_groups)
@@ -187,7 +205,8 @@ class Distiller(nn.Module):
         weights = {"distinit": cfg.distinit_weight, "embed": cfg.embed_weight * cfg.distinit_weight,
                    "rgb_nce": cfg.modist_weight, "flow_nce": cfg.modist_weight * cfg.flow_weight,
                    "cross_nce": cfg.modist_weight * cfg.cross_weight,
-                   "concept": cfg.lss_weight, "align": cfg.lss_weight * cfg.align_weight}
+                   "concept": cfg.lss_weight, "align": cfg.lss_weight * cfg.align_weight,
+                   "concept_self": cfg.lss_weight * cfg.concept_self_weight}
         return sum(weights[k] * v for k, v in losses.items())
 
 
@@ -371,7 +390,7 @@ _RESUME_KEYS = ("cache", "objective", "student", "clip_len", "stride", "crop", "
                 "tau", "target_mode", "embed_weight", "queue_size", "proj_dim", "optimizer", "lr", "weight_decay",
                 "warmup_steps", "momentum", "distinit_weight", "modist_weight", "cross_weight", "flow_weight",
                 "distill_view", "colour_views", "jitter", "concepts", "lss_weight", "align_weight", "concept_tau",
-                "concept_teacher_tau", "hue", "jitter_p", "grayscale_p", "blur_p", "shuffle_bn_groups")
+                "concept_teacher_tau", "concept_self_weight", "hue", "jitter_p", "grayscale_p", "blur_p", "shuffle_bn_groups")
 
 
 def run_distill(cfg):
@@ -434,8 +453,10 @@ def training_clips(cfg, fingerprint):
     # most runs never do
     embeds = ("distinit" in parts and cfg.embed_weight > 0) or ("lss" in parts and teacher_in_text_space(fingerprint["teacher"]))
     fields = ("logits", "embed") if embeds else ("logits",) if teacher else ()
-    return ClipDataset(CacheReader(cfg.cache), cfg.clip_len, cfg.stride, cfg.crop, with_flow=modist,
-                       teacher_fields=fields, two_views=modist, seed=cfg.seed, crop_scale=cfg.crop_scale,
+    # a second clip of each video: MoDist's keys, lss self-distillation's EMA view
+    two_views = modist or ("lss" in parts and cfg.concept_self_weight > 0)
+    return ClipDataset(CacheReader(cfg.cache, cfg.read_cache_mb), cfg.clip_len, cfg.stride, cfg.crop, with_flow=modist,
+                       teacher_fields=fields, two_views=two_views, seed=cfg.seed, crop_scale=cfg.crop_scale,
                        first_view_in_teacher_square=teacher and cfg.distill_view == "teacher_square")
 
 

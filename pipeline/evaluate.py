@@ -83,9 +83,7 @@ def run_eval(cfg):
     os.makedirs(cfg.out, exist_ok=True)
     pre = preprocessing_of(cfg.checkpoint)
     work = cfg.work or cfg.out
-    # task.root: the folder the video ids are relative to (e.g. ROOT/UCF-101 of an official layout)
-    reader, source = frames_source(task.root, [(vid, path) for vid, path, _ in task.train + task.test], work, pre,
-                                   cfg.progress)
+    reader, source = labelled_frames(cfg, task, pre, work)
     unreadable = len(task.train) + len(task.test) - len(set(reader.ids) & {vid for vid, _, _ in task.train + task.test})
     failed = f"{unreadable} videos failed to decode (see `cli.py cache info {reader.cache_dir}`)" if unreadable else None
     train, test = scored_sides(cfg, task, set(reader.ids), failed)
@@ -121,6 +119,15 @@ def run_eval(cfg):
     notes += write_eval_events(cfg, rows, task, train, test)  # TensorBoard: beside the checkpoint
     write_reports(cfg.out, rows, run)
     return rows, task, notes
+
+
+def labelled_frames(cfg, task, pre, work):
+    """(reader, note) of the task's videos, decoded once; the teacher row's teacher runs inside that
+    decode. task.root: the folder the video ids are relative to (ROOT/UCF-101 of an official layout)."""
+    teacher = (cfg.teacher, cfg.teacher_weights, cfg.teacher_every) \
+        if "teacher" in cfg.rows() and set(cfg.protocols) - {"finetune"} else None
+    return frames_source(task.root, [(vid, path) for vid, path, _ in task.train + task.test], work, pre,
+                         cfg.progress, teacher)
 
 
 def scored_sides(cfg, task, usable=None, failed=None):

@@ -14,9 +14,11 @@ views and data root each store holds. Every protocol, split and label set over t
 """
 import dataclasses
 import datetime
+import glob
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import h5py
@@ -29,7 +31,7 @@ from cache.fingerprint import CacheError, sha256_file
 from cache.reader import CacheReader, source_status
 from models.checkpoint import load_checkpoint, load_student
 from models.students import ProjectionHead, build_student, inflate_from_teacher, normalize_video
-from models.teacher import load_teacher
+from models.teacher import default_weights_path, load_teacher
 from pipeline.clips import clip_span, load_clip, view_boxes, view_starts
 from pipeline.config import DEVICE_DEFAULTS, INITS, DistillConfig, EvalConfig, ExtractConfig, resolve_device
 from pipeline.decode import DecodeError, VideoDecode
@@ -77,34 +79,44 @@ def preprocessing_of(checkpoint):
                          fingerprint=ckpt["cache_fingerprint"], distill_cache=cfg.get("cache"))
 
 
-def eval_cache_dir(root, work, pre):
-    """WORK/cache-<root digest>-<fps>fps-<H>x<W>[-t<teacher size>]: one frames-only cache per data root
-    and decode settings. Video ids are relative paths, so two roots with the same layout never share one."""
+def eval_cache_dir(root, work, pre, teacher=None):
+    """WORK/cache-<root digest>-<fps>fps-<H>x<W>[-t<teacher size>][-teacher-<name>-<weights sha>-every<k>]:
+    one cache per data root and decode settings (video ids are relative paths, so two roots with the same
+    layout never share one), frames only or with the teacher row's outputs."""
     root_digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:8]
     name = f"cache-{root_digest}-{pre.fps:g}fps-{pre.height}x{pre.width}"
     if pre.teacher_size != ExtractConfig.teacher_size:
         name += f"-t{pre.teacher_size}"
+    if teacher:
+        teacher_name, weights, every = teacher
+        sha = sha256_file(weights or default_weights_path())[:8]
+        name += f"-teacher-{re.sub(r'[^A-Za-z0-9_.+-]', '_', teacher_name)}-{sha}-every{every}"
     return os.path.join(work, name)
 
 
-def build_eval_cache(root, work, pre, progress):
-    """Decode the videos under root once into a frames-only cache in `work` (resumable; a rerun or
-    another eval over the same root only adds what is missing or changed). Returns its reader."""
-    cache = eval_cache_dir(root, work, pre)
-    run_extract(ExtractConfig(videos=root, cache=cache, fps=pre.fps, height=pre.height, width=pre.width,
-                              teacher_size=pre.teacher_size, flow="none", teacher="none", shard=(0, 1),
-                              progress=progress))
+def build_eval_cache(root, work, pre, progress, teacher=None):
+    """Decode the videos under root once into a cache in `work` (resumable; a rerun or another eval
+    over the same root only adds what is missing or changed), with the teacher (name, weights, every)
+    run inside that one decode when the teacher row is asked for. Returns its reader."""
+    cache = eval_cache_dir(root, work, pre, teacher)
+    name, weights, every = teacher or ("none", None, 1)
+    try:
+        run_extract(ExtractConfig(videos=root, cache=cache, fps=pre.fps, height=pre.height, width=pre.width,
+                                  teacher_size=pre.teacher_size, flow="none", teacher=name, teacher_weights=weights,
+                                  teacher_every=every, shard=(0, 1), progress=progress))
+    except ValueError as e:  # the teacher cannot be loaded
+        raise EvalError(f"teacher row: {e}") from None
     return CacheReader(cache)
 
 
-def holds_videos(cache, videos, pre):
-    """Whether `cache` has every one of `videos` [(id, path)] decoded as `pre` says, from these very
-    files, unchanged since (same id, absolute path, size and mtime)."""
+def holds_videos(cache, videos, preprocessing=None):
+    """Whether `cache` has every one of `videos` [(id, path)] from these very files, unchanged since
+    (same id, absolute path, size and mtime), decoded with `preprocessing` when given."""
     try:
         reader = CacheReader(cache)
     except CacheError:
         return None
-    if pre.fingerprint and reader.fingerprint["preprocessing"] != pre.fingerprint.get("preprocessing"):
+    if preprocessing and reader.fingerprint["preprocessing"] != preprocessing:
         return None
     for vid, path in videos:
         rec = reader.index.get(vid)
@@ -113,14 +125,22 @@ def holds_videos(cache, videos, pre):
     return reader
 
 
-def frames_source(root, videos, work, pre, progress):
+def frames_source(root, videos, work, pre, progress, teacher=None):
     """(reader, note) for the frames of `videos` [(id, path)] under root: the distillation cache the
-    checkpoint learnt from when it already holds all of them unchanged (nothing is decoded), else the
-    frames-only cache in `work` (decoded once, shared by every eval and embed that uses this work)."""
-    reader = holds_videos(pre.distill_cache, videos, pre) if pre.distill_cache and videos else None
+    checkpoint learnt from when it already holds all of them unchanged (nothing is decoded); else a
+    cache in `work` that does (with or without teacher outputs: the frames are the same); else one
+    decoded now, once, shared by every later eval and embed over this root: with the teacher's
+    outputs when `teacher` (name, weights, every) is given, so its row needs no decode of its own."""
+    reader = holds_videos(pre.distill_cache, videos, pre.fingerprint.get("preprocessing")) \
+        if pre.distill_cache and videos else None
     if reader is not None:
         return reader, f"frames from the distillation cache {pre.distill_cache} (it holds these videos; none decoded)"
-    return build_eval_cache(root, work, pre, progress), None
+    base = eval_cache_dir(root, work, pre)
+    for cache in [base] + sorted(glob.glob(base + "-teacher-*")):
+        reader = holds_videos(cache, videos) if os.path.isdir(cache) else None
+        if reader is not None:
+            return reader, None
+    return build_eval_cache(root, work, pre, progress, teacher), None
 
 
 def load_backbone(init, checkpoint=None, student="r3d_cpu", seed=0):

@@ -383,6 +383,37 @@ def test_lss_trains_a_concept_head_against_fixed_concept_buffers(eight_video_cac
     assert ckpt["concepts"]["text_encoder"]["name"] == "minilm" and ckpt["concepts"]["categories"] == 5
 
 
+def test_lss_self_distillation_follows_an_ema_copy_on_a_second_clip(eight_video_cache, concept_bank, tmp_path):
+    from torch.utils.data import default_collate
+    from pipeline.distill import Distiller, check_cache, load_concepts, resolve, teacher_source, training_clips
+    with pytest.raises(DistillError, match="--concept-self-weight is part of lss"):
+        resolve(DistillConfig(objective="distinit", concept_self_weight=1.0, device="cpu"))
+    cfg = resolve(tiny(eight_video_cache, tmp_path / "x", objective="lss", concepts=concept_bank, concept_self_weight=1.0))
+    fp = check_cache(cfg.cache, cfg.objective)
+    model = Distiller(cfg, 1000, 1280, fp["flow"]["bound"], momentum=0.9,
+                      concepts=load_concepts(concept_bank, fp["teacher"], teacher_source(cfg.cache, fp)))
+    dataset = training_clips(cfg, fp)
+    batch = default_collate([dataset[i] for i in range(4)])
+    assert "video2" in batch and "flow" not in batch  # a second clip, no flow: nothing reads it
+    losses = model(batch)
+    model.total(losses).backward()
+    assert losses["concept_self"] > 0
+    assert all(p.grad is None for p in model.ema_concepts.parameters())  # the EMA teacher takes no gradient
+    assert all(p.grad is not None for p in model.concept_head.parameters())
+    with torch.no_grad():  # the student moves; the EMA follows by (1 - momentum) of the gap
+        for p in model.backbone.parameters():
+            p.add_(1.0)
+    student = list(model.backbone.parameters()) + list(model.concept_head.parameters())
+    before = [p.clone() for p in model.ema_concepts.parameters()]
+    model.momentum_update()
+    for b, q, k in zip(before, student, model.ema_concepts.parameters()):
+        torch.testing.assert_close(k, 0.9 * b + 0.1 * q)
+    out = tmp_path / "run"
+    run_distill(tiny(eight_video_cache, out, steps=2, objective="lss", concepts=concept_bank, concept_self_weight=0.5))
+    assert "concept_self" in json.loads(open(out / "log.jsonl").readlines()[-1])
+    assert any(k.startswith("ema_concepts.1.") for k in load_checkpoint(str(out / "checkpoint.pt"))["model"])
+
+
 def test_objective_combinations_and_lss_refusals(eight_video_cache, concept_bank, tmp_path):
     from pipeline.concepts import read_bank, write_bank
     from pipeline.distill import resolve

@@ -235,8 +235,15 @@ def test_teacher_row_decodes_each_video_once_for_probes_and_zeroshot(tiny_folder
             opened.append(path)
             super().__init__(path, **kw)
     monkeypatch.setattr(features, "VideoDecode", CountingDecode)
-    cfg = EvalConfig(task="folder", root=str(tiny_folder_task), out=str(tmp_path / "eval"), protocols=("knn", "zeroshot"),
-                     inits=("teacher",), teacher_every=4, progress=False)
-    rows, task, _ = run_eval(cfg)
-    assert {r["protocol"] for r in rows} == {"knn", "zeroshot"}
+    base = dict(task="folder", root=str(tiny_folder_task), teacher_every=4, progress=False)
+    # first eval over this root: the teacher runs inside the one decode of the labelled videos
+    rows, _, _ = run_eval(EvalConfig(**base, out=str(tmp_path / "a"), protocols=("knn", "zeroshot"), inits=("teacher",)))
+    assert {r["protocol"] for r in rows} == {"knn", "zeroshot"} and opened == []
+    [cache] = (tmp_path / "a").glob("cache-*")
+    assert cache.name.endswith("-every4") and json.load(open(cache / "cache.json"))["fingerprint"]["teacher"]["name"] \
+        == "efficientnet_lite0"
+    # frames decoded earlier without a teacher: its row decodes each video once for both protocols
+    run_eval(EvalConfig(**base, out=str(tmp_path / "b"), protocols=("knn",), inits=("scratch",)))
+    rows, _, _ = run_eval(EvalConfig(**base, out=str(tmp_path / "b"), protocols=("knn", "zeroshot"), inits=("teacher",)))
+    assert len(list((tmp_path / "b").glob("cache-*"))) == 1
     assert sorted(opened) == sorted(set(opened)) and len(opened) == rows[0]["train_videos"] + rows[0]["test_videos"]

@@ -87,3 +87,22 @@ def test_a_later_record_of_a_replaced_source_supersedes_the_earlier_one_whatever
     # the same file recorded twice readable is damage, whatever the order
     _record_part(cache, "dup", "clip.mp4", 6, size=250, mtime=2.0)
     assert [vid for vid, _ in load_index(cache)[1]] == ["clip.mp4"]
+
+
+def test_the_chunk_cache_returns_the_stored_rows_across_chunk_borders_within_its_budget(tmp_path, monkeypatch):
+    import cache.writer
+    chunk = 4 * H * W * 3  # bytes of 4 frames: v0 (20 frames) spans five frame chunks, v1 starts a sixth
+    monkeypatch.setattr(cache.writer, "CHUNK_BYTES", chunk)
+    path = hand_made_cache(tmp_path / "c", lengths=(20, 3))
+    plain, cached = CacheReader(path, chunk_cache_mb=0), CacheReader(path)
+    for vid, start, stop in (("v0", 0, 20), ("v0", 3, 9), ("v0", 5, 6), ("v1", 0, 3), ("v0", 3, 9)):
+        a, b = (r.read(vid, start, stop, fields=("frames", "flow")) for r in (plain, cached))
+        np.testing.assert_array_equal(a["frames"], b["frames"])
+        np.testing.assert_array_equal(a["flow"], b["flow"])
+    clip = cached.read("v0", 4, 8, fields=("frames",))["frames"]
+    clip[:] = 0  # the caller's own copy: the kept chunk is untouched
+    assert list(cached.read("v0", 4, 8, fields=("frames",))["frames"][:, 0, 0, 0]) == [4, 5, 6, 7]
+    small = CacheReader(path, chunk_cache_mb=2 * chunk / 2 ** 20)  # room for two frame chunks
+    for t in range(0, 20, 4):
+        assert list(small.read("v0", t, t + 4, fields=("frames",))["frames"][:, 0, 0, 0]) == list(range(t, t + 4))
+    assert len(small._chunks.chunks) == 2 and small._chunks.used <= small.chunk_cache_bytes
