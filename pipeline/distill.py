@@ -170,7 +170,8 @@ class Distiller(nn.Module):
         if self.ema_concepts is not None:  # the EMA student's view of another clip of the video
             with torch.no_grad():
                 video2 = normalize_video(self.augment(batch["video2"]))
-                losses["concept_self"] = distill(shuffled_forward(self.ema_concepts, video2, cfg.shuffle_bn_groups))
+                ema = shuffled_forward(self.ema_concepts, video2, cfg.shuffle_bn_groups)  # [B,D] unit
+            losses["concept_self"] = distill(ema)
         if cfg.align_weight > 0:
             losses["align"] = concept_align(student, self.category_vectors, self.description_vectors, self.membership,
                                             cfg.concept_tau)
