@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 IMAGENET_TEMPLATE = "a photo of a {}."  # the teacher's classes are things in photos (CLIP's own prompt)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default normalisation
 
 
 def parse_spec(spec):
@@ -29,6 +30,13 @@ def parse_spec(spec):
     return arch, None
 
 
+def absolute_spec(spec):
+    """The spec with a model-config path made absolute: recorded in caches and banks, it must load
+    from any working directory."""
+    arch, config_path = parse_spec(spec)
+    return f"clip:{config_path}" if config_path else spec
+
+
 def hub_reachable(url, timeout=3.0):
     host = urllib.parse.urlparse(url).hostname or "huggingface.co"
     try:
@@ -38,23 +46,36 @@ def hub_reachable(url, timeout=3.0):
         return False
 
 
-def hub_weights(arch, tag):
-    """Local path of the tagged weights, downloading them (into the hub's cache) if needed."""
+def resolve_pretrained(spec, tag):
+    """(spec, local weights file) of a hub tag, downloading the weights into the hub's cache if needed.
+    The spec becomes the architecture the tag was trained as (OpenAI's weights: its -quickgelu
+    variant), so the file alone loads the same model again later (eval, a concept bank)."""
     import open_clip
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+    arch, _ = parse_spec(spec)
     cfg = get_pretrained_cfg(arch, tag)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(arch)
         raise ValueError(f"clip:{arch} has no pretrained weights tagged {tag!r}; tags: {', '.join(tags) or 'none'}")
+    if cfg.get("quick_gelu") and not arch.endswith("-quickgelu"):
+        arch += "-quickgelu"
+    preprocess = (open_clip.get_model_config(arch) or {}).get("preprocess_cfg", {})
+    if tuple(cfg.get("mean", OPENAI_MEAN)) != tuple(preprocess.get("mean", OPENAI_MEAN)):
+        raise ValueError(f"clip:{arch} --pretrained {tag}: its normalisation (mean {cfg.get('mean')}) is not the "
+                         "architecture's; download the weights and pass a model config with that preprocess_cfg "
+                         "as clip:CONFIG.json with --teacher-weights / --text-weights")
     # where download_pretrained will go: the hub when the tag has a hub copy (it prefers it), else its url
     url = f"https://huggingface.co/{cfg['hf_hub']}" if cfg.get("hf_hub") else cfg.get("url", "")
     if not hub_reachable(url):
         raise ValueError(f"clip:{arch} --pretrained {tag}: cannot reach {urllib.parse.urlparse(url).hostname} "
                          "(offline?); pass a local checkpoint file instead (--teacher-weights / --text-weights)")
-    return download_pretrained(cfg)
+    try:
+        return f"clip:{arch}", download_pretrained(cfg)
+    except Exception as e:  # the hub's own errors (HTTP, disk): one line
+        raise ValueError(f"clip:{arch} --pretrained {tag}: download failed ({' '.join(str(e).split())[:160]})") from None
 
 
-def load_clip(spec, weights=None, pretrained=None):
+def load_clip(spec, weights):
     """(open_clip model in eval mode, its tokenizer, architecture name, weights file, architecture config)."""
     import open_clip
     arch, config_path = parse_spec(spec)
@@ -63,10 +84,10 @@ def load_clip(spec, weights=None, pretrained=None):
     if arch not in open_clip.list_models():
         raise ValueError(f"{spec}: unknown open_clip architecture {arch!r} (see open_clip.list_models(), "
                          "or pass a model config as clip:FILE.json)")
-    if (weights is None) == (pretrained is None):
+    if weights is None:
         raise ValueError(f"{spec} needs its weights: a local file (--teacher-weights / --text-weights FILE) "
                          "or a hub tag (--teacher-pretrained / --text-pretrained TAG, needs the network)")
-    path = os.path.abspath(os.fspath(weights)) if weights is not None else hub_weights(arch, pretrained)
+    path = os.path.abspath(os.fspath(weights))
     if not os.path.isfile(path):
         raise ValueError(f"CLIP weights file not found: {path}")
     try:

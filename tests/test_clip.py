@@ -122,11 +122,20 @@ def test_lss_with_a_clip_teacher_needs_no_bridge_and_eval_uses_that_teacher(tiny
             assert json.loads(f.attrs["config"])["teacher"]["name"] == "clip:tinyclip"
             return dict(zip([i.decode() for i in f["ids"][()]], f["features"][()]))
     features = tmp_path / "eval" / "features"
-    [probe_store], [zeroshot_store] = features.glob("teacher-[!c]*.h5"), features.glob("teacher-concepts-*.h5")
+    [zeroshot_store] = features.glob("teacher-concepts-*.h5")
+    [probe_store] = [p for p in features.glob("teacher-*.h5") if p != zeroshot_store]
     probe, zeroshot = stored(probe_store), stored(zeroshot_store)
     # zero-shot compares the teacher's own joint embedding with the class names, not its probabilities
     # through the ImageNet bridge (which would land in the same 32-d space with other values)
     assert zeroshot and all(np.allclose(x, probe[vid], atol=1e-6) and x.shape[-1] == 32 for vid, x in zeroshot.items())
+    # the same labelled videos, now with the ImageNet teacher asked for: the CLIP outputs in the decoded
+    # cache are another teacher's, so its row runs its own teacher (1280-d), never reads them
+    rows, _, _ = run_eval(EvalConfig(task="folder", root=str(tmp_path / "videos"), out=str(tmp_path / "eval"),
+                                     protocols=("knn",), inits=("teacher",), teacher="efficientnet_lite0",
+                                     test_fraction=0.5, group_pattern="", progress=False))
+    [store] = {r["features"] for r in rows}
+    with h5py.File(store) as f:
+        assert f["features"].shape[-1] == 1280
 
 
 @pytest.mark.slow

@@ -388,6 +388,8 @@ def test_lss_self_distillation_follows_an_ema_copy_on_a_second_clip(eight_video_
     from pipeline.distill import Distiller, check_cache, load_concepts, resolve, teacher_source, training_clips
     with pytest.raises(DistillError, match="--concept-self-weight is part of lss"):
         resolve(DistillConfig(objective="distinit", concept_self_weight=1.0, device="cpu"))
+    with pytest.raises(DistillError, match="--concept-self-weight must be >= 0"):
+        resolve(DistillConfig(objective="lss", concepts=concept_bank, concept_self_weight=-1.0, device="cpu"))
     cfg = resolve(tiny(eight_video_cache, tmp_path / "x", objective="lss", concepts=concept_bank, concept_self_weight=1.0))
     fp = check_cache(cfg.cache, cfg.objective)
     model = Distiller(cfg, 1000, 1280, fp["flow"]["bound"], momentum=0.9,
@@ -414,6 +416,17 @@ def test_lss_self_distillation_follows_an_ema_copy_on_a_second_clip(eight_video_
     run_distill(tiny(eight_video_cache, out, steps=2, objective="lss", concepts=concept_bank, concept_self_weight=0.5))
     assert "concept_self" in json.loads(open(out / "log.jsonl").readlines()[-1])
     assert any(k.startswith("ema_concepts.1.") for k in load_checkpoint(str(out / "checkpoint.pt"))["model"])
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_at_that_settings_default(eight_video_cache, tmp_path):
+    import dataclasses
+    from pipeline.distill import check_cache, resolve, settings_changed
+    cfg = resolve(tiny(eight_video_cache, tmp_path / "run"))
+    fp, videos = check_cache(cfg.cache, cfg.objective), {"count": 8, "sha256": "x"}
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "concept_self_weight"}  # saved before it existed
+    ckpt = {"config": old, "cache_fingerprint": fp, "videos": videos, "world_size": 1}
+    assert settings_changed(ckpt, cfg, fp, 1, videos) == []
+    assert settings_changed(ckpt, dataclasses.replace(cfg, concept_self_weight=0.5), fp, 1, videos) == ["concept_self_weight"]
 
 
 def test_objective_combinations_and_lss_refusals(eight_video_cache, concept_bank, tmp_path):

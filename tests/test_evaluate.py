@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from cache.fingerprint import sha256_file
 from cli import cli
 from helpers import extract_config, make_video
 from pipeline.config import DistillConfig, EvalConfig
@@ -247,3 +248,22 @@ def test_teacher_row_decodes_each_video_once_for_probes_and_zeroshot(tiny_folder
     rows, _, _ = run_eval(EvalConfig(**base, out=str(tmp_path / "b"), protocols=("knn", "zeroshot"), inits=("teacher",)))
     assert len(list((tmp_path / "b").glob("cache-*"))) == 1
     assert sorted(opened) == sorted(set(opened)) and len(opened) == rows[0]["train_videos"] + rows[0]["test_videos"]
+
+
+def test_the_teacher_row_defaults_to_the_checkpoints_teacher(tiny_folder_task, tmp_path):
+    import torch
+    from pipeline.evaluate import with_defaults
+    from pipeline.features import EvalError
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"teacher weights")
+    base = dict(task="folder", root=str(tiny_folder_task), out=str(tmp_path / "e"))
+    for teacher, want in (({"name": "none", "weights": None, "weights_sha256": None}, ("efficientnet_lite0", None)),
+                          (None, ("efficientnet_lite0", None)),
+                          ({"name": "clip:X", "weights": str(weights), "weights_sha256": sha256_file(str(weights))},
+                           ("clip:X", str(weights)))):
+        torch.save({"config": {}, "teacher": teacher}, tmp_path / "ckpt.pt")
+        cfg, notes = with_defaults(EvalConfig(**base, checkpoint=str(tmp_path / "ckpt.pt")))
+        assert (cfg.teacher, cfg.teacher_weights) == want
+    weights.write_bytes(b"other weights")  # replaced since the checkpoint was distilled
+    with pytest.raises(EvalError, match="w.pt: the weights of the checkpoint's teacher clip:X are gone or changed"):
+        with_defaults(EvalConfig(**base, checkpoint=str(tmp_path / "ckpt.pt")))
