@@ -44,14 +44,23 @@ def read_cache_json(cache_dir):
     return meta
 
 
+_hashed = {}  # (real path, inode, size, mtime) -> sha256, per process
+
+
 def sha256_file(path):
     """Content hash of a file (teacher weights, checkpoints): a renamed or copied file hashes the same,
-    a retrained one does not."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    a retrained one does not. A file is read once per process however often its hash is asked for (an
+    evaluation checks a CLIP teacher's weights, hundreds of MB, in several places); a replaced or
+    rewritten file has another inode or mtime and is read again."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _hashed:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _hashed[key] = h.hexdigest()
+    return _hashed[key]
 
 
 def fingerprint_sha256(fingerprint):

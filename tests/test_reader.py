@@ -106,3 +106,19 @@ def test_the_chunk_cache_returns_the_stored_rows_across_chunk_borders_within_its
     for t in range(0, 20, 4):
         assert list(small.read("v0", t, t + 4, fields=("frames",))["frames"][:, 0, 0, 0]) == list(range(t, t + 4))
     assert len(small._chunks.chunks) == 2 and small._chunks.used <= small.chunk_cache_bytes
+
+
+def test_a_files_hash_is_read_once_and_follows_a_replaced_file(tmp_path, monkeypatch):
+    import builtins
+    import hashlib
+    import os
+    import cache.fingerprint as fingerprint
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"first weights")
+    opened = []
+    monkeypatch.setattr(fingerprint, "open", lambda *a, **k: opened.append(a[0]) or builtins.open(*a, **k), raising=False)
+    assert fingerprint.sha256_file(str(path)) == hashlib.sha256(b"first weights").hexdigest()
+    assert fingerprint.sha256_file(str(path)) == hashlib.sha256(b"first weights").hexdigest() and len(opened) == 1
+    (tmp_path / "new.pt").write_bytes(b"other weights")  # same size, replaced atomically (a new inode)
+    os.replace(tmp_path / "new.pt", path)
+    assert fingerprint.sha256_file(str(path)) == hashlib.sha256(b"other weights").hexdigest() and len(opened) == 2
