@@ -221,6 +221,8 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
               help="lss self-distillation: match an EMA copy of the student on a second clip of the video (0: off).")
 @click.option("--shuffle-bn-groups", default=D.shuffle_bn_groups, show_default=True,
               help="Shuffle-BN: key-encoder sub-batches on one device (under DDP keys are shuffled across GPUs).")
+@click.option("--mask-own-video/--no-mask-own-video", default=D.mask_own_video, show_default=True,
+              help="Mask negatives from the query's own video (its older keys in the queue, its other clip in the batch).")
 @click.option("--queue-size", default=D.queue_size, show_default=True, help="Negatives kept from earlier batches.")
 @click.option("--momentum", default=D.momentum, show_default=True,
               help="Key-encoder momentum (0: from the run's length, 1 - 4/steps within [0.9, 0.999]: 0.99 at 400 "

@@ -1,16 +1,27 @@
-"""Why the demo's hypotheses hold or fail: measurements on a finished demo folder.
+"""Why the demo's students learn what they learn: variants of the objectives on a VALIDATION split.
 
 (1) Flow oracle: is the motion label in the cached DIS flow at all? A linear probe on four statistics
     of the moving region's flow (mean u, v; mean rotation and expansion about its centroid).
-(2) Knobs: variants of each objective (knobs changed from the demo's settings) trained for --steps
-    and scored, with the baselines, on a VALIDATION split: the training side of the demo's test split,
-    split again 70/30. The demo's knobs are chosen here; the test split is touched once, by the demo.
+(2) Variants: each objective with knobs changed from the demo's settings, trained for --steps with
+    every seed of --seeds, scored with the baselines on the validation split (the training side of the
+    demo's test split, split again 70/30; the test split is touched only by the demo). Printed per
+    variant: accuracy mean ± std over seeds, the loss terms at the end of training, and, for MoDist
+    runs, which cue solves its instance discrimination (3).
+(3) Shortcut probe: top-1 of each pool video's RGB query among the keys of every pool video's second
+    clip, with that clip as trained, time-shuffled (appearance kept, motion destroyed) and frozen (its
+    middle frame repeated), and against the flow keys. A term solved as well by frozen keys is solved
+    by appearance, not motion.
 
     python bench/demo_diagnosis.py --demo demo_out            # after `cli.py demo --out demo_out`
-    python bench/demo_diagnosis.py --demo demo_out --no-oracle --variant "modist lr=0.003" --variant "both momentum=0.98"
+    python bench/demo_diagnosis.py --demo diag_other --pictures other --generator-seed 1 \\
+        --seeds 0 1 2 --steps 400 --no-oracle --variant "modist cross_weight=4" --variant "distinit"
+
+A folder without a benchmark is prepared first (generate, extract, concept bank: ~1.5 min). Results
+accumulate in WORK/results.json: a rerun skips what it has and resumes unfinished runs.
 """
 import argparse
 import csv
+import json
 import os
 import sys
 
@@ -19,14 +30,25 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import torch  # noqa: E402
+
 from cache.reader import CacheReader  # noqa: E402
-from pipeline.concepts import run_concepts  # noqa: E402
-from pipeline.demo import BASELINES, COLUMNS, CONCEPTS, FRAMES, SIZES, STUDENT, evaluate_runs  # noqa: E402
-from pipeline.config import ConceptsConfig, DistillConfig, ExtractConfig  # noqa: E402
-from pipeline.distill import run_distill  # noqa: E402
+from models.checkpoint import load_checkpoint  # noqa: E402
+from models.students import normalize_video  # noqa: E402
+from pipeline.clips import ClipDataset  # noqa: E402
+from pipeline.config import DistillConfig, ExtractConfig  # noqa: E402
+from pipeline.demo import BASELINES, COLUMNS, FRAMES, SIZES, STUDENT, evaluate_runs, prepare_benchmark  # noqa: E402
+from pipeline.distill import Distiller, run_distill  # noqa: E402
 from pipeline.extract import run_extract  # noqa: E402
 from pipeline.protocols import linear_probe  # noqa: E402
+from pipeline.synthetic import skimage_images  # noqa: E402
 
+# Another benchmark of the same kind: other scikit-image pictures behind the object labels and other
+# textures behind them, so a claim can be checked away from the demo's four photographs
+OTHER_PICTURES = {"motorcycle": "stereo_motorcycle", "galaxy": "hubble_deep_field", "retina": "retina",
+                  "clock": "clock"}
+OTHER_TEXTURES = {"moon": "moon", "cell": "cell", "page": "page"}
+LOSS_TERMS = ("distinit", "rgb_nce", "cross_nce", "flow_nce", "concept", "align")
 
 # (row name, objective, knobs changed from the demo's STUDENT settings); --variant adds others
 VARIANTS = [
@@ -34,9 +56,16 @@ VARIANTS = [
     ("modist", "modist", {}),
     ("both", "both", {}),
     ("distinit+lss", "distinit+lss", {}),
-    ("modist colour-views=all", "modist", {"colour_views": "all"}),
-    ("both colour-views=all", "both", {"colour_views": "all"}),
 ]
+
+
+def pictures(kind):
+    """(photos, textures) for generate_benchmark: None for the demo's own, or the other set."""
+    if kind == "demo":
+        return None, None
+    photos = skimage_images(OTHER_PICTURES)
+    photos["motorcycle"] = photos["motorcycle"][0]  # the stereo pair's left image
+    return photos, skimage_images(OTHER_TEXTURES)
 
 
 def parse_variant(text):
@@ -46,7 +75,9 @@ def parse_variant(text):
     for pair in pairs:
         key, value = pair.split("=")
         key = key.replace("-", "_")
-        knobs[key] = type(getattr(DistillConfig, key))(value) if not isinstance(getattr(DistillConfig, key), str) else value
+        default = getattr(DistillConfig, key)
+        knobs[key] = (value.lower() in ("1", "true", "yes") if isinstance(default, bool)
+                      else value if isinstance(default, str) else type(default)(value))
     return text, objective, knobs
 
 
@@ -85,56 +116,166 @@ def flow_oracle(demo, work, seeds):
     return float(np.mean(accs)), float(np.std(accs))
 
 
-def evaluate(demo, checkpoint, seed, name, baselines=(), **kw):
-    """{(label_set, protocol, metric): value} on the demo's validation split (the training side of its
-    test split, split again): knobs are chosen here, never on the test split."""
+def evaluate(demo, checkpoint, seed, name, baselines=()):
+    """{"label_set protocol metric": value} on the demo's validation split."""
     got = {}
     for label_set in ("object", "motion"):
         for r in evaluate_runs(demo, {name: checkpoint} if checkpoint else {}, label_set, seed, clips=2,
-                               validation=True, baselines=baselines, **kw):
-            got[(r["row"], label_set, r["protocol"], r["metric"])] = r["value"]
+                               progress=False, validation=True, baselines=baselines):
+            got.setdefault(r["row"], {})[f"{label_set} {r['protocol']} {r['metric']}"] = r["value"]
     return got
+
+
+def final_losses(run, share=0.1):
+    """Mean of each loss term over the last `share` of the run's log records."""
+    recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl")) if line.strip()]
+    tail = recs[-max(1, int(len(recs) * share)):]
+    return {k: float(np.mean([r[k] for r in tail])) for k in LOSS_TERMS if k in tail[-1]}
+
+
+@torch.no_grad()
+def shortcut_probe(checkpoint, cache, seed=0):
+    """Top-1 instance discrimination over the pool: the query clip of each video against the keys of
+    every video's second clip, as trained / time-shuffled / frozen, and against the flow keys (see (3))."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = DistillConfig(**ckpt["config"])
+    fp = ckpt["cache_fingerprint"]
+    model = Distiller(cfg, fp["teacher"].get("num_classes"), fp["teacher"].get("embed_dim"), fp["flow"]["bound"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    data = ClipDataset(CacheReader(cache), cfg.clip_len, cfg.stride, cfg.crop, with_flow=True, teacher_fields=(),
+                       two_views=True, seed=seed + 1000, crop_scale=cfg.crop_scale)
+    items = [data[(0, i)] for i in range(len(data))]
+    batch = {k: torch.stack([it[k] for it in items]) for k in ("video", "video2", "flow", "flow2")}
+    t = batch["video2"].shape[2]
+    shuffled = batch["video2"][:, :, torch.roll(torch.arange(t), t // 2).flip(0)]  # every frame moved
+    frozen = batch["video2"][:, :, [t // 2] * t]
+
+    def unit(x):
+        return torch.nn.functional.normalize(x, dim=1)
+    q = unit(model.proj_rgb(model.backbone(normalize_video(batch["video"]))))
+    bound = model.flow_bound
+
+    def top1(query, keys):
+        return float(((query @ keys.t()).argmax(1) == torch.arange(len(query))).float().mean())
+    out = {f"rgb->rgb {name}": top1(q, unit(model.key_rgb(normalize_video(v))))
+           for name, v in (("as trained", batch["video2"]), ("shuffled", shuffled), ("frozen", frozen))}
+    out["rgb->flow"] = top1(q, unit(model.key_flow(batch["flow2"].float() / bound)))
+    q_flow = unit(model.proj_flow(model.motion(batch["flow"].float() / bound)))
+    out["flow->rgb"] = top1(q_flow, unit(model.key_rgb(normalize_video(batch["video2"]))))
+    out["videos"] = len(items)
+    return out
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
+
+
+def print_tables(results, names, seeds, steps):
+    columns = [f"{ls} {p} {m}" for ls, p, m in COLUMNS]
+    print(f"\naccuracy on the validation split, %, mean ± std over seeds {seeds}, {steps} steps")
+    print("| row | " + " | ".join(columns) + " | mean of means |")
+    print("|---|" + "---|" * (len(columns) + 1))
+    for name in names:
+        runs = [results.get(f"{name}|{seed}|{steps}") for seed in seeds]
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        cells = [mean_std([r["accuracy"].get(c) for r in runs]) for c in columns]
+        means = [np.mean([r["accuracy"][c] for r in runs]) for c in columns if all(c in r["accuracy"] for r in runs)]
+        print(f"| {name} | " + " | ".join(cells) + f" | {100 * np.mean(means):.1f} |")
+    probes = [n for n in names if any(results.get(f"{n}|{s}|{steps}", {}).get("probe") for s in seeds)]
+    losses = [n for n in names if any(results.get(f"{n}|{s}|{steps}", {}).get("losses") for s in seeds)]
+    if losses:
+        print("\nloss terms at the end of training (mean of the last 10 % of log records, mean over seeds)")
+        print("| row | " + " | ".join(LOSS_TERMS) + " |")
+        print("|---|" + "---|" * len(LOSS_TERMS))
+        for name in losses:
+            runs = [results[f"{name}|{s}|{steps}"] for s in seeds if f"{name}|{s}|{steps}" in results]
+            cells = [np.mean([r["losses"][k] for r in runs]) if all(k in r["losses"] for r in runs) else None
+                     for k in LOSS_TERMS]
+            print(f"| {name} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
+    if probes:
+        keys = ("rgb->rgb as trained", "rgb->rgb shuffled", "rgb->rgb frozen", "rgb->flow", "flow->rgb")
+        print("\nshortcut probe: top-1 instance discrimination over the pool videos, %, mean over seeds")
+        print("| row | " + " | ".join(keys) + " |")
+        print("|---|" + "---|" * len(keys))
+        for name in probes:
+            runs = [results[f"{name}|{s}|{steps}"]["probe"] for s in seeds if results.get(f"{name}|{s}|{steps}", {}).get("probe")]
+            print(f"| {name} | " + " | ".join(mean_std([r[k] for r in runs]) for k in keys) + " |")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--demo", required=True, help="output folder of `cli.py demo` (default sizes)")
-    ap.add_argument("--work", default=None, help="where to write (default: DEMO/diagnosis)")
+    ap.add_argument("--demo", required=True, help="a `cli.py demo` output folder (prepared here if it has no cache)")
+    ap.add_argument("--pictures", choices=("demo", "other"), default="demo",
+                    help="when preparing: the demo's photos, or other pictures and textures (OTHER_PICTURES)")
+    ap.add_argument("--generator-seed", type=int, default=0, help="when preparing: the benchmark's seed")
+    ap.add_argument("--work", default=None, help="where runs and results go (default: DEMO/diagnosis)")
     ap.add_argument("--steps", type=int, default=SIZES["default"]["steps"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variant", action="append", default=None,
                     help="'OBJECTIVE knob=value ...' instead of the built-in variants (repeatable)")
     ap.add_argument("--no-oracle", action="store_true", help="skip (1)")
+    ap.add_argument("--no-probe", action="store_true", help="skip (3)")
     args = ap.parse_args()
     work = args.work or os.path.join(args.demo, "diagnosis")
+    os.makedirs(work, exist_ok=True)
+    photos, textures = pictures(args.pictures)
+    cache, bank, benchmark = prepare_benchmark(args.demo, SIZES["default"], lambda text: print(text, flush=True),
+                                               progress=False, photos=photos, textures=textures,
+                                               generator_seed=args.generator_seed)
+    print(f"benchmark: objects {benchmark['objects']}, generator seed {benchmark['seed']}")
     if not args.no_oracle:
         mean, std = flow_oracle(args.demo, work, seeds=3)
         print(f"(1) flow oracle: motion top-1 {100 * mean:.1f} ± {100 * std:.1f} % from 4 flow statistics "
               f"(linear probe, 3 random 70/30 splits; chance 12.5 %)")
 
     variants = [parse_variant(v) for v in args.variant] if args.variant else VARIANTS
-    print(f"\n(2) knobs on the validation split, seed {args.seed}, {args.steps} steps (demo settings: {STUDENT})")
-    print("| row | " + " | ".join(f"{ls} {p} {m}" for ls, p, m in COLUMNS) + " | mean |")
-    print("|---|" + "---|" * (len(COLUMNS) + 1))
+    print(f"\n(2) variants on the validation split, seeds {args.seeds}, {args.steps} steps (demo settings: {STUDENT})")
+    results_path = os.path.join(work, "results.json")
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
 
-    def show(name, got, row):
-        values = [got.get((row, *c), float("nan")) for c in COLUMNS]
-        print(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in values) + f" | {100 * np.nanmean(values):.1f} |", flush=True)
-    checkpoints = {}
-    bank = os.path.join(args.demo, "concepts-k400.h5")  # the demo's concept bank, for variants with lss
-    if any("lss" in objective for _, objective, _ in variants) and not os.path.exists(bank):
-        run_concepts(ConceptsConfig(out=bank, **CONCEPTS))
-    for name, objective, knobs in variants:
-        run = os.path.join(work, f"{name.replace(' ', '_').replace('=', '-')}-{args.steps}")
-        run_distill(DistillConfig(cache=os.path.join(args.demo, "cache"), out=run, objective=objective,
-                                  steps=args.steps, seed=args.seed, workers=0, device="cpu", progress=False,
-                                  concepts=bank if "lss" in objective else "", **{**STUDENT, **knobs}))
-        checkpoints[name] = os.path.join(run, "checkpoint.pt")
-        show(name, evaluate(args.demo, checkpoints[name], args.seed, name, progress=False), name)
-    # baselines with the first run's architecture and preprocessing
-    got = evaluate(args.demo, next(iter(checkpoints.values())), args.seed, "first", baselines=BASELINES, progress=False)
-    for row in BASELINES:
-        show(row, got, row)
+    def save():
+        tmp = results_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, results_path)
+    for seed in args.seeds:
+        if f"baselines|{seed}" not in results:  # with the demo's student architecture and preprocessing
+            first = os.path.join(work, "baselines-reference")
+            run_distill(DistillConfig(cache=cache, out=first, objective="distinit", steps=1, seed=0, workers=0,
+                                      device="cpu", progress=False, **STUDENT))
+            got = evaluate(args.demo, os.path.join(first, "checkpoint.pt"), seed, "first", baselines=BASELINES)
+            results[f"baselines|{seed}"] = {row: got[row] for row in BASELINES}
+            save()
+        for name, objective, knobs in variants:
+            key = f"{name}|{seed}|{args.steps}"
+            if key in results:
+                continue
+            run = os.path.join(work, "runs", f"{name.replace(' ', '_').replace('=', '-')}-seed{seed}-{args.steps}")
+            run_distill(DistillConfig(cache=cache, out=run, objective=objective, steps=args.steps, seed=seed,
+                                      workers=0, device="cpu", progress=False,
+                                      concepts=bank if "lss" in objective else "", **{**STUDENT, **knobs}))
+            checkpoint = os.path.join(run, "checkpoint.pt")
+            rec = {"variant": name, "seed": seed, "steps": args.steps,
+                   "accuracy": evaluate(args.demo, checkpoint, seed, name)[name], "losses": final_losses(run)}
+            if ("modist" in objective or objective == "both") and not args.no_probe:
+                rec["probe"] = shortcut_probe(checkpoint, cache, seed)
+            results[key] = rec
+            save()
+            print(f"  {name} seed {seed}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in rec["accuracy"].items()),
+                  flush=True)
+    for seed in args.seeds:
+        for row in BASELINES:
+            results[f"{row}|{seed}|{args.steps}"] = {"accuracy": results[f"baselines|{seed}"][row]}
+    print_tables(results, [v[0] for v in variants] + list(BASELINES), args.seeds, args.steps)
+
 
 if __name__ == "__main__":
     main()

@@ -113,6 +113,9 @@ class DistillConfig:
     # those of an EMA copy of it (backbone + concept head) on a second clip of the same video; 0: off
     concept_self_weight: float = 0.0
     shuffle_bn_groups: int = 2  # key encoders' BatchNorm sub-batches on one device (shuffle-BN)
+    # MoDist negatives from the query's own video (an older key of it in the queue, a second clip of it in
+    # the batch) are false negatives: masked out of the InfoNCE denominator unless turned off
+    mask_own_video: bool = True
     nce_tau: float = 0.1
     queue_size: int = 4096
     momentum: float = 0.0  # key encoders; 0: from the run's length, 1 - 4 / steps within [0.9, 0.999]

@@ -16,7 +16,7 @@ from pipeline.config import OBJECTIVES, ConceptsConfig, DistillConfig, EvalConfi
 from pipeline.distill import run_distill
 from pipeline.evaluate import run_eval
 from pipeline.extract import run_extract
-from pipeline.synthetic import MOTIONS, OBJECTS, generate_benchmark
+from pipeline.synthetic import MOTIONS, generate_benchmark
 from pipeline.tasks import load_csv, stratified_split
 BASELINES = ("scratch", "inflate", "teacher")
 RUNS = OBJECTIVES + ("distinit+lss",)  # the students the demo trains, one row each
@@ -41,27 +41,13 @@ STUDENT = dict(student="r3d_cpu", clip_len=8, stride=2, crop=64, crop_scale=0.6,
 FRAMES = dict(height=96, width=128, teacher_every=2)
 
 
-def run_demo(out="demo_out", quick=False, seeds=1, steps=None, workers=0, progress=True, log=print):
+def run_demo(out="demo_out", quick=False, seeds=1, steps=None, workers=0, progress=True, log=print, photos=None,
+             textures=None, generator_seed=0):
+    """photos / textures / generator_seed: another benchmark of the same kind (synthetic.generate_benchmark)."""
     t0 = time.time()
     size = dict(SIZES["quick" if quick else "default"], **({"steps": steps} if steps else {}))
-    data, cache = os.path.join(out, "data"), os.path.join(out, "cache")
     stage = _stages(log, t0)
-
-    stage("generating the benchmark (real photos on real textures, 8 motions)")
-    bar = tqdm(total=size["n_pool"] + size["n_labelled"], desc="generate", unit="clip", disable=not progress)
-    generate_benchmark(data, size["n_pool"], size["n_labelled"], size["n_frames"], seed=0,
-                       progress=lambda k, n: bar.update(k - bar.n))
-    bar.close()
-
-    stage("extract: decode the unlabelled pool, run the teacher and DIS flow")
-    ex = run_extract(ExtractConfig(videos=os.path.join(data, "pool"), cache=cache, shard=(0, 1),
-                                   progress=progress, **FRAMES))
-    log(f"  {ex['done'] + ex['skipped']} videos in {cache} ({ex['failed']} failed)")
-
-    stage("concepts: Kinetics-400 action names and their words in MiniLM's text space (for lss)")
-    bank = os.path.join(out, "concepts-k400.h5")
-    if not os.path.exists(bank):
-        run_concepts(ConceptsConfig(out=bank, **CONCEPTS))
+    cache, bank, benchmark = prepare_benchmark(out, size, stage, progress, log, photos, textures, generator_seed)
 
     rows = []
     for seed in range(seeds):
@@ -76,9 +62,33 @@ def run_demo(out="demo_out", quick=False, seeds=1, steps=None, workers=0, progre
         for label_set in ("object", "motion"):
             stage(f"eval on {label_set} labels (seed {seed}): {', '.join(RUNS + BASELINES)}")
             rows += evaluate_runs(out, runs, label_set, seed, size["eval_clips"], progress)
-    report = write_demo_report(out, rows, seeds, size, time.time() - t0)
+    report = write_demo_report(out, rows, seeds, size, time.time() - t0, benchmark)
     log(report)
     return rows
+
+
+def prepare_benchmark(out, size, stage, progress=True, log=print, photos=None, textures=None, generator_seed=0):
+    """Generate the benchmark, extract its unlabelled pool and build lss's concept bank (each step a no-op
+    when already done). Returns (cache, bank, the benchmark's parameters)."""
+    data, cache = os.path.join(out, "data"), os.path.join(out, "cache")
+    stage("generating the benchmark (real photos on real textures, 8 motions)")
+    bar = tqdm(total=size["n_pool"] + size["n_labelled"], desc="generate", unit="clip", disable=not progress)
+    benchmark = generate_benchmark(data, size["n_pool"], size["n_labelled"], size["n_frames"], seed=generator_seed,
+                                   progress=lambda k, n: bar.update(k - bar.n), photos=photos, textures=textures)
+    bar.close()
+
+    stage("extract: decode the unlabelled pool, run the teacher and DIS flow")
+    # a benchmark generated anew in this folder rewrites its files: extract sees the changed sources and
+    # extracts them again
+    ex = run_extract(ExtractConfig(videos=os.path.join(data, "pool"), cache=cache, shard=(0, 1),
+                                   progress=progress, **FRAMES))
+    log(f"  {ex['done'] + ex['skipped']} videos in {cache} ({ex['failed']} failed)")
+
+    stage("concepts: Kinetics-400 action names and their words in MiniLM's text space (for lss)")
+    bank = os.path.join(out, "concepts-k400.h5")
+    if not os.path.exists(bank):
+        run_concepts(ConceptsConfig(out=bank, **CONCEPTS))
+    return cache, bank, benchmark
 
 
 def evaluate_runs(out, runs, label_set, seed, clips, progress=True, validation=False, baselines=BASELINES):
@@ -142,8 +152,9 @@ def summarise(rows):
     return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in groups.items()}
 
 
-def write_demo_report(out, rows, seeds, size, wall):
+def write_demo_report(out, rows, seeds, size, wall, benchmark):
     stats = summarise(rows)
+    objects = benchmark["objects"]
     order = list(BASELINES) + list(RUNS)
     header = "| row | " + " | ".join(f"{ls} {p} {m}" for ls, p, m in COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
@@ -156,7 +167,7 @@ def write_demo_report(out, rows, seeds, size, wall):
     table = "\n".join(lines)
     r0 = rows[0]
     text = (f"# vidistill demo\n\nGenerated benchmark: {size['n_pool']} unlabelled + {size['n_labelled']} labelled "
-            f"clips ({size['n_frames']} frames at 8 fps), {len(OBJECTS)} objects (chance {100 / len(OBJECTS):.1f} %), "
+            f"clips ({size['n_frames']} frames at 8 fps), {len(objects)} objects (chance {100 / len(objects):.1f} %), "
             f"{len(MOTIONS)} motions (chance {100 / len(MOTIONS):.1f} %).\n"
             f"Students: {STUDENT['student']}, {size['steps']} steps, batch {STUDENT['batch_size']}, clips "
             f"{STUDENT['clip_len']}x{STUDENT['crop']}^2 stride {STUDENT['stride']}; every other setting is "
@@ -174,11 +185,11 @@ def write_demo_report(out, rows, seeds, size, wall):
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump({"rows": rows, "summary": {"|".join(k): v for k, v in stats.items()}, "steps": size["steps"],
                    "wall_seconds": wall}, f, indent=1)
-    plot_report(os.path.join(out, "report.png"), stats, order)
+    plot_report(os.path.join(out, "report.png"), stats, order, len(objects))
     return text
 
 
-def plot_report(path, stats, order):
+def plot_report(path, stats, order, n_objects):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -189,7 +200,7 @@ def plot_report(path, stats, order):
         stds = [100 * stats.get((r, ls, p, m), (0, 0, 0))[1] for r in order]
         ax.bar(np.arange(len(order)) + (j - (len(COLUMNS) - 1) / 2) * width, means, width, yerr=stds,
                label=f"{ls} ({p})", capsize=2)
-    ax.axhline(100 / len(OBJECTS), color="gray", ls=":", lw=1)
+    ax.axhline(100 / n_objects, color="gray", ls=":", lw=1)
     ax.axhline(100 / len(MOTIONS), color="gray", ls="--", lw=1)
     ax.set_xticks(np.arange(len(order)), order)
     ax.set_ylabel("top-1 accuracy (%)")

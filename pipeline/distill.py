@@ -182,7 +182,7 @@ class Distiller(nn.Module):
     def contrastive_losses(self, feat, batch):
         """MoDist: the student's clip (query) against the momentum encoders' keys of another clip of
         the same video, in both modalities, with the queue as negatives."""
-        cfg, ids = self.cfg, batch["index"]
+        cfg, ids = self.cfg, batch["index"] if self.cfg.mask_own_video else None
         q_rgb = self.proj_rgb(feat)  # [B,128]
         q_flow = self.proj_flow(self.motion(batch["flow"].float() / self.flow_bound))  # [B,128]
         with torch.no_grad():
@@ -200,7 +200,7 @@ class Distiller(nn.Module):
                   "cross_nce": nce(q_rgb, k_flow, queue_flow) + nce(q_flow, k_rgb, queue_rgb)}
         if cfg.flow_weight > 0:
             losses["flow_nce"] = nce(q_flow, k_flow, queue_flow)
-        self.enqueue(k_rgb, k_flow, ids)
+        self.enqueue(k_rgb, k_flow, batch["index"])
         return losses
 
     def total(self, losses):
@@ -393,7 +393,8 @@ _RESUME_KEYS = ("cache", "objective", "student", "clip_len", "stride", "crop", "
                 "tau", "target_mode", "embed_weight", "queue_size", "proj_dim", "optimizer", "lr", "weight_decay",
                 "warmup_steps", "momentum", "distinit_weight", "modist_weight", "cross_weight", "flow_weight",
                 "distill_view", "colour_views", "jitter", "concepts", "lss_weight", "align_weight", "concept_tau",
-                "concept_teacher_tau", "concept_self_weight", "hue", "jitter_p", "grayscale_p", "blur_p", "shuffle_bn_groups")
+                "concept_teacher_tau", "concept_self_weight", "hue", "jitter_p", "grayscale_p", "blur_p", "shuffle_bn_groups",
+                "mask_own_video")
 
 
 def run_distill(cfg):

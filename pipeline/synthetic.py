@@ -15,8 +15,10 @@ Layout of ROOT:
     benchmark.json                          the generator's parameters (a rerun with the same ones is a no-op)
 """
 import csv
+import hashlib
 import json
 import os
+import shutil
 
 import cv2
 import numpy as np
@@ -31,14 +33,41 @@ TEXTURES = ("grass", "gravel", "brick")
 WIDTH, HEIGHT, FPS = 172, 128, 8
 
 
-def _photos():
+def skimage_images(names):
+    """{name: image} of scikit-image's bundled pictures (no download), e.g. {"cat": "chelsea"}."""
     from skimage import data
-    return {name: getattr(data, PHOTOS[name])() for name in OBJECTS}
+    return {label: getattr(data, name)() for label, name in names.items()}
 
 
-def _textures():
-    from skimage import data
-    return [getattr(data, name)() for name in TEXTURES]
+def default_photos():
+    """The demo's objects: label -> RGB photo."""
+    return skimage_images(PHOTOS)
+
+
+def default_textures():
+    """The demo's backgrounds: name -> grayscale texture."""
+    return skimage_images({name: name for name in TEXTURES})
+
+
+def as_rgb(image):
+    """uint8 [H,W,3] from a grayscale, RGB or RGBA picture."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        image = (255 * (image.astype(np.float32) / max(float(image.max()), 1e-9))).astype(np.uint8)
+    if image.ndim == 2:
+        return np.repeat(image[..., None], 3, axis=-1)
+    return image[..., :3]
+
+
+def as_gray(image):
+    """uint8 [H,W] luma of a grayscale or colour picture (the backgrounds are tinted grey textures)."""
+    image = as_rgb(image)
+    return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+
+
+def _digest(images):
+    """Short content hashes, so benchmark.json tells one set of pictures from another."""
+    return {name: hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest()[:16] for name, img in images.items()}
 
 
 def background(rng, textures):
@@ -115,19 +144,30 @@ def render_clip(photo, motion, rng, textures, n_frames):
     return np.stack(frames), path, rate
 
 
-def generate_benchmark(root, n_pool=160, n_labelled=160, n_frames=24, seed=0, progress=None):
-    """Write the benchmark under root (see the module docstring). Returns the parameters dict."""
+def generate_benchmark(root, n_pool=160, n_labelled=160, n_frames=24, seed=0, progress=None, photos=None,
+                       textures=None):
+    """Write the benchmark under root (see the module docstring). Returns the parameters dict.
+
+    photos: {object label: picture} (default: the demo's four scikit-image photos); textures: {name:
+    picture} for the backgrounds (default: grass, gravel, brick). Another set of pictures and another
+    seed make another benchmark of the same kind, to check that a result is not about these pictures."""
+    photos = {k: as_rgb(v) for k, v in (photos or default_photos()).items()}
+    textures = {k: as_gray(v) for k, v in (textures or default_textures()).items()}
+    objects = tuple(photos)
     params = {"n_pool": n_pool, "n_labelled": n_labelled, "n_frames": n_frames, "seed": seed, "fps": FPS,
-              "size": [WIDTH, HEIGHT], "objects": list(OBJECTS), "motions": list(MOTIONS), "version": 2}
+              "size": [WIDTH, HEIGHT], "objects": list(objects), "motions": list(MOTIONS),
+              "photos": _digest(photos), "textures": _digest(textures), "version": 3}
     marker = os.path.join(root, "benchmark.json")
     if os.path.exists(marker) and json.load(open(marker)) == params:
         return params
-    photos, textures = _photos(), _textures()
+    for folder in ("pool", "labelled"):  # another benchmark's videos and label links must not linger
+        shutil.rmtree(os.path.join(root, folder), ignore_errors=True)
+    textures = list(textures.values())
     rng = np.random.default_rng(seed)
     rows = []
     todo = [("pool", i) for i in range(n_pool)] + [("labelled", i) for i in range(n_labelled)]
     for k, (kind, i) in enumerate(todo):
-        obj, motion = OBJECTS[rng.integers(len(OBJECTS))], MOTIONS[rng.integers(len(MOTIONS))]
+        obj, motion = objects[rng.integers(len(objects))], MOTIONS[rng.integers(len(MOTIONS))]
         clip_rng = np.random.default_rng([seed, 0 if kind == "pool" else 1, i])
         frames, path, rate = render_clip(photos[obj], motion, clip_rng, textures, n_frames)
         name = f"clip_{i:05d}.mp4"

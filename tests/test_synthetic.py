@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.decode import VideoDecode
-from pipeline.synthetic import MOTIONS, OBJECTS, _photos, _textures, generate_benchmark, render_clip
+from pipeline.synthetic import MOTIONS, OBJECTS, default_photos, default_textures, generate_benchmark, render_clip
 
 
 def object_mask(frames):
@@ -19,7 +19,7 @@ def object_mask(frames):
 
 @pytest.fixture(scope="module")
 def assets():
-    return _photos(), _textures()
+    return default_photos(), list(default_textures().values())
 
 
 @pytest.mark.parametrize("motion, axis, sign", [("left", 1, -1), ("right", 1, 1), ("up", 0, -1), ("down", 0, 1)])
@@ -75,3 +75,17 @@ def test_generator_writes_labels_layout_and_real_videos(tmp_path):
     other = tmp_path / "again"
     generate_benchmark(str(other), n_pool=3, n_labelled=16, n_frames=8, seed=1)
     assert list(csv.DictReader(open(other / "labelled" / "labels.csv"))) == rows  # seeded: reproducible
+
+
+def test_other_pictures_make_another_benchmark_in_the_same_folder(tmp_path):
+    from skimage import data
+    params = generate_benchmark(str(tmp_path), n_pool=2, n_labelled=12, n_frames=4, seed=1)
+    # grayscale pictures are accepted (as RGB objects / grey textures); labels are the given names
+    other = generate_benchmark(str(tmp_path), n_pool=2, n_labelled=12, n_frames=4, seed=1,
+                               photos={"clock": data.clock(), "coins": data.coins()},
+                               textures={"moon": data.moon()})
+    assert other["objects"] == ["clock", "coins"] and other["photos"] != params["photos"]
+    rows = list(csv.DictReader(open(tmp_path / "labelled" / "labels.csv")))
+    assert {r["object"] for r in rows} <= {"clock", "coins"}
+    # the first benchmark's label folders are gone, not mixed with the new ones
+    assert sorted(os.listdir(tmp_path / "labelled" / "object")) == sorted({r["object"] for r in rows})
