@@ -69,8 +69,10 @@ def pictures(kind):
 
 
 def parse_variant(text):
-    """'modist lr=0.003 momentum=0.98' -> (text, "modist", {"lr": 0.003, "momentum": 0.98})"""
-    objective, *pairs = text.split()
+    """'modist lr=0.003 momentum=0.98' -> (text, "modist", {"lr": 0.003, "momentum": 0.98});
+    'NAME: modist lr=0.003' names the row NAME."""
+    name, _, spec = text.rpartition(":")
+    objective, *pairs = spec.split()
     knobs = {}
     for pair in pairs:
         key, value = pair.split("=")
@@ -78,7 +80,7 @@ def parse_variant(text):
         default = getattr(DistillConfig, key)
         knobs[key] = (value.lower() in ("1", "true", "yes") if isinstance(default, bool)
                       else value if isinstance(default, str) else type(default)(value))
-    return text, objective, knobs
+    return name.strip() or text, objective, knobs
 
 
 def flow_statistics(flow):
@@ -258,7 +260,8 @@ def main():
             key = f"{name}|{seed}|{args.steps}"
             if key in results:
                 continue
-            run = os.path.join(work, "runs", f"{name.replace(' ', '_').replace('=', '-')}-seed{seed}-{args.steps}")
+            slug = "".join(c if c.isalnum() or c in "+-." else "_" for c in name)
+            run = os.path.join(work, "runs", f"{slug}-seed{seed}-{args.steps}")
             run_distill(DistillConfig(cache=cache, out=run, objective=objective, steps=args.steps, seed=seed,
                                       workers=0, device="cpu", progress=False,
                                       concepts=bank if "lss" in objective else "", **{**STUDENT, **knobs}))
