@@ -7,8 +7,19 @@ import sys
 
 import click
 
-from pipeline.config import INITS, PROTOCOLS, TASKS, ConceptsConfig, DistillConfig, EvalConfig, ExtractConfig
-from pipeline.config import EXPORT_FC, EXPORT_FORMATS, ExportConfig, ShowConfig
+from pipeline.common.config import (
+    EXPORT_FC,
+    EXPORT_FORMATS,
+    INITS,
+    PROTOCOLS,
+    TASKS,
+    ConceptsConfig,
+    DistillConfig,
+    EvalConfig,
+    ExportConfig,
+    ExtractConfig,
+    ShowConfig,
+)
 
 # Option defaults are read from the config dataclasses: each default is written once. Ranges are
 # checked by click, before any heavy import: a bad value is answered at once.
@@ -118,7 +129,8 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
     Rerunning the same command resumes: finished and failed videos are skipped.
     """
     from cache.fingerprint import CacheError
-    from pipeline.extract import ExtractError, ExtractInterrupted, run_extract
+    from pipeline.common.errors import ExtractError, ExtractInterrupted
+    from pipeline.extract.extract import run_extract
     cfg = ExtractConfig(videos=videos, cache=cache, fps=fps, height=height, width=width, teacher=teacher,
                         teacher_weights=teacher_weights, teacher_pretrained=teacher_pretrained,
                         teacher_size=teacher_size, teacher_every=teacher_every,
@@ -240,7 +252,8 @@ def distill(**kw):
     Rerunning the same command resumes from RUN/checkpoint.pt. Multi-GPU:
     torchrun --nproc_per_node=N cli.py distill ...
     """
-    from pipeline.distill import DistillError, run_distill
+    from pipeline.common.errors import DistillError
+    from pipeline.distill.train import run_distill
     try:
         with _exit_on_interrupt("interrupted: the run's checkpoint.pt keeps the last step saved (every --save-every "
                                 "steps); rerun the same command to resume"):
@@ -272,7 +285,9 @@ def concepts(**kw):
     """Embed a concept bank for lss: action names through prompt templates, their descriptions, and
     the bridge of the ImageNet teacher into the same text space. Runs once, before training."""
     import time
-    from pipeline.concepts import ConceptError, run_concepts
+
+    from pipeline.common.errors import ConceptError
+    from pipeline.distill.concepts import run_concepts
     t0 = time.time()
     try:
         s = run_concepts(ConceptsConfig(**kw))
@@ -344,10 +359,9 @@ def eval_cmd(task, root, checkpoint, inits, protocols, text_encoder, text_weight
     Every number is written with its task, split, protocol, views, checkpoint and seed.
     """
     from models.checkpoint import CheckpointError
-    from pipeline.evaluate import format_table, run_eval
-    from pipeline.extract import ExtractError, ExtractInterrupted
-    from pipeline.features import EvalError
-    from pipeline.tasks import TaskError
+    from pipeline.common.errors import EvalError, ExtractError, ExtractInterrupted, TaskError
+    from pipeline.evaluate.evaluate import run_eval
+    from pipeline.evaluate.report import format_table
     cfg = EvalConfig(task=task, root=root, out=out, split=split, splits=splits, checkpoint=checkpoint,
                      inits=tuple(inits), protocols=tuple(protocols), clips=clips,
                      crops=int(crops), student=student, seed=seed, batch_size=batch_size,
@@ -386,8 +400,8 @@ def eval_cmd(task, root, checkpoint, inits, protocols, text_encoder, text_weight
 def embed(videos, checkpoint, out, clips, crops, per_clip, work, device):
     """Export per-video student features to HDF5 (ids, features, config as attributes)."""
     from models.checkpoint import CheckpointError
-    from pipeline.extract import ExtractError, ExtractInterrupted
-    from pipeline.features import EvalError, run_embed
+    from pipeline.common.errors import EvalError, ExtractError, ExtractInterrupted
+    from pipeline.evaluate.features import run_embed
     try:
         s = run_embed(videos, checkpoint, out, clips, int(crops), per_clip, device, work)
     except ExtractInterrupted as e:
@@ -420,7 +434,8 @@ def embed(videos, checkpoint, out, clips, crops, per_clip, work, device):
               help="Largest allowed |export - original| as a share of the output's largest magnitude.")
 def export(checkpoint, format, out, fc, opset, tolerance):
     """Export the distilled backbone, check it against the checkpoint, print its input contract."""
-    from pipeline.export import ExportError, format_contract, run_export
+    from pipeline.common.errors import ExportError
+    from pipeline.evaluate.export import format_contract, run_export
     try:
         s = run_export(ExportConfig(checkpoint=checkpoint, format=format, out=out, fc=fc, opset=opset,
                                     tolerance=tolerance))
@@ -446,7 +461,7 @@ def export(checkpoint, format, out, fc, opset, tolerance):
 def demo(out, quick, seeds, steps, workers):
     """The whole pipeline on a generated benchmark, on CPU: generate, extract, distill (distinit,
     modist, both), evaluate against scratch / inflate / teacher on object and motion labels."""
-    from pipeline.demo import run_demo
+    from pipeline.demo.demo import run_demo
     run_demo(out, quick=quick, seeds=seeds, steps=steps or None, workers=workers, log=click.echo)
     click.echo(f"report: {out}/report.md, {out}/report.png")
 
@@ -482,7 +497,8 @@ def cache_show_cmd(cache, video_id, out, frames, scale, top):
     """Contact sheet of one video: stored frames, the flow under each (hue = direction, brightness =
     speed) and the teacher's top classes with probabilities. VIDEO_ID as `cache info` lists it."""
     from cache.fingerprint import CacheError
-    from pipeline.preview import PreviewError, show_video
+    from pipeline.common.errors import PreviewError
+    from pipeline.extract.preview import show_video
     if frames < 1 or scale < 1 or top < 0:
         _fail("--frames and --scale must be at least 1, --top at least 0")
     try:

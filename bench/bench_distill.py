@@ -22,9 +22,17 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from pipeline.config import OBJECTIVES, DistillConfig  # noqa: E402
-from pipeline.distill import (autocast, build_training, check_cache, make_loader, plan_steps, resolve,  # noqa: E402
-                              train_step, training_clips)
+from pipeline.common.config import OBJECTIVES, DistillConfig
+from pipeline.distill.clips import make_loader
+from pipeline.distill.train import (
+    autocast,
+    build_training,
+    check_cache,
+    plan_steps,
+    resolve,
+    train_step,
+    training_clips,
+)
 
 
 def sync(device):
@@ -60,8 +68,8 @@ def main():
     cache = args.cache
     if cache is None:
         from bench.bench_extract import default_videos
-        from pipeline.config import ExtractConfig
-        from pipeline.extract import run_extract
+        from pipeline.common.config import ExtractConfig
+        from pipeline.extract.extract import run_extract
         cache = os.path.join(tempfile.mkdtemp(prefix="bench-distill-"), "cache")
         run_extract(ExtractConfig(videos=args.videos or default_videos(), cache=cache, progress=False))
     for objective in args.objectives:

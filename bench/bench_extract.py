@@ -36,7 +36,7 @@ def default_videos():
 
 def replicate(src, dst, times):
     """A folder with every video of src linked `times` times (distinct ids, same content)."""
-    from pipeline.extract import find_videos
+    from pipeline.extract.videolist import find_videos
     for k in range(times):
         for vid, path in find_videos(src):
             target = os.path.join(dst, f"copy{k}", vid)
@@ -46,8 +46,8 @@ def replicate(src, dst, times):
 
 
 def run_vidistill(videos, out):
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import run_extract
+    from pipeline.common.config import ExtractConfig
+    from pipeline.extract.extract import run_extract
     s = run_extract(ExtractConfig(videos=videos, cache=out, progress=False))
     return {"frames": s["frames"], "video_seconds": s["video_seconds"], "bytes": s["bytes_written"],
             "stage_seconds": s["stage_seconds"], "videos": s["done"] + s["partial"]}
@@ -57,11 +57,12 @@ def run_naive(videos, out, fps=8.0, height=128, width=171, teacher_size=224):
     import cv2
     import numpy as np
     import torch
+
     from models.efficientnet_lite import EfficientNetLite0
     from models.teacher import default_weights_path
-    from pipeline.decode import cover_size, split_views
-    from pipeline.extract import find_videos
-    from pipeline.flow import FlowStream
+    from pipeline.extract.decode import cover_size, split_views
+    from pipeline.extract.flow import FlowStream
+    from pipeline.extract.videolist import find_videos
     # the plain way: the same weights in an eval-mode nn.Module, called on one frame at a time
     model = EfficientNetLite0().eval()
     model.load_state_dict(torch.load(default_weights_path(), map_location="cpu", weights_only=True))

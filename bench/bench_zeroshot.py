@@ -16,11 +16,11 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from pipeline.concepts import run_concepts  # noqa: E402
-from pipeline.config import ConceptsConfig, DistillConfig, EvalConfig  # noqa: E402
-from pipeline.demo import CONCEPTS, SIZES, STUDENT  # noqa: E402
-from pipeline.distill import run_distill  # noqa: E402
-from pipeline.evaluate import run_eval  # noqa: E402
+from pipeline.common.config import ConceptsConfig, DistillConfig, EvalConfig
+from pipeline.demo.demo import CONCEPTS, SIZES, STUDENT
+from pipeline.distill.concepts import run_concepts
+from pipeline.distill.train import run_distill
+from pipeline.evaluate.evaluate import run_eval
 
 OBJECTIVES = ("lss", "distinit+lss", "distinit+modist+lss")
 SHARED_CLIPS = os.path.join(os.path.dirname(REPO), "shared", "data", "clips")

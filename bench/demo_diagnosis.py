@@ -30,18 +30,19 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import torch  # noqa: E402
+import torch
 
-from cache.reader import CacheReader  # noqa: E402
-from models.checkpoint import load_checkpoint  # noqa: E402
-from models.students import normalize_video  # noqa: E402
-from pipeline.clips import ClipDataset  # noqa: E402
-from pipeline.config import DistillConfig, ExtractConfig  # noqa: E402
-from pipeline.demo import BASELINES, COLUMNS, FRAMES, SIZES, STUDENT, evaluate_runs, prepare_benchmark  # noqa: E402
-from pipeline.distill import Distiller, run_distill  # noqa: E402
-from pipeline.extract import run_extract  # noqa: E402
-from pipeline.protocols import linear_probe  # noqa: E402
-from pipeline.synthetic import skimage_images  # noqa: E402
+from cache.reader import CacheReader
+from models.checkpoint import load_checkpoint
+from models.students import normalize_video
+from pipeline.common.config import DistillConfig, ExtractConfig
+from pipeline.demo.demo import BASELINES, COLUMNS, FRAMES, SIZES, STUDENT, evaluate_runs, prepare_benchmark
+from pipeline.demo.synthetic import skimage_images
+from pipeline.distill.clips import ClipDataset
+from pipeline.distill.distiller import Distiller
+from pipeline.distill.train import run_distill
+from pipeline.evaluate.protocols import linear_probe
+from pipeline.extract.extract import run_extract
 
 # Another benchmark of the same kind: other scikit-image pictures behind the object labels and other
 # textures behind them, so a claim can be checked away from the demo's four photographs

@@ -13,6 +13,8 @@ import urllib.parse
 import torch
 from torch import nn
 
+from models.imagenet import class_names
+
 IMAGENET_TEMPLATE = "a photo of a {}."  # the teacher's classes are things in photos (CLIP's own prompt)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default normalisation
 
@@ -133,7 +135,6 @@ class ClipTeacherNet(nn.Module):
 
     def __init__(self, clip):
         super().__init__()
-        from models.teacher import class_names
         model, tokenizer = clip.model, clip.tokenizer
         self.visual, self.arch, self.config = model.visual, clip.arch, clip.config
         size = model.visual.image_size

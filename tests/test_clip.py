@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from helpers import extract_config, make_video, texture
-from pipeline.config import ConceptsConfig, DistillConfig, EvalConfig
+
+from pipeline.common.config import ConceptsConfig, DistillConfig, EvalConfig
 
 TINY = {"embed_dim": 32,
         "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
@@ -78,10 +78,11 @@ def test_clip_loading_refusals_are_one_line(tiny_clip, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_lss_with_a_clip_teacher_needs_no_bridge_and_eval_uses_that_teacher(tiny_clip, concept_bank, tmp_path):
     from models.checkpoint import load_checkpoint
-    from pipeline.concepts import read_bank, run_concepts
-    from pipeline.distill import DistillError, run_distill
-    from pipeline.evaluate import run_eval
-    from pipeline.extract import run_extract
+    from pipeline.common.errors import DistillError
+    from pipeline.distill.concepts import read_bank, run_concepts
+    from pipeline.distill.train import run_distill
+    from pipeline.evaluate.evaluate import run_eval
+    from pipeline.extract.extract import run_extract
     name, weights = tiny_clip
     for i in range(4):
         make_video(str(tmp_path / "videos" / ("left" if i % 2 else "right") / f"v{i}.mp4"), n=12, h=64, w=96, seed=i,
@@ -142,8 +143,9 @@ def test_lss_with_a_clip_teacher_needs_no_bridge_and_eval_uses_that_teacher(tiny
 
 @pytest.mark.slow
 def test_commands_answer_a_clip_model_without_weights_in_one_line(tmp_path):
-    import models.clip
     from test_cli import cli
+
+    import models.clip
     make_video(str(tmp_path / "videos" / "v.mp4"), n=8)
     need = "error: clip:ViT-B-32 needs its weights: a local file"
     for args in (["extract", "--videos", "videos", "--teacher", "clip:ViT-B-32"],

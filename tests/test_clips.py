@@ -1,10 +1,11 @@
 """Clip sampling geometry: frames and flow cut by the same box, flow vectors follow resize and flip."""
 import numpy as np
 import torch
+from helpers import H, K, W, hand_made_cache
 
 from cache.reader import CacheReader
-from helpers import H, K, W, hand_made_cache
-from pipeline.clips import ClipDataset, colour_augment, load_clip, random_box, teacher_square
+from pipeline.distill.augment import colour_augment
+from pipeline.distill.clips import ClipDataset, load_clip, random_box, teacher_square
 
 
 def test_same_box_for_frames_and_flow_and_flip_negates_x(tmp_path):

@@ -8,8 +8,17 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from pipeline.concepts import (ConceptError, builtin_descriptions, check_encoder, class_list, class_vectors,
-                               encoder_identity, read_bank, read_descriptions, words_of)
+from pipeline.common.errors import ConceptError
+from pipeline.distill.concepts import (
+    builtin_descriptions,
+    check_encoder,
+    class_list,
+    class_vectors,
+    encoder_identity,
+    read_bank,
+    read_descriptions,
+    words_of,
+)
 
 
 @pytest.mark.parametrize("name, words", [("ApplyEyeMakeup", "apply eye makeup"), ("potted_plant", "potted plant"),

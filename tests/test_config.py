@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from pipeline.config import EvalConfig
+from pipeline.common.config import EvalConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,5 +17,5 @@ def test_eval_rows_default_to_the_checkpoint_against_every_baseline():
 
 
 def test_config_imports_nothing_heavy():
-    code = "import sys, pipeline.config; bad = {'torch', 'cv2'} & set(sys.modules); assert not bad, bad"
+    code = "import sys, pipeline.common.config; bad = {'torch', 'cv2'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

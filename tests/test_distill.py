@@ -10,13 +10,14 @@ import time
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import extract_config, make_video
 
 from cli import cli
-from helpers import extract_config, make_video
 from models.checkpoint import load_checkpoint, load_student
-from pipeline.config import DistillConfig
-from pipeline.distill import DistillError, run_distill
-from pipeline.extract import run_extract
+from pipeline.common.config import DistillConfig
+from pipeline.common.errors import DistillError
+from pipeline.distill.train import run_distill
+from pipeline.extract.extract import run_extract
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -196,7 +197,7 @@ class _Probe(torch.nn.Module):
 
 
 def test_nan_guard_skips_non_finite_losses_and_gradients():
-    from pipeline.distill import train_step
+    from pipeline.distill.train import train_step
     model = _Probe()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -214,7 +215,7 @@ def test_nan_guard_skips_non_finite_losses_and_gradients():
 
 def toy_distiller(**kw):
     """A modist Distiller on tiny clips, deterministic: no colour draws, keys frozen (momentum 1)."""
-    from pipeline.distill import Distiller
+    from pipeline.distill.distiller import Distiller
     cfg = DistillConfig(objective="modist", student="r3d_cpu", queue_size=8, momentum=1.0, jitter_p=0.0,
                         grayscale_p=0.0, blur_p=0.0, shuffle_bn_groups=1, **kw)
     torch.manual_seed(0)
@@ -228,7 +229,7 @@ def toy_distiller(**kw):
 
 
 def test_shuffle_bn_restores_order_and_changes_batch_statistics():
-    from pipeline.distill import shuffled_forward
+    from pipeline.distill.distiller import shuffled_forward
     torch.manual_seed(0)
     x = torch.randn(8, 4) + torch.arange(8.0)[:, None]  # rows with different statistics
     no_bn = torch.nn.Linear(4, 3)
@@ -242,8 +243,8 @@ def test_the_student_receives_exactly_the_cross_weight():
     """Finite differences of the total loss along a direction in the student's weights: the RGB<->flow
     terms contribute cross_weight x d(InfoNCE rgb->flow), the flow->rgb direction (its RGB side a
     key without gradient) nothing."""
-    from pipeline.losses import info_nce
     from models.students import normalize_video
+    from pipeline.distill.losses import info_nce
     model, batch = toy_distiller(cross_weight=3.0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     params = list(model.backbone.parameters())
@@ -296,7 +297,7 @@ def test_resume_on_a_grown_cache_is_refused(eight_video_cache, tmp_path):
 
 
 def test_the_schedule_scales_with_a_small_run():
-    from pipeline.distill import describe_plan, plan_steps
+    from pipeline.distill.train import describe_plan, plan_steps
     cfg = DistillConfig(objective="modist", batch_size=8, epochs=10)
     cfg, plan = plan_steps(cfg, n_videos=19, world=1, rank=0)
     # 19 videos would be 2 steps an epoch: each video gives 11 clips an epoch instead
@@ -315,7 +316,7 @@ def test_the_schedule_scales_with_a_small_run():
 
 def test_several_clips_of_one_video_per_epoch_are_different_clips(eight_video_cache):
     from cache.reader import CacheReader
-    from pipeline.clips import ClipDataset
+    from pipeline.distill.clips import ClipDataset
     ds = ClipDataset(CacheReader(eight_video_cache), clip_len=4, stride=1, crop=32, teacher_fields=())
     first, again = ds[(0, 3)], ds[(0, 3 + len(ds))]  # items 3 and 3 + 8: video 3 twice
     assert first["index"] == again["index"] == 3
@@ -324,7 +325,7 @@ def test_several_clips_of_one_video_per_epoch_are_different_clips(eight_video_ca
 
 def test_a_second_distill_into_a_busy_run_folder_is_refused_naming_the_holder(eight_video_cache, tmp_path):
     out = tmp_path / "run"
-    hold = ("import sys, time; sys.path.insert(0, '.'); from pipeline.locks import FileLock; "
+    hold = ("import sys, time; sys.path.insert(0, '.'); from pipeline.common.locks import FileLock; "
             "lock = FileLock(sys.argv[1]); print('held', flush=True); time.sleep(120)")
     first = subprocess.Popen([sys.executable, "-c", hold, str(out / ".lock")], cwd=REPO, stdout=subprocess.PIPE,
                              text=True)  # stands in for a distill training into `out`
@@ -368,7 +369,7 @@ def test_ctrl_c_in_distill_exits_non_zero_without_a_traceback(eight_video_cache,
 
 def test_lss_trains_a_concept_head_against_fixed_concept_buffers(eight_video_cache, concept_bank, tmp_path):
     from cache.fingerprint import sha256_file
-    from pipeline.concepts import read_bank
+    from pipeline.distill.concepts import read_bank
     out = tmp_path / "lss"
     run_distill(tiny(eight_video_cache, out, steps=3, objective="distinit+lss", concepts=concept_bank))
     rec = json.loads(open(out / "log.jsonl").readlines()[-1])
@@ -385,7 +386,9 @@ def test_lss_trains_a_concept_head_against_fixed_concept_buffers(eight_video_cac
 
 def test_lss_self_distillation_follows_an_ema_copy_on_a_second_clip(eight_video_cache, concept_bank, tmp_path):
     from torch.utils.data import default_collate
-    from pipeline.distill import Distiller, check_cache, load_concepts, resolve, teacher_source, training_clips
+
+    from pipeline.distill.distiller import Distiller
+    from pipeline.distill.train import check_cache, load_concepts, resolve, teacher_source, training_clips
     with pytest.raises(DistillError, match="--concept-self-weight is part of lss"):
         resolve(DistillConfig(objective="distinit", concept_self_weight=1.0, device="cpu"))
     with pytest.raises(DistillError, match="--concept-self-weight must be >= 0"):
@@ -420,7 +423,9 @@ def test_lss_self_distillation_follows_an_ema_copy_on_a_second_clip(eight_video_
 
 def test_a_checkpoint_older_than_a_setting_resumes_at_that_settings_default(eight_video_cache, tmp_path):
     import dataclasses
-    from pipeline.distill import check_cache, resolve, settings_changed
+
+    from pipeline.distill.resume import settings_changed
+    from pipeline.distill.train import check_cache, resolve
     cfg = resolve(tiny(eight_video_cache, tmp_path / "run"))
     fp, videos = check_cache(cfg.cache, cfg.objective), {"count": 8, "sha256": "x"}
     old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "concept_self_weight"}  # saved before it existed
@@ -430,8 +435,8 @@ def test_a_checkpoint_older_than_a_setting_resumes_at_that_settings_default(eigh
 
 
 def test_objective_combinations_and_lss_refusals(eight_video_cache, concept_bank, tmp_path):
-    from pipeline.concepts import read_bank, write_bank
-    from pipeline.distill import resolve
+    from pipeline.distill.concepts import read_bank, write_bank
+    from pipeline.distill.train import resolve
     assert resolve(DistillConfig(objective="both+lss", concepts=concept_bank, device="cpu")).objective == \
         "distinit+modist+lss"
     assert resolve(DistillConfig(objective="modist+distinit", device="cpu")).objective == "both"

@@ -8,13 +8,14 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import extract_config, make_video
 
 from cache.fingerprint import sha256_file
 from cli import cli
-from helpers import extract_config, make_video
-from pipeline.config import DistillConfig, EvalConfig
-from pipeline.evaluate import format_table, run_eval, small_data_warnings, write_reports
-from pipeline.protocols import chance_level, wilson_interval
+from pipeline.common.config import DistillConfig, EvalConfig
+from pipeline.evaluate.evaluate import run_eval, small_data_warnings
+from pipeline.evaluate.protocols import chance_level, wilson_interval
+from pipeline.evaluate.report import format_table, write_reports
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,8 @@ def tiny_folder_task(tmp_path_factory):
 
 @pytest.mark.slow
 def test_eval_end_to_end_on_a_folder_task(tiny_folder_task, tmp_path):
-    from pipeline.distill import run_distill
-    from pipeline.extract import run_extract
+    from pipeline.distill.train import run_distill
+    from pipeline.extract.extract import run_extract
     cache = tmp_path / "cache"
     run_extract(extract_config(tiny_folder_task, cache, height=64, width=80, teacher_every=4))
     run = tmp_path / "run"
@@ -201,9 +202,10 @@ def test_small_data_warnings_name_the_classes_and_the_interval():
 @pytest.mark.slow
 def test_zeroshot_alone_scores_every_video_of_a_folder_task(tiny_folder_task, concept_bank, tmp_path):
     import torch
-    from pipeline.distill import run_distill
-    from pipeline.extract import run_extract
-    from pipeline.features import EvalError
+
+    from pipeline.common.errors import EvalError
+    from pipeline.distill.train import run_distill
+    from pipeline.extract.extract import run_extract
     cache = tmp_path / "cache"
     run_extract(extract_config(tiny_folder_task, cache, height=64, width=80, teacher_every=4))
     run = tmp_path / "run"
@@ -228,7 +230,7 @@ def test_zeroshot_alone_scores_every_video_of_a_folder_task(tiny_folder_task, co
 
 @pytest.mark.slow
 def test_teacher_row_decodes_each_video_once_for_probes_and_zeroshot(tiny_folder_task, tmp_path, monkeypatch):
-    import pipeline.features as features
+    import pipeline.evaluate.features as features
     opened = []
 
     class CountingDecode(features.VideoDecode):
@@ -252,8 +254,9 @@ def test_teacher_row_decodes_each_video_once_for_probes_and_zeroshot(tiny_folder
 
 def test_the_teacher_row_defaults_to_the_checkpoints_teacher(tiny_folder_task, tmp_path):
     import torch
-    from pipeline.evaluate import with_defaults
-    from pipeline.features import EvalError
+
+    from pipeline.common.errors import EvalError
+    from pipeline.evaluate.evaluate import with_defaults
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"teacher weights")
     base = dict(task="folder", root=str(tiny_folder_task), out=str(tmp_path / "e"))

@@ -9,13 +9,14 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
+from helpers import hand_made_cache, tiny_checkpoint
 
 from cli import cli
-from helpers import hand_made_cache, tiny_checkpoint
 from models.checkpoint import load_student
 from models.students import normalize_video
-from pipeline.config import ExportConfig
-from pipeline.export import ExportError, relative_error, run_export
+from pipeline.common.config import ExportConfig
+from pipeline.common.errors import ExportError
+from pipeline.evaluate.export import relative_error, run_export
 
 # max |export - original| / max |original|, as the export checks it. Measured: 0 (state dict, TorchScript),
 # <= 5e-7 (ONNX, ResNets), 1.3e-4 (ONNX, EfficientNet3d, whose float32 PyTorch output is 8e-5 from float64)

@@ -10,13 +10,14 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import extract_config, make_video
 
 from cache.fingerprint import read_cache_json
 from cache.manifest import cache_info, verify_cache
 from cache.reader import CacheReader, committed_parts
 from cli import cli
-from helpers import extract_config, make_video
-from pipeline.extract import ExtractError, ExtractInterrupted, run_extract
+from pipeline.common.errors import ExtractError, ExtractInterrupted
+from pipeline.extract.extract import run_extract
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,7 +80,7 @@ def test_cached_teacher_outputs_match_a_fresh_teacher_run(extracted):
     cache, _ = extracted
     r = CacheReader(str(cache))
     rec = r.record("sub/carphone.mp4")
-    from pipeline.decode import VideoDecode
+    from pipeline.extract.decode import VideoDecode
     teacher_in = np.concatenate([t for _, t in VideoDecode(rec["path"], fps=8, height=128, width=171,
                                                            teacher_size=224)])
     logits, embed = load_teacher().predict(teacher_in[::4])
@@ -141,10 +142,10 @@ def test_shards_together_equal_one_job(tmp_path):
 
 
 def test_same_shard_twice_is_refused_by_the_lock(tmp_path):
-    from pipeline.extract import _ShardLock
+    from pipeline.extract.job import ShardLock
     videos = small_videos(tmp_path / "videos", 1)
     run_extract(extract_config(videos, tmp_path / "c"))
-    held = _ShardLock(str(tmp_path / "c"), 0, 1)
+    held = ShardLock(str(tmp_path / "c"), 0, 1)
     try:
         with pytest.raises(ExtractError, match="shard 0/1 is being extracted by another process"):
             run_extract(extract_config(videos, tmp_path / "c"))
@@ -222,23 +223,23 @@ def test_two_workers_match_one(tmp_path):
 
 
 def test_a_sigterm_commits_the_finished_videos_of_a_part_that_is_not_full(tmp_path, monkeypatch):
-    import pipeline.extract as extract
+    import pipeline.extract.worker as extract  # where each finished video gets its record
     videos = small_videos(tmp_path / "videos", 5)
-    recorded, real = [], extract._source_record
+    recorded, real = [], extract.source_record
 
     def record_then_signal(vid, path):  # the scheduler's SIGTERM lands right after the second video
         recorded.append(vid)
         if len(recorded) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(vid, path)
-    monkeypatch.setattr(extract, "_source_record", record_then_signal)
+    monkeypatch.setattr(extract, "source_record", record_then_signal)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(ExtractInterrupted, match=r"interrupted \(SIGTERM\): the 2 videos finished in this run are "
                                                 r"committed to .*, 3 are not; rerun the same command to resume") as e:
         run_extract(extract_config(videos, tmp_path / "c"))  # part_videos 64: the part is far from full
     assert e.value.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
     assert CacheReader(str(tmp_path / "c")).ids == ["v00.mp4", "v01.mp4"] and verify_cache(str(tmp_path / "c"))[0] == []
-    monkeypatch.setattr(extract, "_source_record", real)
+    monkeypatch.setattr(extract, "source_record", real)
     s = run_extract(extract_config(videos, tmp_path / "c"))
     assert s["skipped"] == 2 and s["done"] == 3 and len(CacheReader(str(tmp_path / "c")).ids) == 5
 
@@ -323,7 +324,7 @@ def test_sigterm_mid_extract_commits_then_a_double_ctrl_c_aborts_and_the_reruns_
 
 def test_a_second_signal_aborts_at_once_and_kills_the_workers():
     script = ("import os, signal, subprocess, sys, time\n"
-              "from pipeline.extract import StopRequest\n"
+              "from pipeline.extract.job import StopRequest\n"
               "stop = StopRequest()\n"
               "worker = subprocess.Popen(['sleep', '60'])\n"
               "print(worker.pid, flush=True)\n"

@@ -1,10 +1,10 @@
 """Optical flow on known motion, streamed in batches; unknown methods are refused."""
 import numpy as np
 import pytest
+from helpers import translating_frames
 
 from cache.flow_codec import dequantize_flow
-from helpers import translating_frames
-from pipeline.flow import FlowStream, make_flow_fn, tvl1_available
+from pipeline.extract.flow import FlowStream, make_flow_fn, tvl1_available
 
 
 @pytest.mark.parametrize("method", ["dis", "farneback"] + (["tvl1"] if tvl1_available() else []))

@@ -1,6 +1,5 @@
 """The test helpers themselves, where a wrong helper would make other tests pass or fail for the wrong reason."""
 import numpy as np
-
 from helpers import center_crop_resize
 
 

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from pipeline.locks import FileLock, LockBusy, is_held, lock_holder
+from pipeline.common.locks import FileLock, LockBusy, is_held, lock_holder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOLD = ("import sys, time; sys.path.insert(0, '.'); from pipeline.locks import FileLock; "
+HOLD = ("import sys, time; sys.path.insert(0, '.'); from pipeline.common.locks import FileLock; "
         "lock = FileLock(sys.argv[1]); print('held', flush=True); time.sleep(60)")
 
 

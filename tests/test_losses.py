@@ -4,8 +4,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (bridged_teacher, concept_align, concept_distill, distill_kl, embed_cosine, info_nce,
-                             teacher_targets)
+from pipeline.distill.losses import (
+    bridged_teacher,
+    concept_align,
+    concept_distill,
+    distill_kl,
+    embed_cosine,
+    info_nce,
+    teacher_targets,
+)
 
 
 def test_kl_is_zero_for_identical_distributions_and_positive_otherwise():

@@ -1,10 +1,10 @@
 """`cache info`: counts per status (videos, frames, source bytes), the largest videos, failures by reason."""
 from click.testing import CliRunner
+from helpers import extract_config, make_video
 
 from cache.manifest import cache_info
 from cli import cli
-from helpers import extract_config, make_video
-from pipeline.extract import run_extract
+from pipeline.extract.extract import run_extract
 
 
 def test_cache_info_counts_per_status_and_lists_the_largest_and_failed_videos(tmp_path):

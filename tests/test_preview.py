@@ -5,14 +5,15 @@ import os
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import extract_config, make_video, texture
 from PIL import Image
 
 from cli import cli
-from helpers import extract_config, make_video, texture
-from pipeline.config import ShowConfig
-from pipeline.decode import write_video
-from pipeline.extract import run_extract
-from pipeline.preview import GAP, LINE, Layout, PreviewError, colour_wheel, flow_to_rgb, pick_frames, show_video
+from pipeline.common.config import ShowConfig
+from pipeline.common.errors import PreviewError
+from pipeline.extract.decode import write_video
+from pipeline.extract.extract import run_extract
+from pipeline.extract.preview import GAP, LINE, Layout, colour_wheel, flow_to_rgb, pick_frames, show_video
 
 
 @pytest.fixture(scope="module")

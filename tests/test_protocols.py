@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from pipeline.protocols import knn_classify, linear_probe, retrieval
+from pipeline.evaluate.protocols import knn_classify, linear_probe, retrieval
 
 
 def clusters(centres, n_per_class, views, spread, seed):
@@ -71,7 +71,8 @@ def test_the_probe_reaches_the_optimum_of_its_objective():
     finds the same probabilities: the probe stops at the optimum, not at an iteration cap."""
     from scipy.optimize import minimize
     from scipy.special import log_softmax
-    from pipeline.protocols import class_log_probs, fit_logreg
+
+    from pipeline.evaluate.protocols import class_log_probs, fit_logreg
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 10))
     y = (x[:, 0] + 0.5 * x[:, 1] + 0.8 * rng.normal(size=120) > 0).astype(int) + (x[:, 2] > 1)
@@ -92,7 +93,7 @@ def test_the_probe_reaches_the_optimum_of_its_objective():
 
 
 def test_the_weight_decay_hold_out_keeps_groups_together():
-    from pipeline.protocols import grouped_holdout
+    from pipeline.evaluate.protocols import grouped_holdout
     groups = np.repeat(np.arange(10), 3)  # 10 source videos, 3 clips each
     fit, hold = grouped_holdout(30, groups, 0.2, seed=0)
     assert len(hold) == 6 and set(groups[fit]).isdisjoint(groups[hold])
@@ -100,7 +101,7 @@ def test_the_weight_decay_hold_out_keeps_groups_together():
 
 
 def test_wilson_interval_matches_known_values_and_stays_in_range():
-    from pipeline.protocols import wilson_interval
+    from pipeline.evaluate.protocols import wilson_interval
     low, high = wilson_interval(0.5, 2)
     assert abs(low - 0.0945) < 1e-3 and abs(high - 0.9055) < 1e-3
     assert wilson_interval(1.0, 3)[1] == 1.0 and wilson_interval(1.0, 3)[0] > 0.4  # never [1, 1] from 3 videos
@@ -110,7 +111,7 @@ def test_wilson_interval_matches_known_values_and_stays_in_range():
 
 
 def test_chance_levels_of_top_k_and_of_retrieval():
-    from pipeline.protocols import chance_level
+    from pipeline.evaluate.protocols import chance_level
     train, test = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 1, 2])
     assert chance_level("video_top1", train, 3, test) == 1 / 3 and chance_level("k10_top1", train, 3, test) == 1 / 3
     assert chance_level("clip_top5", train, 10, test) == 0.5 and chance_level("video_top5", train, 3, test) == 1.0
@@ -121,7 +122,7 @@ def test_chance_levels_of_top_k_and_of_retrieval():
 
 
 def test_zero_shot_scores_views_alone_and_their_average():
-    from pipeline.protocols import zero_shot
+    from pipeline.evaluate.protocols import zero_shot
     classes = np.eye(6, 8, dtype=np.float32)  # six orthogonal class-name vectors
     labels = np.array([0, 1, 2, 3])
     feats = classes[labels][:, None, :].repeat(3, 1) * 2.0  # every view on its class (length does not matter)

@@ -1,11 +1,11 @@
 """Reading a cache: clip ranges, teacher rows, retried videos, and failed or unknown ids."""
 import numpy as np
 import pytest
+from helpers import D, H, K, W, hand_made_cache
 
 from cache.flow_codec import quantize_flow
 from cache.reader import CacheReader, load_index
 from cache.writer import PartWriter
-from helpers import D, H, K, W, hand_made_cache
 
 
 def test_reader_ranges_and_teacher_rows(tmp_path):
@@ -112,6 +112,7 @@ def test_a_files_hash_is_read_once_and_follows_a_replaced_file(tmp_path, monkeyp
     import builtins
     import hashlib
     import os
+
     import cache.fingerprint as fingerprint
     path = tmp_path / "weights.pt"
     path.write_bytes(b"first weights")

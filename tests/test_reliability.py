@@ -10,14 +10,15 @@ import time
 
 import numpy as np
 import pytest
+from helpers import extract_config, ffmpeg, make_video, texture
 
 from cache.manifest import verify_cache
 from cache.reader import CacheReader, committed_parts
-from helpers import extract_config, ffmpeg, make_video, texture
-from pipeline.config import DistillConfig
-from pipeline.decode import VideoDecode
-from pipeline.distill import DistillError, run_distill
-from pipeline.extract import ExtractError, run_extract
+from pipeline.common.config import DistillConfig
+from pipeline.common.errors import DistillError, ExtractError
+from pipeline.distill.train import run_distill
+from pipeline.extract.decode import VideoDecode
+from pipeline.extract.extract import run_extract
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IS_ROOT = os.geteuid() == 0
@@ -157,8 +158,8 @@ def test_memory_stays_bounded_on_a_4k_video(hostile_tree, tmp_path):
         d = tmp_path / os.path.basename(video)
         d.mkdir()
         os.symlink(video, d / "v.mp4")
-        code = ("import resource, sys; from pipeline.config import ExtractConfig; "
-                "from pipeline.extract import run_extract; "
+        code = ("import resource, sys; from pipeline.common.config import ExtractConfig; "
+                "from pipeline.extract.extract import run_extract; "
                 "run_extract(ExtractConfig(videos=sys.argv[1], cache=sys.argv[2], progress=False)); "
                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
         out = subprocess.run([sys.executable, "-c", code, str(d), str(d / "cache")], cwd=REPO, capture_output=True,
@@ -303,6 +304,7 @@ def test_a_full_disk_is_a_clear_error_and_committed_work_survives(tmp_path):
 
 def test_a_write_error_mid_part_is_a_clear_error(tmp_path, monkeypatch):
     import errno
+
     from cache import writer
     videos, cache = extract_small_cache(tmp_path, n=3, part_videos=1, shard=(0, 3))  # v0 committed
     calls = {"n": 0}

@@ -1,8 +1,8 @@
 """Students: shapes, and the inflated 3D EfficientNet-Lite0 reproducing the 2D teacher on a still clip."""
 import pytest
 import torch
-
 from helpers import center_crop_resize
+
 from models.students import ResNet3d, build_motion_pathway, build_student, inflate_from_teacher, normalize_video
 from models.teacher import load_teacher
 

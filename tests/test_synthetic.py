@@ -7,8 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.decode import VideoDecode
-from pipeline.synthetic import MOTIONS, OBJECTS, default_photos, default_textures, generate_benchmark, render_clip
+from pipeline.demo.synthetic import MOTIONS, OBJECTS, default_photos, default_textures, generate_benchmark, render_clip
+from pipeline.extract.decode import VideoDecode
 
 
 def object_mask(frames):

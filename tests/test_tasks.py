@@ -7,8 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from pipeline.config import UCF_GROUPS
-from pipeline.tasks import TaskError, load_csv, load_folder, load_hmdb51, load_ucf101
+from pipeline.common.config import UCF_GROUPS
+from pipeline.common.errors import TaskError
+from pipeline.evaluate.tasks import load_csv, load_folder, load_hmdb51, load_ucf101
 
 UCF_SPLITS = os.path.join(os.path.dirname(__file__), "data", "ucfTrainTestlist")
 
@@ -58,7 +59,7 @@ def test_ucf101_is_found_in_the_layouts_people_have(tmp_path, videos, splits):
 
 
 def test_default_root_honours_vidistill_data(monkeypatch):
-    from pipeline.tasks import default_root
+    from pipeline.evaluate.tasks import default_root
     monkeypatch.delenv("VIDISTILL_DATA", raising=False)
     assert default_root("ucf101") == os.path.join("data", "ucf101")
     monkeypatch.setenv("VIDISTILL_DATA", "/datasets")

@@ -8,12 +8,13 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+from helpers import extract_config, make_video, tiny_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import extract_config, make_video, tiny_checkpoint
-from pipeline.config import DistillConfig, EvalConfig
-from pipeline.tasks import Task
-from pipeline.tblog import TrainEvents, write_eval_events
+from pipeline.common.config import DistillConfig, EvalConfig
+from pipeline.common.tensorboard import TrainEvents
+from pipeline.evaluate.eval_events import write_eval_events
+from pipeline.evaluate.tasks import Task
 
 
 def events(folder):
@@ -42,8 +43,8 @@ def test_train_events_tag_every_number_of_a_record(tmp_path):
 
 @pytest.mark.slow
 def test_distill_writes_events_beside_log_jsonl_and_a_resume_leaves_one_value_per_step(tmp_path):
-    from pipeline.distill import run_distill
-    from pipeline.extract import run_extract
+    from pipeline.distill.train import run_distill
+    from pipeline.extract.extract import run_extract
     for i in range(4):
         make_video(str(tmp_path / "videos" / f"v{i}.mp4"), n=12, h=48, w=64, seed=i, dx=i - 1)
     run_extract(extract_config(tmp_path / "videos", tmp_path / "cache", height=48, width=64, teacher_every=4))

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from helpers import center_crop_resize
 from torchvision.models._meta import _IMAGENET_CATEGORIES as IMAGENET_CLASSES
 
-from helpers import center_crop_resize
 from models.efficientnet_lite import EfficientNetLite0
 from models.teacher import default_weights_path, load_teacher, teacher_fingerprint
-from pipeline.config import ExtractConfig
-from pipeline.extract import make_fingerprint
+from pipeline.common.config import ExtractConfig
+from pipeline.extract.extract import make_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_bad_weights_give_one_line_value_error(tmp_path):
 
 
 def test_class_names_are_the_teachers_output_order(teacher, photos):
-    from models.teacher import class_names
+    from models.imagenet import class_names
     names = class_names()
     assert len(names) == 1000 and names == IMAGENET_CLASSES  # torchvision's metadata: nothing downloads
     logits, _ = teacher.predict(photos)

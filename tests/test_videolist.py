@@ -4,13 +4,14 @@ import os
 
 import pytest
 from click.testing import CliRunner
+from helpers import extract_config, make_video
 
 from cache.manifest import cache_info
 from cache.reader import CacheReader
 from cli import cli
-from helpers import extract_config, make_video
-from pipeline.extract import ExtractError, find_videos, run_extract
-from pipeline.videolist import read_video_list
+from pipeline.common.errors import ExtractError
+from pipeline.extract.extract import run_extract
+from pipeline.extract.videolist import find_videos, read_video_list
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ whose vectors are rescaled (and x negated on a flip) so they stay in output-pixe
 outputs of every teacher frame inside the clip's span come along, padded to a fixed length with a
 mask. All geometry is done on whole tensors, never per frame.
 """
+
 import math
 
 import numpy as np
@@ -179,72 +180,40 @@ class ClipDataset(torch.utils.data.Dataset):
         return out
 
 
-# ---- colour augmentations, batched on the training device inside the step ----------------------
+class ClipSampler(torch.utils.data.Sampler):
+    """Endless (epoch, index) pairs: a seeded permutation per epoch, split across ranks.
 
-_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
-_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
-
-
-def _gray(x):  # [B,3,T,H,W] -> [B,1,T,H,W]
-    w = torch.tensor(_GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1, 1)
-    return (x * w).sum(1, keepdim=True)
-
-
-def _hue_rotation(turns):
-    """[B,3,3] RGB matrices shifting hue by `turns` of the colour wheel: a rotation of the chroma plane
-    in YIQ space (a linear stand-in for HSV's hue shift, so it composes with the other colour ops)."""
-    to_yiq = torch.tensor(_RGB_TO_YIQ, device=turns.device)
-    cos, sin = torch.cos(2 * math.pi * turns), torch.sin(2 * math.pi * turns)
-    rot = torch.zeros(len(turns), 3, 3, device=turns.device)
-    rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, cos, -sin, sin, cos
-    return torch.linalg.inv(to_yiq) @ rot @ to_yiq
-
-
-def _gaussian_blur(x, sigma):
-    """Separable Gaussian blur of every frame, one sigma [B] per clip."""
-    b, c, t, h, w = x.shape
-    r = int(math.ceil(3 * float(sigma.max())))
-    taps = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-taps[None] ** 2 / (2 * sigma[:, None] ** 2))
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*C, 2r+1]
-    y = x.permute(2, 0, 1, 3, 4).reshape(t, b * c, h, w)
-    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="replicate"), k.view(b * c, 1, 1, -1), groups=b * c)
-    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(b * c, 1, -1, 1), groups=b * c)
-    return y.reshape(t, b, c, h, w).permute(1, 2, 0, 3, 4)
-
-
-def colour_augment(video, jitter=0.4, hue=0.1, jitter_p=0.8, grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0)):
-    """MaCLR's colour augmentations on a batch of clips: colour jitter (brightness, contrast and
-    saturation factors in [1-jitter, 1+jitter], then a hue shift in [-hue, hue]) with probability
-    jitter_p, grayscale with grayscale_p, Gaussian blur (sigma in blur_sigma, pixels) with blur_p.
-    One draw per clip, identical for all its frames (a per-frame draw would flicker, which flow would
-    call motion). Jitter and grayscale are linear in RGB, so each clip's are composed into one affine
-    colour map applied in a single pass and clamped once (torchvision clamps after every op; the two
-    differ only where a channel saturates midway). Randomness from torch's generator on the clips'
-    device, so a resumed run draws the same.
-
-    video [B,3,T,H,W] uint8 or float on 0..255 -> float [B,3,T,H,W] on 0..255.
+    Starting from any step makes resume exact, and one DataLoader serves the whole run, so its
+    workers persist across epochs.
     """
-    x = video.float() / 255
-    n, dev = len(x), x.device
-    eye = torch.eye(3, device=dev).expand(n, 3, 3)
-    gray = torch.tensor(_GRAY, device=dev)
-    to_gray = torch.ones(3, 1, device=dev) * gray[None]  # [3,3]: every channel becomes the luma
 
-    def factor(lo, hi):
-        return torch.empty(n, 1, 1, device=dev).uniform_(lo, hi)
-    b, c, s = factor(1 - jitter, 1 + jitter), factor(1 - jitter, 1 + jitter), factor(1 - jitter, 1 + jitter)
-    clip_luma = x.mean(dim=(2, 3, 4)) @ gray  # [B]: contrast pulls towards the clip's mean grey
-    # y = c * b * x + (1 - c) * b * luma, then saturation s (towards each pixel's grey), then hue
-    mix = _hue_rotation(torch.empty(n, device=dev).uniform_(-hue, hue)) @ (s * eye + (1 - s) * to_gray)  # [B,3,3]
-    matrix, offset = mix * (c * b), mix.sum(2, keepdim=True) * ((1 - c) * b * clip_luma.view(n, 1, 1))  # [B,3,1]
-    on = torch.rand(n, device=dev) < jitter_p
-    matrix, offset = torch.where(on.view(n, 1, 1), matrix, eye), torch.where(on.view(n, 1, 1), offset, 0.0)
-    grayscale = (torch.rand(n, device=dev) < grayscale_p).view(n, 1, 1)
-    matrix, offset = torch.where(grayscale, to_gray @ matrix, matrix), torch.where(grayscale, to_gray @ offset, offset)
-    x = (torch.einsum("bij,bjthw->bithw", matrix, x) + offset.view(n, 3, 1, 1, 1)).clamp(0, 1)
-    sigma, blur = torch.empty(n, device=dev).uniform_(*blur_sigma), torch.rand(n, device=dev) < blur_p
-    if blur.any():  # blur only the clips drawn for it: the costliest of these steps
-        x = x.clone()
-        x[blur] = _gaussian_blur(x[blur], sigma[blur])
-    return x * 255
+    def __init__(self, n, seed, rank, world, batch_size, start_step):
+        # n items: videos x clips per video; the dataset maps item i to video i % videos
+        self.n, self.seed, self.rank, self.world, self.batch_size = n, seed, rank, world, batch_size
+        self.per_rank = n // world  # drop the tail so every rank takes equal steps
+        self.steps_per_epoch = self.per_rank // batch_size
+        self.epoch, step_in_epoch = divmod(start_step, self.steps_per_epoch)
+        self.skip = step_in_epoch * batch_size
+
+    def __iter__(self):
+        epoch, skip = self.epoch, self.skip
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+            mine = perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+            mine = mine[:self.steps_per_epoch * self.batch_size]  # whole batches: epochs align with steps
+            for i in mine[skip:]:
+                yield epoch, i
+            epoch, skip = epoch + 1, 0
+
+
+def make_loader(dataset, cfg, rank, world, batches_used, clips_per_video=1):
+    """One DataLoader for the whole run, starting where the last run stopped."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size,
+        sampler=ClipSampler(len(dataset) * clips_per_video, cfg.seed, rank, world, cfg.batch_size, batches_used),
+        num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"), persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers else None, multiprocessing_context="spawn" if cfg.workers else None,
+        # its own generator: creating the iterator would otherwise draw from the global one, which the
+        # step's augmentations use, and a resumed run would draw one number more than a straight one
+        generator=torch.Generator().manual_seed(cfg.seed))

@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cache.reader import CacheReader
-from models.teacher import class_names
+from models.imagenet import class_names
+from pipeline.common.errors import PreviewError
 
 PAD = 8  # pixels between tiles and around the sheet
 GAP = 4  # between the panels of one column
@@ -27,8 +28,6 @@ TITLE_LINES = 3
 MIN_FULL_SPEED = 1.0  # px/frame: a nearly still video stays dark instead of showing amplified noise
 
 
-class PreviewError(Exception):
-    """A video that is not in the cache or has no frames; one-line message."""
 
 
 @dataclasses.dataclass

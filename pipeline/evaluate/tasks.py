@@ -11,12 +11,9 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from pipeline.config import UCF_GROUPS
-from pipeline.decode import VIDEO_EXTENSIONS
-
-
-class TaskError(Exception):
-    """A task that cannot be loaded (missing root or split files); one-line message."""
+from pipeline.common.config import UCF_GROUPS
+from pipeline.common.errors import TaskError
+from pipeline.extract.decode import VIDEO_EXTENSIONS
 
 
 @dataclass

@@ -3,12 +3,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
+from pipeline.common.progress import progress_bar
 
 from models.students import normalize_video
-from pipeline.clips import ClipDataset
-from pipeline.features import video_features
-from pipeline.protocols import view_accuracies
+from pipeline.distill.clips import ClipDataset
+from pipeline.evaluate.features import video_features
+from pipeline.evaluate.protocols import view_accuracies
 
 
 def finetune(backbone, reader, train, test, num_classes, pre, cfg, device):
@@ -24,7 +24,7 @@ def finetune(backbone, reader, train, test, num_classes, pre, cfg, device):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.finetune_lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.finetune_lr, total_steps=total, pct_start=0.1)
     g = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(total=total, desc="finetune", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    bar = progress_bar(total=total, desc="finetune", unit="step", disable=not cfg.progress)
     for epoch in range(cfg.finetune_epochs):
         order = torch.randperm(len(data), generator=g).tolist()
         for s in range(steps_per_epoch):

@@ -9,15 +9,15 @@ import os
 import time
 
 import numpy as np
-from tqdm import tqdm
 
-from pipeline.concepts import run_concepts
-from pipeline.config import OBJECTIVES, ConceptsConfig, DistillConfig, EvalConfig, ExtractConfig
-from pipeline.distill import run_distill
-from pipeline.evaluate import run_eval
-from pipeline.extract import run_extract
-from pipeline.synthetic import MOTIONS, generate_benchmark
-from pipeline.tasks import load_csv, stratified_split
+from pipeline.common.config import OBJECTIVES, ConceptsConfig, DistillConfig, EvalConfig, ExtractConfig
+from pipeline.demo.synthetic import MOTIONS, generate_benchmark
+from pipeline.distill.concepts import run_concepts
+from pipeline.distill.train import run_distill
+from pipeline.evaluate.evaluate import run_eval
+from pipeline.evaluate.tasks import load_csv, stratified_split
+from pipeline.extract.extract import run_extract
+
 BASELINES = ("scratch", "inflate", "teacher")
 RUNS = OBJECTIVES + ("distinit+lss",)  # the students the demo trains, one row each
 COLUMNS = [("object", "linear", "video_top1"), ("object", "knn", "k20_top1"), ("object", "zeroshot", "video_top1"),
@@ -72,7 +72,7 @@ def prepare_benchmark(out, size, stage, progress=True, log=print, photos=None, t
     when already done). Returns (cache, bank, the benchmark's parameters)."""
     data, cache = os.path.join(out, "data"), os.path.join(out, "cache")
     stage("generating the benchmark (real photos on real textures, 8 motions)")
-    bar = tqdm(total=size["n_pool"] + size["n_labelled"], desc="generate", unit="clip", disable=not progress)
+    bar = progress_bar(total=size["n_pool"] + size["n_labelled"], desc="generate", unit="clip", disable=not progress)
     benchmark = generate_benchmark(data, size["n_pool"], size["n_labelled"], size["n_frames"], seed=generator_seed,
                                    progress=lambda k, n: bar.update(k - bar.n), photos=photos, textures=textures)
     bar.close()

@@ -34,18 +34,23 @@ import torch.nn as nn
 import torchvision
 
 from models.checkpoint import CheckpointError, load_student
-from models.students import (SCALED_STUDENTS, TORCHVISION_STUDENTS, VIDEO_MEAN, VIDEO_STD, EfficientNet3dBackbone,
-                             normalize_video)
-from pipeline.clips import clip_span, load_clip, view_boxes, view_starts
-from pipeline.config import EXPORT_FC, EXPORT_FORMATS
-from pipeline.runs import checkpoint_path, latest_run
+from models.students import (
+    SCALED_STUDENTS,
+    TORCHVISION_STUDENTS,
+    VIDEO_MEAN,
+    VIDEO_STD,
+    EfficientNet3dBackbone,
+    normalize_video,
+)
+from pipeline.common.config import EXPORT_FC, EXPORT_FORMATS
+from pipeline.common.errors import ExportError
+from pipeline.common.runs import checkpoint_path, latest_run
+from pipeline.distill.clips import clip_span, load_clip, view_boxes, view_starts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: models/ lives here
 EXTENSIONS = {"torchvision": ".pt", "torchscript": ".pt", "onnx": ".onnx"}
 
 
-class ExportError(Exception):
-    """No checkpoint, an option that does not fit the run, or an export that does not match; one line."""
 
 
 def run_export(cfg):

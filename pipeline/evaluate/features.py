@@ -25,26 +25,26 @@ import h5py
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
+from pipeline.common.progress import progress_bar
 
 from cache.fingerprint import CacheError, sha256_file
 from cache.reader import CacheReader, source_status
 from models.checkpoint import load_checkpoint, load_student
 from models.students import ProjectionHead, build_student, inflate_from_teacher, normalize_video
 from models.teacher import default_weights_path, load_teacher
-from pipeline.clips import clip_span, load_clip, view_boxes, view_starts
-from pipeline.config import DEVICE_DEFAULTS, INITS, DistillConfig, EvalConfig, ExtractConfig, resolve_device
-from pipeline.decode import DecodeError, VideoDecode
-from pipeline.extract import find_videos, run_extract, teacher_identity
-from pipeline.locks import FileLock
-from pipeline.runs import checkpoint_path
+from pipeline.common.config import DEVICE_DEFAULTS, INITS, DistillConfig, EvalConfig, ExtractConfig, resolve_device
+from pipeline.common.errors import EvalError
+from pipeline.common.locks import FileLock
+from pipeline.common.runs import checkpoint_path
+from pipeline.distill.clips import clip_span, load_clip, view_boxes, view_starts
+from pipeline.extract.decode import DecodeError, VideoDecode
+from pipeline.extract.extract import run_extract, teacher_identity
+from pipeline.extract.videolist import find_videos
 
 FEATURES_DIR = "features"  # WORK/features/: the feature stores and their index.json
 INDEX = "index.json"
 
 
-class EvalError(Exception):
-    """Missing checkpoint, unknown option, or no usable videos; one-line message."""
 
 
 @dataclass
@@ -174,7 +174,7 @@ def video_features(backbone, reader, ids, pre, clips, crops, device, batch_size,
     span = clip_span(pre.clip_len, pre.stride)
     boxes = view_boxes(pre.height, pre.width, crops)
     feats = []
-    for vid in tqdm(ids, desc=desc, unit="video", disable=not progress, dynamic_ncols=True):
+    for vid in progress_bar(ids, desc=desc, unit="video", disable=not progress):
         views = [load_clip(reader, vid, int(s), pre.clip_len, pre.stride, box, False, pre.crop, False)[0]
                  for s in view_starts(reader.num_frames(vid), clips, span) for box in boxes]
         video = torch.stack(views).to(device)  # [V,3,T,S,S]
@@ -226,8 +226,8 @@ def teacher_row(reader, every, device, progress, source=("efficientnet_lite0", N
     memo = _decoded_teacher.setdefault((os.path.abspath(reader.cache_dir), every, tfp["weights_sha256"], str(device)), {})
 
     def from_decode(ids, output):
-        for v in tqdm([v for v in ids if v not in memo], desc="features teacher", unit="video", disable=not progress,
-                      dynamic_ncols=True):
+        for v in progress_bar([v for v in ids if v not in memo], desc="features teacher", unit="video",
+                              disable=not progress):
             path, embeds, frame_probs, n = reader.record(v)["path"], [], [], 0
             try:
                 for stored, teacher_in in VideoDecode(path, fps=pre["fps"], height=pre["height"], width=pre["width"],

@@ -22,6 +22,8 @@ import numpy as np
 
 from cache.fingerprint import sha256_file
 from models.clip import IMAGENET_TEMPLATE as BRIDGE_TEMPLATE  # the prompt CLIP's own ImageNet classifier uses
+from models.imagenet import class_names
+from pipeline.common.errors import ConceptError
 
 # CLIP's video prompts (its Kinetics-700 templates, shortened): averaging several keeps one phrasing's
 # quirks out of the class vector
@@ -34,8 +36,6 @@ STOP_WORDS = {"a", "an", "the", "of", "on", "in", "at", "to", "with", "and", "or
 BANK_FORMAT = 1
 
 
-class ConceptError(Exception):
-    """A bad class list, description file or concept bank; one-line message."""
 
 
 def words_of(name):
@@ -51,7 +51,6 @@ def class_list(source):
         import torchvision  # the names ship in torchvision's weights metadata: nothing downloads
         return list(torchvision.models.video.R2Plus1D_18_Weights.KINETICS400_V1.meta["categories"])
     if source == "imagenet":
-        from models.teacher import class_names
         return class_names()
     if source in ("ucf101", "hmdb51"):
         source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "classlists", f"{source}.txt")

@@ -1,49 +1,15 @@
-"""TensorBoard event files beside the JSON records: distill's training curves and eval's table.
-
-`tensorboard --logdir RUN` then shows a run's losses, learning rate, gradient norm, throughput and
-the data loader's share of step time, and every evaluation of its checkpoint. log.jsonl, results.json
-and the PNG plots stay the records; the events are a view of the same numbers.
-"""
+"""eval's numbers as TensorBoard events beside the evaluated run: one TensorBoard run per table row,
+the table and per-class kNN accuracy as text."""
 import os
 
 import h5py
 import numpy as np
 
-from pipeline.protocols import knn_classify
+from pipeline.common.tensorboard import event_writer
+from pipeline.evaluate.protocols import knn_classify
+from pipeline.evaluate.report import format_table
 
-# log.jsonl keys that are not loss terms, and their TensorBoard tags; loss terms go under loss/
-TRAIN_TAGS = {"loss": "loss/total", "lr": "train/lr", "grad_norm": "train/grad_norm", "epoch": "train/epoch",
-              "clips_per_s": "perf/clips_per_s", "loader_share": "perf/loader_share"}
 PER_CLASS_K = 20  # per-class accuracy is the kNN protocol's (k 20, the table's kNN column): it needs no fit
-
-
-def _writer(log_dir, purge_step=None):
-    from torch.utils.tensorboard import SummaryWriter  # tensorboard is a requirement; imported when used
-    return SummaryWriter(log_dir, purge_step=purge_step)
-
-
-class TrainEvents:
-    """distill's scalars, written on rank 0 at each log.jsonl record.
-
-    A resumed run starts at the checkpoint's step: `purge_step` tells TensorBoard to drop what an
-    earlier (killed) process logged after it, as drop_log_after does for log.jsonl.
-    """
-
-    def __init__(self, run_dir, first_step=0):
-        self.writer = _writer(run_dir, purge_step=first_step + 1)
-
-    def add(self, rec, loss_names):
-        """rec: a log.jsonl record (step, loss, lr, ...); loss_names: its loss terms."""
-        step = rec["step"]
-        for key, value in rec.items():
-            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            tag = f"loss/{key}" if key in loss_names else TRAIN_TAGS.get(key, f"train/{key}")
-            self.writer.add_scalar(tag, value, step)
-        self.writer.flush()  # a killed run keeps what it logged
-
-    def close(self):
-        self.writer.close()
 
 
 def eval_events_dir(cfg, task_name, split):
@@ -72,7 +38,6 @@ def write_eval_events(cfg, rows, task, train, test):
 
 
 def _write_eval_events(base, cfg, rows, task, train, test):
-    from pipeline.evaluate import format_table  # here: evaluate calls this module
     step = _checkpoint_step(cfg.checkpoint)
     per_class = {}
     for init in dict.fromkeys(r["init"] for r in rows):
@@ -80,14 +45,14 @@ def _write_eval_events(base, cfg, rows, task, train, test):
         # per-class kNN of the row's backbone features: only where kNN ran (zero-shot alone has no train side)
         per_class[init] = (per_class_accuracy(mine[0]["features"], task.classes, train, test)
                            if "knn" in cfg.protocols and train else [None] * len(task.classes))
-        w = _writer(os.path.join(base, init))
+        w = event_writer(os.path.join(base, init))
         for r in mine:
             w.add_scalar(f"{task.name}/{r['protocol']} {r['metric']}", r["value"], step)
         for name, acc in zip(task.classes, per_class[init]):
             if acc is not None:
                 w.add_scalar(f"{task.name} per-class kNN k{PER_CLASS_K}/{name}", acc, step)
         w.close()
-    w = _writer(base)
+    w = event_writer(base)
     w.add_text(f"{task.name}/table", format_table(rows), step)
     w.add_text(f"{task.name}/per-class", per_class_table(task.classes, train, test, per_class), step)
     w.close()

@@ -19,8 +19,10 @@ folder walk gives, so ids, resume, sharding and failure records work the same wa
 """
 import csv
 import os
+import sys
 
-from pipeline.decode import VIDEO_EXTENSIONS
+from pipeline.common.errors import ExtractError
+from pipeline.extract.decode import VIDEO_EXTENSIONS
 
 LIST_EXTENSIONS = (".txt", ".csv")
 PATH_COLUMNS = ("path", "id")  # a CSV's path column: the first of these present (any case), else the first column
@@ -80,3 +82,56 @@ def _csv_entries(f):
     start = 0 if headerless else 1
     return [(n, row[column].strip()) for n, row in enumerate(rows[start:], start + 1)
             if len(row) > column and row[column].strip()]
+
+
+def find_videos(root, unlisted=None):
+    """Sorted [(video_id, path)] of candidate videos under root; ids are POSIX paths relative to root.
+
+    Follows directory symlinks but never the same real directory twice (symlink loops terminate).
+    Broken symlinks and unreadable files are still listed: extraction records why they failed.
+    Folders that cannot be listed are appended to `unlisted` as (path, reason), never skipped silently.
+    A .txt or .csv root is a list of video paths instead (pipeline/videolist.py: ids relative to the
+    list's folder).
+    """
+    if not os.path.exists(root):
+        raise ExtractError(f"{root}: video folder does not exist")
+    if is_video_list(root):
+        return listed_videos(root)
+    if not os.path.isdir(root):
+        raise ExtractError(f"{root}: not a folder (pass the folder that contains the videos, or a "
+                           f"{' or '.join(LIST_EXTENSIONS)} list of video paths)")
+    found, seen_dirs = [], set()
+
+    def cannot_list(err):
+        if unlisted is not None:
+            unlisted.append((err.filename, err.strerror or str(err)))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=cannot_list, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS:
+                path = os.path.join(dirpath, name)
+                found.append((os.path.relpath(path, root).replace(os.sep, "/"), path))
+    if not found:
+        if unlisted:
+            raise ExtractError(f"{unlisted[0][0]}: cannot list the folder ({unlisted[0][1]})")
+        raise ExtractError(f"{root}: no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
+    return sorted(found)
+
+
+def listed_videos(list_path):
+    """find_videos for a .txt / .csv list (pipeline/videolist.py): its duplicates, missing files and
+    folders are reported on stderr, never fatal."""
+    found, problems = read_video_list(list_path)
+    for line in problems[:20]:
+        print(f"note: {list_path}: {line}", file=sys.stderr)
+    if len(problems) > 20:
+        print(f"note: {list_path}: … and {len(problems) - 20} more", file=sys.stderr)
+    if not found:
+        raise ExtractError(f"{list_path}: no video paths in the list")
+    return found

@@ -23,7 +23,7 @@ import shutil
 import cv2
 import numpy as np
 
-from pipeline.decode import write_video
+from pipeline.extract.decode import write_video
 
 # label -> the scikit-image photo: labels are plain words, so zero-shot can read them as class names
 PHOTOS = {"cat": "chelsea", "coffee": "coffee", "rocket": "rocket", "astronaut": "astronaut"}

@@ -1,0 +1,193 @@
+"""The module stage two trains: the student backbone plus what the objective needs (distillation head,
+MoDist's motion pathway, projection heads, momentum key encoders and queues, lss's concept head), and
+its forward pass as a dict of named losses (pipeline/distill/losses.py)."""
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from models.students import ProjectionHead, build_motion_pathway, build_student, normalize_video
+from pipeline.common.config import objective_parts
+from pipeline.distill.augment import colour_augment
+from pipeline.distill.losses import (
+    bridged_teacher,
+    concept_align,
+    concept_distill,
+    distill_kl,
+    embed_cosine,
+    info_nce,
+    joint_teacher,
+    teacher_targets,
+)
+
+
+class Distiller(nn.Module):
+    """The student backbone plus whatever the objective needs: heads, motion pathway, momentum copies."""
+
+    def __init__(self, cfg, num_classes, embed_dim, flow_bound, momentum=0.99, concepts=None):
+        super().__init__()
+        self.cfg = cfg
+        self.momentum = momentum  # of the key encoders: from the run's plan unless set
+        self.flow_bound = flow_bound  # the cache's flow bound scales flow inputs to about [-1, 1]
+        self.backbone = build_student(cfg.student)
+        d = self.backbone.feature_dim
+        parts = objective_parts(cfg.objective)
+        self.use_distinit, self.use_modist, self.use_lss = ("distinit" in parts), ("modist" in parts), ("lss" in parts)
+        if self.use_lss:
+            # the concept bank as fixed buffers (saved with the weights): nothing text-side runs in the loop
+            for key in ("category_vectors", "description_vectors", "membership", "bridge_vectors"):
+                self.register_buffer(key, torch.as_tensor(concepts[key], dtype=torch.float32))
+            self.concept_head = ProjectionHead(d, dim_out=self.category_vectors.shape[1])
+        # LSS self-distillation's teacher: an EMA copy of the student and its concept head
+        self.ema_concepts = None
+        if self.use_lss and cfg.concept_self_weight > 0:
+            self.ema_concepts = nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.concept_head))
+            self.ema_concepts.requires_grad_(False)
+        self.bank = concepts["identity"] if self.use_lss else None  # which bank: saved in the checkpoint
+        # a CLIP teacher's cached embeddings already live in the bank's space; an ImageNet teacher's
+        # logits reach it through the bridge
+        self.teacher_in_text_space = self.use_lss and concepts["identity"]["teacher_space"] == "joint"
+        if self.use_distinit:
+            self.distill_head = nn.Linear(d, num_classes)  # one head per teacher (the cache has one)
+            self.embed_head = nn.Linear(d, embed_dim) if cfg.embed_weight > 0 else None
+        if self.use_modist:
+            self.proj_rgb = ProjectionHead(d, dim_out=cfg.proj_dim)
+            self.motion = build_motion_pathway(d)
+            self.proj_flow = ProjectionHead(self.motion.feature_dim, dim_out=cfg.proj_dim)
+            # MoCo-style momentum encoders: keys change slowly so the queue stays consistent
+            self.key_rgb = nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.proj_rgb))
+            self.key_flow = nn.Sequential(copy.deepcopy(self.motion), copy.deepcopy(self.proj_flow))
+            for p in list(self.key_rgb.parameters()) + list(self.key_flow.parameters()):
+                p.requires_grad = False
+            self.register_buffer("queue_rgb", nn.functional.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
+            self.register_buffer("queue_flow", nn.functional.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
+            self.register_buffer("queue_ids", torch.full((cfg.queue_size,), -1, dtype=torch.long))  # video of each key
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self):
+        """Every momentum copy (MoDist's key encoders, lss's EMA teacher) moves towards the student."""
+        m, pairs = self.momentum, []
+        if self.use_modist:
+            pairs += [(nn.Sequential(self.backbone, self.proj_rgb), self.key_rgb),
+                      (nn.Sequential(self.motion, self.proj_flow), self.key_flow)]
+        if self.ema_concepts is not None:
+            pairs.append((nn.Sequential(self.backbone, self.concept_head), self.ema_concepts))
+        for q_mod, k_mod in pairs:
+            for q, k in zip(q_mod.parameters(), k_mod.parameters()):
+                k.mul_(m).add_(q.detach(), alpha=1 - m)
+
+    @torch.no_grad()
+    def enqueue(self, k_rgb, k_flow, ids):
+        k_rgb, k_flow, ids = all_gather(k_rgb), all_gather(k_flow), all_gather(ids)
+        n, size = len(k_rgb), len(self.queue_rgb)
+        idx = (self.queue_ptr + torch.arange(n, device=k_rgb.device)) % size
+        self.queue_rgb[idx] = k_rgb.to(self.queue_rgb.dtype)
+        self.queue_flow[idx] = k_flow.to(self.queue_flow.dtype)
+        self.queue_ids[idx] = ids
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)
+
+    def augment(self, video):
+        """Colour augmentations on the device, one draw per clip (geometry was drawn in the loader)."""
+        cfg = self.cfg
+        if cfg.jitter_p == cfg.grayscale_p == cfg.blur_p == 0:
+            return video
+        return colour_augment(video, cfg.jitter, cfg.hue, cfg.jitter_p, cfg.grayscale_p, cfg.blur_p)
+
+    def forward(self, batch):
+        """Returns a dict of named scalar losses for one batch (already on the device)."""
+        cfg, losses = self.cfg, {}
+        self.momentum_update()
+        video = self.augment(batch["video"]) if cfg.colour_views == "all" else batch["video"]
+        feat = self.backbone(normalize_video(video))  # [B,D]
+        if self.use_distinit:
+            target = teacher_targets(batch["teacher_logits"], batch["teacher_mask"], cfg.tau, cfg.target_mode)
+            losses["distinit"] = distill_kl(self.distill_head(feat), target, cfg.tau)
+            if self.embed_head is not None:
+                losses["embed"] = embed_cosine(self.embed_head(feat), batch["teacher_embed"], batch["teacher_mask"])
+        if self.use_modist:
+            losses.update(self.contrastive_losses(feat, batch))
+        if self.use_lss:
+            losses.update(self.concept_losses(feat, batch))
+        return losses
+
+    def concept_losses(self, feat, batch):
+        """LSS: the student's distributions over the bank's concepts match the teacher's (concept
+        distillation), and its category distribution, carried through the membership, agrees with its
+        own description distribution (concept alignment)."""
+        cfg = self.cfg
+        student = self.concept_head(feat)  # [B,D] unit
+        teacher = (joint_teacher(batch["teacher_embed"], batch["teacher_mask"]) if self.teacher_in_text_space
+                   else bridged_teacher(batch["teacher_logits"], batch["teacher_mask"], self.bridge_vectors))  # [B,D]
+        def distill(target):  # over the categories and over the descriptions
+            return sum(concept_distill(student, target, vectors, cfg.concept_tau, cfg.concept_teacher_tau)
+                       for vectors in (self.category_vectors, self.description_vectors))
+        losses = {"concept": distill(teacher)}
+        if self.ema_concepts is not None:  # the EMA student's view of another clip of the video
+            with torch.no_grad():
+                video2 = normalize_video(self.augment(batch["video2"]))
+                ema = shuffled_forward(self.ema_concepts, video2, cfg.shuffle_bn_groups)  # [B,D] unit
+            losses["concept_self"] = distill(ema)
+        if cfg.align_weight > 0:
+            losses["align"] = concept_align(student, self.category_vectors, self.description_vectors, self.membership,
+                                            cfg.concept_tau)
+        return losses
+
+    def contrastive_losses(self, feat, batch):
+        """MoDist: the student's clip (query) against the momentum encoders' keys of another clip of
+        the same video, in both modalities, with the queue as negatives."""
+        cfg, ids = self.cfg, batch["index"] if self.cfg.mask_own_video else None
+        q_rgb = self.proj_rgb(feat)  # [B,128]
+        q_flow = self.proj_flow(self.motion(batch["flow"].float() / self.flow_bound))  # [B,128]
+        with torch.no_grad():
+            video2 = normalize_video(self.augment(batch["video2"]))
+            k_rgb = shuffled_forward(self.key_rgb, video2, cfg.shuffle_bn_groups)
+            k_flow = shuffled_forward(self.key_flow, batch["flow2"].float() / self.flow_bound, cfg.shuffle_bn_groups)
+        # copies: enqueue() below overwrites the buffers in place, which autograd must not see
+        queue_rgb, queue_flow, queue_ids = self.queue_rgb.clone(), self.queue_flow.clone(), self.queue_ids.clone()
+
+        def nce(query, key, queue):
+            return info_nce(query, key, queue, cfg.nce_tau, ids=ids, queue_ids=queue_ids)
+        losses = {"rgb_nce": nce(q_rgb, k_rgb, queue_rgb),
+                  # summed, not averaged: in flow->rgb the RGB side is a key without gradient, so the
+                  # student's gradient comes from rgb->flow alone and --cross-weight w gives it w
+                  "cross_nce": nce(q_rgb, k_flow, queue_flow) + nce(q_flow, k_rgb, queue_rgb)}
+        if cfg.flow_weight > 0:
+            losses["flow_nce"] = nce(q_flow, k_flow, queue_flow)
+        self.enqueue(k_rgb, k_flow, batch["index"])
+        return losses
+
+    def total(self, losses):
+        cfg = self.cfg
+        weights = {"distinit": cfg.distinit_weight, "embed": cfg.embed_weight * cfg.distinit_weight,
+                   "rgb_nce": cfg.modist_weight, "flow_nce": cfg.modist_weight * cfg.flow_weight,
+                   "cross_nce": cfg.modist_weight * cfg.cross_weight,
+                   "concept": cfg.lss_weight, "align": cfg.lss_weight * cfg.align_weight,
+                   "concept_self": cfg.lss_weight * cfg.concept_self_weight}
+        return sum(weights[k] * v for k, v in losses.items())
+
+
+def shuffled_forward(encoder, x, groups):
+    """A key encoder's forward with shuffle-BN (MoCo, section 3.3): in train mode, BatchNorm statistics
+    of a batch whose order matches the queries' would let a query tell its key from the negatives.
+    Under DDP the batch is shuffled across processes, as MoCo does; on one device it is permuted and
+    normalised in `groups` sub-batches. Outputs come back in the input's order."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        x_all = all_gather(x)
+        perm = torch.randperm(len(x_all), device=x.device)
+        dist.broadcast(perm, src=0)
+        out_all = all_gather(encoder(x_all[perm.view(world, -1)[rank]]))
+        return out_all[torch.argsort(perm).view(world, -1)[rank]]
+    perm = torch.randperm(len(x), device=x.device)
+    out = torch.cat([encoder(chunk) for chunk in x[perm].chunk(max(1, groups))])
+    return out[torch.argsort(perm)]
+
+
+def all_gather(x):
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)

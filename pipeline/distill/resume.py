@@ -1,0 +1,147 @@
+"""A run folder and its checkpoint: which folder a run trains into (a rerun with the same settings
+resumes the latest), its lock, what the checkpoint holds, and the settings a resume must not change."""
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from cache.fingerprint import VIDISTILL_VERSION, sha256_file
+from models.checkpoint import CheckpointError, load_checkpoint
+from pipeline.common.config import DistillConfig
+from pipeline.common.errors import DistillError
+from pipeline.common.locks import FileLock, LockBusy
+from pipeline.common.runs import RUN_LOCK, latest_run, new_run_dir, point_latest
+
+# Settings that must not change between a run and its resumption (--steps / --epochs may: a larger
+# value extends a finished run, the cosine schedule stretching to the new end).
+RESUME_KEYS = ("cache", "objective", "student", "clip_len", "stride", "crop", "crop_scale", "batch_size", "seed",
+                "tau", "target_mode", "embed_weight", "queue_size", "proj_dim", "optimizer", "lr", "weight_decay",
+                "warmup_steps", "momentum", "distinit_weight", "modist_weight", "cross_weight", "flow_weight",
+                "distill_view", "colour_views", "jitter", "concepts", "lss_weight", "align_weight", "concept_tau",
+                "concept_teacher_tau", "concept_self_weight", "hue", "jitter_p", "grayscale_p", "blur_p", "shuffle_bn_groups",
+                "mask_own_video")
+
+
+def video_set(ids):
+    """Which videos a run trains on: a cache that grew or was repaired since changes the epoch length,
+    the schedule and the sampler, so a resume must see the same set."""
+    return {"count": len(ids), "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
+
+
+def settings_changed(ckpt, cfg, fingerprint, world, videos):
+    """Why a checkpoint cannot be resumed with these settings and videos (empty: it can)."""
+    old = dict(ckpt["config"], cache=os.path.normpath(ckpt["config"].get("cache", "")))  # cache/ is cache
+    new = dict(dataclasses.asdict(cfg), cache=os.path.normpath(cfg.cache))
+    # a key newer than the checkpoint: it trained at that key's default
+    changed = [k for k in RESUME_KEYS if old.get(k, getattr(DistillConfig, k)) != new[k]]
+    if ckpt.get("world_size", 1) != world:
+        changed.append(f"{ckpt.get('world_size', 1)} -> {world} processes")
+    if ckpt["cache_fingerprint"] != fingerprint:
+        changed.append("a cache with another fingerprint")
+    elif ckpt.get("videos") != videos:
+        was = ckpt.get("videos", {}).get("count", "unrecorded")
+        changed.append(f"the cache's videos changed since: {was} then, {videos['count']} now")
+    bank = ckpt.get("concepts")
+    if bank and os.path.isfile(cfg.concepts) and bank["sha256"] != sha256_file(cfg.concepts):
+        # resuming would keep training against the checkpoint's copy of the old vectors
+        changed.append(f"another concept bank in {cfg.concepts} (rebuilt since)")
+    return changed
+
+
+def choose_run_folder(cfg, fingerprint, world, rank, videos):
+    """Without --out: the latest run if it has these settings (a rerun resumes it), else a new
+    runs/<objective>-<date-time>/. runs/latest then points at it."""
+    if cfg.out:
+        return cfg
+    out = None
+    latest = latest_run()
+    if rank == 0 and latest and os.path.exists(os.path.join(latest, "checkpoint.pt")):
+        try:
+            ckpt = load_checkpoint(os.path.join(latest, "checkpoint.pt"))
+            if not settings_changed(ckpt, cfg, fingerprint, world, videos):
+                out = os.path.relpath(os.path.realpath(latest))
+        except CheckpointError:
+            pass  # an unreadable latest run is left alone; this run gets a folder of its own
+    if rank == 0:
+        out = out or new_run_dir(cfg.objective)
+        os.makedirs(out, exist_ok=True)
+        point_latest(out)
+    if world > 1:  # every rank writes into the folder rank 0 chose
+        shared = [out]
+        dist.broadcast_object_list(shared, src=0)
+        out = shared[0]
+    return dataclasses.replace(cfg, out=out)
+
+
+def lock_run_folder(out, world, rank):
+    """Rank 0 takes RUN/.lock for the whole run (every rank learns whether it could, so none of them
+    waits on a refused one). Two runs into one folder would interleave log.jsonl and race on
+    checkpoint.pt. Returns the lock (a context manager)."""
+    lock, refusal = contextlib.nullcontext(), None
+    if rank == 0:
+        try:
+            lock = FileLock(os.path.join(out, RUN_LOCK))
+        except LockBusy as e:
+            refusal = (f"{out} is being trained by another distill ({e.holder}); wait for it to finish, "
+                       "or pass --out NEW for a separate run")
+    if world > 1:
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal:
+        raise DistillError(refusal)
+    return lock
+
+
+def resume(ckpt_path, log_path, cfg, fingerprint, videos, model, opt, sched, world, rank):
+    """Load the run's checkpoint if there is one, refusing other settings. Returns (step, batches_used)."""
+    if not os.path.exists(ckpt_path):
+        return 0, 0
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except CheckpointError as e:
+        raise DistillError(str(e)) from None
+    changed = settings_changed(ckpt, cfg, fingerprint, world, videos)
+    if changed:
+        raise DistillError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); "
+                           "use another --out to start a new run")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    step = ckpt["step"]
+    if world == 1:  # exact resume; DDP ranks reseed by step instead (the checkpoint holds rank 0's state)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if cfg.device.startswith("cuda") and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    else:
+        torch.manual_seed(cfg.seed + rank + 7919 * step)
+    if rank == 0:
+        drop_log_after(log_path, step)  # steps logged after the checkpoint are redone
+    return step, ckpt.get("batches_used", step)  # batches_used > step when non-finite steps were skipped
+
+
+def checkpoint_state(run, step, batches_used):
+    cuda = run["cfg"].device.startswith("cuda")
+    return {"model": run["model"].state_dict(), "optimizer": run["opt"].state_dict(),
+            "scheduler": run["sched"].state_dict(), "step": step, "batches_used": batches_used,
+            "world_size": run["world"],
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None},
+            "config": dataclasses.asdict(run["cfg"]), "cache_fingerprint": run["fingerprint"], "videos": run["videos"],
+            "plan": run["plan"],
+            "feature_dim": run["model"].backbone.feature_dim, "vidistill_version": VIDISTILL_VERSION,
+            "concepts": run["model"].bank, "teacher": run["teacher"]}
+
+
+def drop_log_after(log_path, step):
+    """Keep only the log records up to `step` (a resumed run logs the later steps again)."""
+    if not os.path.exists(log_path):
+        return
+    keep = [line for line in open(log_path) if line.strip() and json.loads(line)["step"] <= step]
+    tmp = log_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, log_path)

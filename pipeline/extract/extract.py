@@ -1,0 +1,253 @@
+"""Stage one: decode every video once, run the image teacher and optical flow, write the Zarr cache.
+
+Work is split three ways without new machinery:
+  --shard I/N   (or torchrun's RANK/WORLD_SIZE, or a Slurm array) picks every N-th video;
+  --workers W   runs W processes inside a job, each writing its own parts;
+  a decode thread in each process runs ffmpeg for the next video while this one is on the teacher.
+A rerun skips every video already recorded in a committed part (done or failed) whose source is
+unchanged (size, mtime), so a killed job loses at most the part it was writing, and no video is ever
+stored twice; a replaced source is extracted again and its new record supersedes the old. A SIGINT or
+SIGTERM commits the videos finished so far before the job stops.
+"""
+
+import dataclasses
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+
+
+from cache.fingerprint import VIDISTILL_VERSION, CacheError, create_or_check, sha256_file
+from cache.flow_codec import FLOW_BOUND, FLOW_CODEC
+from cache.reader import load_index, source_status
+from cache.writer import remove_stale_parts
+from models.teacher import load_teacher, teacher_fingerprint
+from pipeline.common.config import resolve_device
+from pipeline.common.progress import progress_bar
+from pipeline.common.errors import ExtractError, ExtractInterrupted
+from pipeline.extract.decode import ffmpeg_version
+from pipeline.extract.flow import FLOW_PARAMS, make_flow_fn
+from pipeline.extract.job import ShardLock, StopRequest, held_locks, shard_from_env, sigint_ignored
+from pipeline.extract.part_sink import config_dict
+from pipeline.extract.videolist import find_videos
+from pipeline.extract.worker import extract_videos, worker_main
+
+
+def teacher_identity(teacher, device):
+    """The teacher's part of a fingerprint: its description where it will run (CPU and GPU compute at
+    different precision) and the sha256 of its weights file."""
+    return teacher_fingerprint(teacher, device) | {"weights_sha256": sha256_file(teacher.weights_path)}
+
+
+def make_fingerprint(cfg, teacher):
+    return {
+        # where the teacher will run, not where it was loaded to be fingerprinted
+        "teacher": teacher_identity(teacher, resolve_device(cfg.device)) if teacher else {"name": "none"},
+        "preprocessing": {"fps": cfg.fps, "height": cfg.height, "width": cfg.width,
+                          "resize": "cover-scale + centre crop, SAR and rotation applied",
+                          # the stored frames are downscaled from a decode at the teacher's size, so it
+                          # changes their pixels even without a teacher
+                          "teacher_size": cfg.teacher_size,
+                          # without a teacher this does not change the cache: keep it out of its identity
+                          "teacher_every": cfg.teacher_every if teacher else None},
+        "flow": {"method": cfg.flow, "params": FLOW_PARAMS[cfg.flow], "bound": FLOW_BOUND, "codec": FLOW_CODEC,
+                 "convention": "flow[t] = motion from frame t to t+1 in stored pixels; last frame 0"},
+        "ffmpeg_version": ffmpeg_version(),
+        "vidistill_version": VIDISTILL_VERSION,
+    }
+
+
+def run_extract(cfg):
+    """The whole of `cli.py extract`. Returns a summary dict.
+
+    The first SIGINT or SIGTERM commits the videos finished so far and raises ExtractInterrupted
+    (rerunning the same command resumes); a second one aborts at once."""
+    stop = StopRequest()
+    with stop.on_signals(announce=cfg.progress):
+        return _run_extract(cfg, stop)
+
+
+def _run_extract(cfg, stop):
+    t0 = time.time()
+    cfg = _validate(cfg)
+    if cfg.teacher_pretrained:  # fetched once, here: every worker then loads the same local file
+        from models.clip import resolve_pretrained
+        teacher, weights = resolve_pretrained(cfg.teacher, cfg.teacher_pretrained)
+        cfg = dataclasses.replace(cfg, teacher=teacher, teacher_weights=weights)
+    shard_index, shard_count = cfg.shard
+    unlisted = []
+    videos = find_videos(cfg.videos, unlisted)
+    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device="cpu") if cfg.teacher != "none" else None
+    fingerprint = make_fingerprint(cfg, teacher)
+    del teacher
+    _prepare_cache(cfg, fingerprint)
+
+    lock = ShardLock(cfg.cache, shard_index, shard_count)
+    try:
+        remove_stale_parts(cfg.cache)
+        mine = videos[shard_index::shard_count]
+        todo, changed, vanished = _videos_to_do(cfg, mine, videos)
+        summary = {"videos_found": len(videos), "unlisted_folders": unlisted, "shard": f"{shard_index}/{shard_count}",
+                   "skipped": len(mine) - len(todo), "done": 0, "partial": 0, "failed": 0, "frames": 0,
+                   "video_seconds": 0.0, "bytes_written": 0, "failures": [], "stage_seconds": {},
+                   "changed": changed, "vanished": vanished}
+        bar = progress_bar(total=len(todo), unit="video", desc="extract", disable=not cfg.progress)
+        try:
+            _run_workers(todo, cfg, _summary_reporter(summary, bar, cfg.fps, t0), stop)
+        except OSError as e:  # e.g. a full disk: committed parts stay valid, the part in flight is dropped
+            raise ExtractError(f"{cfg.cache}: cannot write ({e.strerror or e}); the {summary['done'] + summary['failed']}"
+                               " videos finished in this run are committed - free space and rerun to resume") from None
+        finally:
+            bar.close()
+        if stop():
+            finished = summary["done"] + summary["partial"] + summary["failed"]
+            raise ExtractInterrupted(
+                f"interrupted ({signal.Signals(stop.signum or signal.SIGTERM).name}): the {finished} videos finished "
+                f"in this run are committed to {cfg.cache}, {len(todo) - finished} are not; rerun the same command "
+                "to resume", stop.signum or signal.SIGTERM)
+    finally:
+        lock.release()
+    summary["wall_seconds"] = time.time() - t0
+    summary["cache"] = cfg.cache
+    summary["failed_in_cache"] = _failed_in_cache(cfg.cache, mine)
+    if cfg.strict and (summary["failed_in_cache"] or unlisted):
+        summary["strict_failure"] = True
+    return summary
+
+
+def _validate(cfg):
+    """Refuse bad settings before any work; returns cfg with its shard (index, count) filled in."""
+    if cfg.teacher_every < 1:
+        raise ExtractError("--teacher-every must be >= 1")
+    if cfg.teacher_pretrained and (not cfg.teacher.startswith("clip:") or cfg.teacher_weights):
+        raise ExtractError("--teacher-pretrained TAG is for a clip:ARCH teacher without --teacher-weights")
+    if cfg.fps <= 0 or cfg.height < 8 or cfg.width < 8 or cfg.workers < 1:
+        raise ExtractError(f"--fps must be > 0, --height and --width >= 8, --workers >= 1 "
+                           f"(got {cfg.fps}, {cfg.height}, {cfg.width}, {cfg.workers})")
+    make_flow_fn(cfg.flow)  # an unknown or unavailable flow method fails before any work
+    shard_index, shard_count = cfg.shard or shard_from_env()
+    if not 0 <= shard_index < shard_count:
+        raise ExtractError(f"shard {shard_index}/{shard_count}: index must be in [0, {shard_count})")
+    # recorded in the cache as absolute paths: an evaluation run from elsewhere loads the same teacher
+    weights = os.path.abspath(cfg.teacher_weights) if cfg.teacher_weights else None
+    if cfg.teacher.startswith("clip:"):
+        from models.clip import absolute_spec
+        try:
+            cfg = dataclasses.replace(cfg, teacher=absolute_spec(cfg.teacher))
+        except ValueError as e:
+            raise ExtractError(str(e)) from None
+    return dataclasses.replace(cfg, shard=(shard_index, shard_count), teacher_weights=weights)
+
+
+def _prepare_cache(cfg, fingerprint):
+    """Create the cache, or check it was made with the same settings; --overwrite replaces one that was not."""
+    try:
+        create_or_check(cfg.cache, fingerprint, config_dict(cfg))
+    except CacheError as e:
+        if not cfg.overwrite:
+            raise ExtractError(str(e)) from None
+        _remove_cache(cfg.cache)  # other settings and --overwrite: start anew
+        create_or_check(cfg.cache, fingerprint, config_dict(cfg))
+
+
+def _videos_to_do(cfg, mine, found):
+    """(todo, changed, vanished): the shard's videos not yet recorded in a committed part (failed ones
+    are, unless --retry-failed), plus those whose source changed since (another size or mtime: the file
+    was replaced; the new record supersedes the old); the ids of changed sources; and the ids the
+    cache holds that are no longer among the videos found (their frames stay in the cache)."""
+    index, _ = load_index(cfg.cache)
+    todo, changed = [], []
+    for vid, path in mine:
+        rec = index[vid][1] if vid in index else None
+        if rec is None or (cfg.retry_failed and rec["status"] == "failed"):
+            todo.append((vid, path))
+        elif source_status(rec, path) == "changed":
+            todo.append((vid, path))
+            changed.append(vid)
+    present = {vid for vid, _ in found}
+    return todo, changed, sorted(vid for vid in index if vid not in present)
+
+
+def _summary_reporter(summary, bar, fps, t0):
+    """The report(msg) that extract_videos calls: adds each video record, committed part and stage
+    timing to `summary`, and moves the progress bar."""
+
+    def report(msg):
+        if "committed_bytes" in msg:
+            summary["bytes_written"] += msg["committed_bytes"]
+            return
+        if "stage_seconds" in msg:  # summed over workers: CPU-seconds per stage, not wall time
+            for k, v in msg["stage_seconds"].items():
+                summary["stage_seconds"][k] = summary["stage_seconds"].get(k, 0.0) + v
+            return
+        status = msg["status"]
+        summary["done" if status == "ok" else status] += 1
+        if status == "failed":
+            summary["failures"].append((msg["id"], msg["error"]))
+        summary["frames"] += msg["frame_count"]
+        summary["video_seconds"] += msg["frame_count"] / fps
+        bar.update(1)
+        bar.set_postfix(frames_per_s=f"{summary['frames'] / max(time.time() - t0, 1e-9):.0f}",
+                        failed=summary["failed"])
+
+    return report
+
+
+def _failed_in_cache(cache, mine):
+    """Failures of this shard recorded by this run or an earlier one (a resumed run skips those)."""
+    index, _ = load_index(cache)
+    return sum(1 for vid, _ in mine if vid in index and index[vid][1]["status"] == "failed")
+
+
+def _run_workers(todo, cfg, report, stop):
+    tag_base = f"s{cfg.shard[0]}of{cfg.shard[1]}"
+    workers = max(1, min(cfg.workers, len(todo)))
+    if not todo or stop():
+        return
+    if workers == 1:
+        extract_videos(todo, cfg, tag_base, report, int(os.environ.get("LOCAL_RANK", 0)), stop)
+        return
+    ctx = mp.get_context("spawn")  # never fork a process that holds torch/zarr threads
+    messages, stop_all = ctx.Queue(), ctx.Event()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    procs = [ctx.Process(target=worker_main, args=(todo[w::workers], cfg, f"{tag_base}w{w}", messages, threads,
+                                                    local_rank * workers + w, stop_all), daemon=True)
+             for w in range(workers)]
+    with sigint_ignored():  # inherited: a Ctrl-C while a worker imports torch must not kill it mid-start
+        for p in procs:
+            p.start()
+    stop.children = procs
+    running, errors = workers, []
+    while running:
+        if stop() and not stop_all.is_set():
+            stop_all.set()  # SIGTERM may reach this process alone (kill PID, a scheduler): pass it on
+        try:
+            msg = messages.get(timeout=1.0)
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                break  # a worker died without a word (e.g. OOM-killed); its part stays uncommitted
+            continue
+        if "worker_done" in msg or "worker_error" in msg:
+            running -= 1
+            if "worker_error" in msg:
+                errors.append(msg["traceback"])
+        else:
+            report(msg)
+    for p in procs:
+        p.join()
+    if (errors or any(p.exitcode != 0 for p in procs)) and not stop():
+        raise ExtractError("an extraction worker crashed; rerun the same command to resume. "
+                           + (errors[0].strip().splitlines()[-1] if errors else "exit codes "
+                              + str([p.exitcode for p in procs])))
+
+
+def _remove_cache(cache_dir):
+    import shutil
+    if not os.path.exists(os.path.join(cache_dir, "cache.json")) and os.listdir(cache_dir):
+        raise ExtractError(f"{cache_dir}: refusing to --overwrite a non-empty folder that is not a vidistill cache")
+    busy = held_locks(cache_dir)
+    if busy:
+        raise ExtractError(f"{cache_dir}: refusing to --overwrite while other jobs extract into it ({', '.join(busy)})")
+    shutil.rmtree(cache_dir)
