@@ -216,10 +216,9 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
 @click.option("--distinit-weight", default=D.distinit_weight, show_default=True)
 @click.option("--modist-weight", default=D.modist_weight, show_default=True)
 @click.option("--cross-weight", default=D.cross_weight, show_default=True,
-              help="RGB<->flow terms inside MoDist, both directions summed, so the student receives this weight "
-                   "(1.0 in the released code).")
+              help="RGB<->flow terms inside MoDist, both directions summed, so the student receives this weight.")
 @click.option("--flow-weight", default=D.flow_weight, show_default=True,
-              help="flow<->flow term inside MoDist (off in the released configs).")
+              help="flow<->flow term inside MoDist (0: off).")
 @click.option("--concepts", default=D.concepts, type=click.Path(),
               help="lss: the concept bank from `cli.py concepts` (e.g. --classes k400 for Kinetics-like videos).")
 @click.option("--lss-weight", default=D.lss_weight, show_default=True)
@@ -339,10 +338,11 @@ def concepts(**kw):
 @click.option("--id-column", default=E.id_column, show_default=True, help="csv task: the column holding the path under --root.")
 @click.option("--test-fraction", default=E.test_fraction, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True), help="folder/csv task: stratified test share.")
-@click.option("--group-pattern", default=E.group_pattern, show_default=True,
-              help="folder/csv task: file names sharing this regex's first group stay on one side of the split "
-                   "(clips of one source video would leak the answer). The default keeps UCF101-style "
-                   "v_Class_gNN_cMM groups together; '' splits file by file.")
+@click.option("--group-pattern", default=E.group_pattern,
+              help="File names sharing this regex's first group are clips of one source: they stay on one side "
+                   "of a folder/csv split (explicit lists included) and of the linear probe's weight-decay "
+                   "hold-out, since they would leak the answer. Default: UCF101-style v_Class_gNN_cMM groups; "
+                   "for hmdb51 the clips of one source (<source>_<n>.avi); '' treats every file alone.")
 @click.option("--train-list", type=click.Path(), default=None, help="folder/csv task: explicit train ids, one per line.")
 @click.option("--test-list", type=click.Path(), default=None, help="folder/csv task: explicit test ids.")
 @click.option("--seed", default=E.seed, show_default=True)

@@ -83,6 +83,28 @@ def test_rerun_resumes_and_changed_settings_are_refused(eight_video_cache, tmp_p
         run_distill(tiny(eight_video_cache, out, steps=10, tau=4.0))
     with pytest.raises(DistillError, match=r"other settings \(optimizer, weight_decay\)"):
         run_distill(tiny(eight_video_cache, out, steps=10, optimizer="sgd"))  # Adam state would not fit SGD
+    # every setting that changes what is learnt is compared, not a hand-kept list
+    for knob in (dict(clips_per_video=3), dict(nce_tau=0.2), dict(grad_clip=5.0)):
+        with pytest.raises(DistillError, match=rf"other settings \({next(iter(knob))}\)"):
+            run_distill(tiny(eight_video_cache, out, steps=10, **knob))
+    # where it writes, reports and reads from may change
+    s = run_distill(tiny(eight_video_cache, out, steps=9, log_every=3, save_every=5, read_cache_mb=0))
+    assert s["steps_this_run"] == 1
+
+
+def test_extending_a_run_keeps_its_warmup_and_key_momentum(eight_video_cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_distill(tiny(eight_video_cache, out, steps=4, objective="modist", warmup_steps=0))
+    first = load_checkpoint(str(out / "checkpoint.pt"))["plan"]
+    assert first["warmup"] == 1 and first["momentum"] == 0.9  # 5 % of 4 steps; 1 - 4/4 within [0.9, 0.999]
+    run_distill(tiny(eight_video_cache, out, steps=200, objective="modist", warmup_steps=0, save_every=1))
+    ckpt = load_checkpoint(str(out / "checkpoint.pt"))
+    assert ckpt["step"] == 200 and (ckpt["plan"]["warmup"], ckpt["plan"]["momentum"]) == (1, 0.9)
+    lr = [json.loads(line)["lr"] for line in open(out / "log.jsonl")]
+    # after the warm-up the rate only decays: no second warm-up at the extension (recomputed, it would be
+    # 10 steps long and start again from 1/10 of the peak at step 5)
+    assert all(b <= a + 1e-12 for a, b in zip(lr[4:], lr[5:])) and lr[4] > 0.9 * 1e-3
+    assert "key momentum 0.900" in capsys.readouterr().out
 
 
 def test_an_unreadable_checkpoint_at_resume_is_a_distill_error(eight_video_cache, tmp_path):
@@ -195,6 +217,12 @@ class _Probe(torch.nn.Module):
     def total(self, losses):
         return losses["distinit"]
 
+    def after_step(self):
+        self.accepted = getattr(self, "accepted", 0) + 1
+
+    def drop_step(self):
+        self.dropped = getattr(self, "dropped", 0) + 1
+
 
 def test_nan_guard_skips_non_finite_losses_and_gradients():
     from pipeline.distill.train import train_step
@@ -211,6 +239,27 @@ def test_nan_guard_skips_non_finite_losses_and_gradients():
     loss, _, grad_norm = train_step(model, model, opt, sched, {"kind": "x", "x": torch.ones(1, 2)}, amp)
     assert loss is not None and torch.isfinite(grad_norm) and sched.last_epoch == 1
     assert not torch.equal(before[0], model.lin.weight)
+    assert (model.dropped, model.accepted) == (2, 1)
+
+
+def test_a_skipped_step_moves_neither_the_key_encoders_nor_the_queue():
+    from pipeline.distill.train import train_step
+    model, batch = toy_distiller()
+    model.momentum = 0.5  # the key encoders follow the student quickly: a move would show
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    amp = torch.autocast("cpu", enabled=False)
+    train_step(model, model, opt, sched, batch, amp)  # one good step: the student moves away from its keys
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = dict(batch, flow=torch.full_like(batch["flow"], float("nan")))
+    loss, _, _ = train_step(model, model, opt, sched, bad, amp)
+    assert loss is None
+    # keys, queue, its video ids and pointer, BatchNorm statistics: nothing the bad batch touched stays
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    loss, _, _ = train_step(model, model, opt, sched, batch, amp)
+    assert loss is not None and int(model.queue_ptr) == 2 * 4 % 8  # two accepted steps' keys, none of the bad one
+    assert not torch.equal(model.key_rgb[0].stem[0].weight, state["key_rgb.0.stem.0.weight"])
 
 
 def toy_distiller(**kw):
@@ -456,3 +505,14 @@ def test_objective_combinations_and_lss_refusals(eight_video_cache, concept_bank
     write_bank(str(tmp_path / "ten.h5"), bank, bank["text_encoder"], {})
     with pytest.raises(DistillError, match="ten.h5: its bridge maps 10 ImageNet classes .* has 1000 outputs"):
         run_distill(tiny(eight_video_cache, tmp_path / "run", steps=1, objective="lss", concepts=str(tmp_path / "ten.h5")))
+
+
+def test_the_loss_plot_shows_every_term_of_every_objective(tmp_path):
+    from pipeline.distill.train import loss_keys, plot_losses
+    rec = {"step": 10, "epoch": 0, "loss": 3.0, "lr": 1e-3, "grad_norm": 0.5, "clips_per_s": 9.0, "distinit": 1.0,
+           "concept": 1.5, "align": 0.3, "concept_self": 0.2, "loader_share": 0.1}
+    assert loss_keys(rec) == ["loss", "distinit", "concept", "align", "concept_self"]
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps(dict(rec, step=s)) for s in (10, 20)) + "\n")
+    plot_losses(str(log), str(tmp_path / "losses.png"))
+    assert os.path.getsize(tmp_path / "losses.png") > 1000

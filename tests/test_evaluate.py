@@ -57,7 +57,13 @@ def test_eval_end_to_end_on_a_folder_task(tiny_folder_task, tmp_path):
     saved = json.load(open(out / "results.json"))
     assert saved["results"] == json.loads(json.dumps(rows))
     md = open(out / "results.md").read()
-    assert "| checkpoint |" in md and "linear video_top1" in md
+    # the student was distilled on these very videos: said in the notes, its row marked, the baselines not
+    n_test = rows[0]["test_videos"]
+    assert any(f"transductive: the checkpoint was pre-trained (without labels) on {n_test} of the {n_test} test "
+               "videos" in n for n in notes)
+    assert {r["transductive"] for r in rows if r["init"] == "checkpoint"} == {n_test}
+    assert {r["transductive"] for r in rows if r["init"] != "checkpoint"} == {0}
+    assert "| checkpoint † |" in md and "† transductive" in md and "| scratch |" in md and "linear video_top1" in md
     stores = {p.name.split("-")[0]: p for p in (out / "features").glob("*.h5")}
     assert set(stores) == {"checkpoint", "scratch", "teacher"}
     with h5py.File(stores["checkpoint"]) as f:  # one row per decodable video, 2 clips x 3 crops, r3d_cpu
@@ -270,3 +276,17 @@ def test_the_teacher_row_defaults_to_the_checkpoints_teacher(tiny_folder_task, t
     weights.write_bytes(b"other weights")  # replaced since the checkpoint was distilled
     with pytest.raises(EvalError, match="w.pt: the weights of the checkpoint's teacher clip:X are gone or changed"):
         with_defaults(EvalConfig(**base, checkpoint=str(tmp_path / "ckpt.pt")))
+
+
+def test_pretrained_on_finds_the_test_videos_a_distillation_cache_holds(tiny_folder_task, tmp_path):
+    from pipeline.evaluate.features import Preprocessing, pretrained_on
+    from pipeline.extract.extract import run_extract
+    cache = tmp_path / "cache"
+    run_extract(extract_config(tiny_folder_task / "left", cache, height=64, width=80, teacher="none", flow="none"))
+    copy = tmp_path / "elsewhere" / "l1.mp4"  # the same file copied to another folder still counts
+    copy.parent.mkdir()
+    copy.write_bytes((tiny_folder_task / "left" / "l1.mp4").read_bytes())
+    videos = [("left/l0.mp4", str(tiny_folder_task / "left" / "l0.mp4")), ("l1.mp4", str(copy)),
+              ("right/r0.mp4", str(tiny_folder_task / "right" / "r0.mp4"))]
+    assert pretrained_on(Preprocessing(distill_cache=str(cache)), videos) == ["left/l0.mp4", "l1.mp4"]
+    assert pretrained_on(Preprocessing(distill_cache=str(tmp_path / "gone")), videos) is None

@@ -5,11 +5,12 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from helpers import make_video
 
 from cli import cli
-from pipeline.common.config import UCF_GROUPS
+from pipeline.common.config import UCF_GROUPS, group_rule
 from pipeline.common.errors import TaskError
-from pipeline.evaluate.tasks import load_csv, load_folder, load_hmdb51, load_ucf101
+from pipeline.evaluate.tasks import compile_group_pattern, group_of, load_csv, load_folder, load_hmdb51, load_ucf101
 
 UCF_SPLITS = os.path.join(os.path.dirname(__file__), "data", "ucfTrainTestlist")
 
@@ -125,7 +126,34 @@ def test_folder_split_keeps_clips_of_one_source_video_together(tmp_path):
     with pytest.raises(TaskError, match="not a valid regular expression"):
         load_folder(str(tmp_path), group_pattern="(")
     from cli import eval_cmd
-    assert next(p for p in eval_cmd.params if p.name == "group_pattern").default == UCF_GROUPS
+    assert next(p for p in eval_cmd.params if p.name == "group_pattern").default is None
+    assert group_rule("folder") == group_rule("ucf101") == UCF_GROUPS and group_rule("folder", "") == ""
+
+
+def test_hmdb51_groups_the_clips_of_one_source():
+    pattern = compile_group_pattern(group_rule("hmdb51"))
+    clips = [f"brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_{i}.avi" for i in range(3)]
+    assert {group_of(c, pattern) for c in clips} == {"April_09_brush_hair_u_nm_np1_ba_goo"}
+    assert group_of("wave/RATRACE_wave_f_nm_np1_fr_goo_37.avi", pattern) != group_of(clips[0], pattern)
+
+
+def test_explicit_lists_keep_source_groups_on_one_side(tmp_path):
+    for cls in ("a", "b"):
+        for g in range(3):
+            for c in range(2):
+                make_video(str(tmp_path / "data" / cls / f"v_{cls}_g{g:02d}_c{c:02d}.mp4"), n=2, h=16, w=16)
+    train = tmp_path / "train.txt"
+    train.write_text("a/v_a_g00_c00.mp4\nb/v_b_g00_c00.mp4\nb/v_b_g01_c00.mp4\nb/v_b_g01_c01.mp4\n")
+    task = load_folder(str(tmp_path / "data"), train_list=str(train))
+    test = {v for v, _, _ in task.test}
+    # the other clip of a's and b's group 0 is not tested: its source is on the train side
+    assert "a/v_a_g00_c01.mp4" not in test and "b/v_b_g00_c01.mp4" not in test and len(test) == 6
+    assert sorted(task.left_out) == ["a/v_a_g00_c01.mp4", "b/v_b_g00_c01.mp4"] and "2 left out" in task.describe()
+    leaky = tmp_path / "test.txt"
+    leaky.write_text("a/v_a_g00_c01.mp4\na/v_a_g01_c00.mp4\n")
+    with pytest.raises(TaskError, match=r"test.txt: 1 source group\(s\) also on the train side .*'v_a_g00'"):
+        load_folder(str(tmp_path / "data"), train_list=str(train), test_list=str(leaky))
+    assert len(load_folder(str(tmp_path / "data"), train_list=str(train), test_list=str(leaky), group_pattern="").test) == 2
 
 
 def test_csv_task_one_label_column_per_task_over_the_same_videos(tmp_path):

@@ -30,6 +30,14 @@ def objective_parts(objective):
 # Clips cut from one source video must not straddle a split (near-duplicate frames would leak the
 # answer). UCF101 names them v_<Class>_g<group>_c<clip>; the same rule serves any similar naming.
 UCF_GROUPS = r"^(v_.+_g\d+)_c\d+"
+# HMDB51 cuts several clips from one source and numbers them last: <source>_<tags>_<n>.avi
+HMDB_GROUPS = r"^(.+)_\d+\.\w+$"
+TASK_GROUPS = {"hmdb51": HMDB_GROUPS}  # any other task: UCF_GROUPS unless --group-pattern says otherwise
+
+
+def group_rule(task, group_pattern=None):
+    """The file-name rule that groups clips of one source for `task` (a given pattern wins; '' = none)."""
+    return group_pattern if group_pattern is not None else TASK_GROUPS.get(task, UCF_GROUPS)
 
 # What "auto" means for the student, its clip length and batch: a GPU trains the standard network on
 # the standard clips; two CPU cores need a small network and short clips to learn anything in minutes.
@@ -99,8 +107,8 @@ class DistillConfig:
     embed_weight: float = 0.0  # cosine regression onto the teacher embedding
     distinit_weight: float = 1.0
     modist_weight: float = 1.0
-    cross_weight: float = 1.0  # RGB<->flow terms inside MoDist, both directions summed (1.0 in the released code)
-    flow_weight: float = 0.0  # flow<->flow term inside MoDist (off in the released configs)
+    cross_weight: float = 1.0  # RGB<->flow terms inside MoDist, both directions summed
+    flow_weight: float = 0.0  # flow<->flow term inside MoDist (0: off)
     # LSS: the student's concept-space head matches the teacher's distribution over the bank's
     # concepts (categories and descriptions), and its category distribution, carried through the
     # membership, agrees with its own description distribution (concept alignment)
@@ -158,7 +166,7 @@ class EvalConfig:
     finetune_epochs: int = 5
     finetune_lr: float = 1e-3
     test_fraction: float = 0.3  # folder and csv tasks: stratified split, groups kept on one side
-    group_pattern: str = UCF_GROUPS
+    group_pattern: str = None  # None: the task's rule (group_rule)
     train_list: str = None
     test_list: str = None
     labels: str = None  # csv task: the labels file, its label column and its video-path column
@@ -184,7 +192,7 @@ class EvalConfig:
 
 
 EXPORT_FORMATS = ("torchvision", "torchscript", "onnx")
-EXPORT_FC = ("auto", "head", "init")  # the fc layer of a torchvision-format export (pipeline/export.py)
+EXPORT_FC = ("auto", "head", "init")  # the fc layer of a torchvision-format export (pipeline/evaluate/export.py)
 
 
 @dataclass

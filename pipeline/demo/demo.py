@@ -1,6 +1,6 @@
 """`cli.py demo`: the whole pipeline on the generated benchmark, on CPU, in minutes.
 
-generate (pipeline/synthetic.py) -> extract the unlabelled pool -> distill with each objective ->
+generate (pipeline/demo/synthetic.py) -> extract the unlabelled pool -> distill with each objective ->
 evaluate every student and the baselines (scratch, inflate, teacher) with a linear probe and kNN on
 both label sets (object, motion) -> one table, report.md and a bar chart.
 """
@@ -10,7 +10,8 @@ import time
 
 import numpy as np
 
-from pipeline.common.config import OBJECTIVES, ConceptsConfig, DistillConfig, EvalConfig, ExtractConfig
+from pipeline.common.config import OBJECTIVES, ConceptsConfig, DistillConfig, EvalConfig, ExtractConfig, group_rule
+from pipeline.common.progress import progress_bar
 from pipeline.demo.synthetic import MOTIONS, generate_benchmark
 from pipeline.distill.concepts import run_concepts
 from pipeline.distill.train import run_distill
@@ -124,7 +125,7 @@ def validation_lists(out, label_set, seed):
     """train_list / test_list files: the training side of the demo's test split, split again."""
     data = os.path.join(out, "data", "labelled")
     task = load_csv(os.path.join(data, "videos"), os.path.join(data, "labels.csv"), label_set, seed=seed)
-    fit, val = stratified_split(task.train, len(task.classes), 0.3, seed, EvalConfig.group_pattern)
+    fit, val = stratified_split(task.train, len(task.classes), 0.3, seed, group_rule("csv"))
     folder = os.path.join(out, "eval", "validation")
     os.makedirs(folder, exist_ok=True)
     paths = {}

@@ -29,6 +29,7 @@ class Distiller(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.momentum = momentum  # of the key encoders: from the run's plan unless set
+        self.pending_keys = None  # this step's MoDist keys, queued once the step is accepted
         self.flow_bound = flow_bound  # the cache's flow bound scales flow inputs to about [-1, 1]
         self.backbone = build_student(cfg.student)
         d = self.backbone.feature_dim
@@ -66,6 +67,29 @@ class Distiller(nn.Module):
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
+    def after_step(self):
+        """What an accepted optimiser step is followed by: the momentum copies move towards the updated
+        student and this step's keys enter the queue. A step skipped for a non-finite loss does neither
+        (its keys are dropped), so one bad batch cannot poison the queue or the key encoders. Moving the
+        copies after the step rather than before the next forward is MoCo's order too."""
+        self.momentum_update()
+        if self.pending_keys is not None:
+            self.enqueue(*self.pending_keys)
+        self.pending_keys = None
+
+    def drop_step(self):
+        """A skipped step: forget its keys and put back the BatchNorm statistics its forward pass moved
+        (a non-finite batch would otherwise leave NaN in them for good)."""
+        self.pending_keys = None
+        with torch.no_grad():
+            for buffer, saved in zip(self.batchnorm_buffers(), self.saved_statistics):
+                buffer.copy_(saved)
+
+    def batchnorm_buffers(self):
+        return [b for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                for b in m.buffers()]
+
+    @torch.no_grad()
     def momentum_update(self):
         """Every momentum copy (MoDist's key encoders, lss's EMA teacher) moves towards the student."""
         m, pairs = self.momentum, []
@@ -98,7 +122,7 @@ class Distiller(nn.Module):
     def forward(self, batch):
         """Returns a dict of named scalar losses for one batch (already on the device)."""
         cfg, losses = self.cfg, {}
-        self.momentum_update()
+        self.saved_statistics = [b.clone() for b in self.batchnorm_buffers()]  # a few KB: put back if skipped
         video = self.augment(batch["video"]) if cfg.colour_views == "all" else batch["video"]
         feat = self.backbone(normalize_video(video))  # [B,D]
         if self.use_distinit:
@@ -144,7 +168,7 @@ class Distiller(nn.Module):
             video2 = normalize_video(self.augment(batch["video2"]))
             k_rgb = shuffled_forward(self.key_rgb, video2, cfg.shuffle_bn_groups)
             k_flow = shuffled_forward(self.key_flow, batch["flow2"].float() / self.flow_bound, cfg.shuffle_bn_groups)
-        # copies: enqueue() below overwrites the buffers in place, which autograd must not see
+        # copies: enqueue() (after the step) overwrites the buffers in place, which autograd must not see
         queue_rgb, queue_flow, queue_ids = self.queue_rgb.clone(), self.queue_flow.clone(), self.queue_ids.clone()
 
         def nce(query, key, queue):
@@ -155,7 +179,7 @@ class Distiller(nn.Module):
                   "cross_nce": nce(q_rgb, k_flow, queue_flow) + nce(q_flow, k_rgb, queue_rgb)}
         if cfg.flow_weight > 0:
             losses["flow_nce"] = nce(q_flow, k_flow, queue_flow)
-        self.enqueue(k_rgb, k_flow, batch["index"])
+        self.pending_keys = (k_rgb, k_flow, batch["index"])  # queued by after_step once the step is accepted
         return losses
 
     def total(self, losses):

@@ -16,14 +16,16 @@ from pipeline.common.errors import DistillError
 from pipeline.common.locks import FileLock, LockBusy
 from pipeline.common.runs import RUN_LOCK, latest_run, new_run_dir, point_latest
 
-# Settings that must not change between a run and its resumption (--steps / --epochs may: a larger
-# value extends a finished run, the cosine schedule stretching to the new end).
-RESUME_KEYS = ("cache", "objective", "student", "clip_len", "stride", "crop", "crop_scale", "batch_size", "seed",
-                "tau", "target_mode", "embed_weight", "queue_size", "proj_dim", "optimizer", "lr", "weight_decay",
-                "warmup_steps", "momentum", "distinit_weight", "modist_weight", "cross_weight", "flow_weight",
-                "distill_view", "colour_views", "jitter", "concepts", "lss_weight", "align_weight", "concept_tau",
-                "concept_teacher_tau", "concept_self_weight", "hue", "jitter_p", "grayscale_p", "blur_p", "shuffle_bn_groups",
-                "mask_own_video")
+# Settings that do not change what a run learns: where it writes, how long it is (a larger --steps or
+# --epochs extends a finished run), how it reports and loads data, and where it runs. Every other
+# setting must match for a resume; a setting added later is compared too, so no list can fall behind.
+NOT_RESULT_KEYS = ("out", "steps", "epochs", "workers", "read_cache_mb", "save_every", "log_every", "progress",
+                   "device")
+
+
+def result_keys():
+    """The DistillConfig fields a resume must not change."""
+    return [f.name for f in dataclasses.fields(DistillConfig) if f.name not in NOT_RESULT_KEYS]
 
 
 def video_set(ids):
@@ -37,7 +39,7 @@ def settings_changed(ckpt, cfg, fingerprint, world, videos):
     old = dict(ckpt["config"], cache=os.path.normpath(ckpt["config"].get("cache", "")))  # cache/ is cache
     new = dict(dataclasses.asdict(cfg), cache=os.path.normpath(cfg.cache))
     # a key newer than the checkpoint: it trained at that key's default
-    changed = [k for k in RESUME_KEYS if old.get(k, getattr(DistillConfig, k)) != new[k]]
+    changed = [k for k in result_keys() if old.get(k, getattr(DistillConfig, k)) != new[k]]
     if ckpt.get("world_size", 1) != world:
         changed.append(f"{ckpt.get('world_size', 1)} -> {world} processes")
     if ckpt["cache_fingerprint"] != fingerprint:
@@ -97,10 +99,11 @@ def lock_run_folder(out, world, rank):
     return lock
 
 
-def resume(ckpt_path, log_path, cfg, fingerprint, videos, model, opt, sched, world, rank):
-    """Load the run's checkpoint if there is one, refusing other settings. Returns (step, batches_used)."""
+def load_run_checkpoint(ckpt_path, cfg, fingerprint, videos, world):
+    """The run folder's checkpoint, or None for a new run; refused with one line when it was trained
+    with other settings or videos."""
     if not os.path.exists(ckpt_path):
-        return 0, 0
+        return None
     try:
         ckpt = load_checkpoint(ckpt_path)
     except CheckpointError as e:
@@ -109,6 +112,22 @@ def resume(ckpt_path, log_path, cfg, fingerprint, videos, model, opt, sched, wor
     if changed:
         raise DistillError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); "
                            "use another --out to start a new run")
+    return ckpt
+
+
+def continued_plan(plan, ckpt):
+    """An extended run (a larger --steps than it was planned with) keeps the warm-up and key momentum it
+    started with: recomputed from the new length, the learning rate would fall back into warm-up mid-run
+    and the key encoders would change pace. Only the cosine decay stretches to the new end."""
+    if ckpt is None or "plan" not in ckpt:
+        return plan
+    return dict(plan, warmup=ckpt["plan"]["warmup"], momentum=ckpt["plan"]["momentum"])
+
+
+def resume(ckpt, log_path, cfg, model, opt, sched, world, rank):
+    """Continue from the run's checkpoint (None: a new run). Returns (step, batches_used)."""
+    if ckpt is None:
+        return 0, 0
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])

@@ -27,7 +27,15 @@ from pipeline.common.tensorboard import TrainEvents
 from pipeline.distill.clips import ClipDataset, clip_span, make_loader
 from pipeline.distill.concepts import read_bank
 from pipeline.distill.distiller import Distiller
-from pipeline.distill.resume import checkpoint_state, choose_run_folder, lock_run_folder, resume, video_set
+from pipeline.distill.resume import (
+    checkpoint_state,
+    choose_run_folder,
+    continued_plan,
+    load_run_checkpoint,
+    lock_run_folder,
+    resume,
+    video_set,
+)
 
 
 def resolve(cfg):
@@ -173,14 +181,17 @@ def train_step(model, forward, opt, sched, batch, amp):
     opt.zero_grad(set_to_none=True)
     detached = {k: v.detach() for k, v in losses.items()}
     if not all_finite(loss.detach()):
+        model.drop_step()
         return None, detached, None
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], model.cfg.grad_clip)
     if not all_finite(grad_norm):  # clipping a NaN gradient still leaves NaN: skip, or the weights are lost
         opt.zero_grad(set_to_none=True)
+        model.drop_step()
         return None, detached, None
     opt.step()
     sched.step()
+    model.after_step()  # momentum copies and the queue move only with an accepted step
     return loss.detach(), detached, grad_norm
 
 
@@ -198,17 +209,19 @@ def _run_distill(cfg, held):
     cfg, rank, world = init_distributed(cfg)
     dataset = training_clips(cfg, fingerprint)
     cfg, plan = plan_steps(cfg, len(dataset), world, rank)
-    if rank == 0:
-        for line in describe_plan(cfg, plan, dataset.shorter_than_a_clip(), world):
-            print(line)
     videos = video_set(dataset.ids)
     cfg = choose_run_folder(cfg, fingerprint, world, rank, videos)
     held.enter_context(lock_run_folder(cfg.out, world, rank))
-    torch.manual_seed(cfg.seed + rank)
-    model, opt, sched = build_training(cfg, fingerprint, plan)
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(cfg.out, "checkpoint.pt"), os.path.join(cfg.out, "log.jsonl")
-    step, batches_used = resume(ckpt_path, log_path, cfg, fingerprint, videos, model, opt, sched, world, rank)
+    ckpt = load_run_checkpoint(ckpt_path, cfg, fingerprint, videos, world)
+    plan = continued_plan(plan, ckpt)
+    if rank == 0:
+        for line in describe_plan(cfg, plan, dataset.shorter_than_a_clip(), world):
+            print(line)
+    torch.manual_seed(cfg.seed + rank)
+    model, opt, sched = build_training(cfg, fingerprint, plan)
+    step, batches_used = resume(ckpt, log_path, cfg, model, opt, sched, world, rank)
     loader = make_loader(dataset, cfg, rank, world, batches_used, plan["clips_per_video"])
     run = dict(model=model, opt=opt, sched=sched, cfg=cfg, fingerprint=fingerprint, videos=videos, world=world, rank=rank,
                ckpt_path=ckpt_path, log_path=log_path, plan=plan, teacher=teacher_source(cfg.cache, fingerprint))
@@ -345,6 +358,15 @@ def train_loop(run, loader, step, batches_used):
     return step, clips, bad_steps
 
 
+# what a log.jsonl record holds besides the total and the loss terms
+LOG_FIELDS = ("step", "epoch", "lr", "grad_norm", "clips_per_s", "loader_share")
+
+
+def loss_keys(record):
+    """The total and every loss term of a log record, whichever objective wrote it."""
+    return [k for k in record if k not in LOG_FIELDS]
+
+
 def plot_losses(log_path, png_path):
     """Loss curves from the JSON-lines log (every named loss and the total)."""
     if not os.path.exists(log_path):
@@ -353,7 +375,7 @@ def plot_losses(log_path, png_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     recs = [json.loads(l) for l in open(log_path)]
-    keys = [k for k in recs[-1] if k in ("loss", "distinit", "embed", "rgb_nce", "flow_nce", "cross_nce")]
+    keys = loss_keys(recs[-1])
     fig, ax = plt.subplots(figsize=(7, 4))
     for k in keys:
         ax.plot([r["step"] for r in recs if k in r], [r[k] for r in recs if k in r], label=k)

@@ -1,8 +1,8 @@
 """`cli.py eval`: measure a student the way the literature does, baselines in the same table.
 
 For each row (the checkpoint, scratch, inflate, teacher) the features of the task's videos come from
-pipeline/features.py, the frozen protocols from pipeline/protocols.py and fine-tuning from
-pipeline/finetune.py; this module runs them and writes results.json and results.md, every number
+features.py, the frozen protocols from protocols.py and fine-tuning from finetune.py (all in
+pipeline/evaluate/); this module runs them and writes results.json and results.md, every number
 with its task, split, protocol, views, checkpoint and seed.
 """
 
@@ -17,11 +17,18 @@ import torch
 
 from cache.fingerprint import sha256_file
 from models.checkpoint import load_checkpoint
-from pipeline.common.config import INITS, PROTOCOLS, resolve_device
+from pipeline.common.config import INITS, PROTOCOLS, group_rule, resolve_device
 from pipeline.common.errors import EvalError
 from pipeline.common.runs import checkpoint_path, latest_run
 from pipeline.evaluate.eval_events import write_eval_events
-from pipeline.evaluate.features import concept_head_of, frames_source, load_backbone, preprocessing_of, row_features
+from pipeline.evaluate.features import (
+    concept_head_of,
+    frames_source,
+    load_backbone,
+    preprocessing_of,
+    pretrained_on,
+    row_features,
+)
 from pipeline.evaluate.finetune import finetune
 from pipeline.evaluate.protocols import chance_level, knn_classify, linear_probe, retrieval, wilson_interval, zero_shot
 from pipeline.evaluate.report import NOT_ACCURACY, write_reports
@@ -70,7 +77,8 @@ def with_defaults(cfg):
                                 "changed since it was distilled; pass --teacher-weights FILE (the original file)")
         if teacher != "efficientnet_lite0":
             notes.append(f"teacher row: {teacher} ({teacher_weights}), the checkpoint's teacher")
-    return dataclasses.replace(cfg, root=root, checkpoint=checkpoint, teacher=teacher, teacher_weights=teacher_weights), notes
+    return dataclasses.replace(cfg, root=root, checkpoint=checkpoint, teacher=teacher, teacher_weights=teacher_weights,
+                               group_pattern=group_rule(cfg.task, cfg.group_pattern)), notes
 
 
 def run_eval(cfg):
@@ -95,6 +103,7 @@ def run_eval(cfg):
     prior = trl if len(trl) else tel  # the class frequencies "always name the most frequent" reads
     notes += [task.describe()] + scope + ([source] if source else []) + ([failed] if failed else []) + \
         [per_class_line(counts), chance_line(task.classes, prior, tel)] + [f"warning: {w}" for w in warnings]
+    seen = transductive_check(cfg, pre, task, test, notes)
     space = concept_space(cfg, task.classes, notes) if "zeroshot" in cfg.protocols else None
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []
@@ -112,6 +121,8 @@ def run_eval(cfg):
                              "checkpoint": attrs["checkpoint"], "features": os.path.abspath(store),
                              # the distillation cache the checkpoint learnt from; baselines learnt nothing from it
                              "cache_fingerprint": pre.fingerprint if init == "checkpoint" else None,
+                             # test videos the checkpoint pre-trained on (unlabelled); None: unknown
+                             "transductive": seen if init == "checkpoint" else 0,
                              "seed": cfg.seed, "date": date, "train_videos": len(train), "test_videos": len(test)})
     run = {"date": date, "task": task.name, "split": task.split, "seed": cfg.seed, "train_videos": len(train),
            "test_videos": len(test), "classes": [{"name": c, "train": a, "test": b} for c, a, b in counts],
@@ -120,6 +131,24 @@ def run_eval(cfg):
     notes += write_eval_events(cfg, rows, task, train, test)  # TensorBoard: beside the checkpoint
     write_reports(cfg.out, rows, run)
     return rows, task, notes
+
+
+def transductive_check(cfg, pre, task, test, notes):
+    """How many test videos the checkpoint was pre-trained on (its distillation cache holds them): its
+    numbers are then transductive, which a reader must be told. Adds a note; returns the count (None
+    when the cache is not there to tell)."""
+    if "checkpoint" not in cfg.rows() or not cfg.checkpoint:
+        return 0
+    tested = {vid for vid, _ in test}
+    seen = pretrained_on(pre, [(vid, path) for vid, path, _ in task.test if vid in tested])
+    if seen is None:
+        notes.append(f"could not check whether the checkpoint pre-trained on the test videos: its distillation cache "
+                     f"{pre.distill_cache} is not there")
+    elif seen:
+        notes.append(f"transductive: the checkpoint was pre-trained (without labels) on {len(seen)} of the "
+                     f"{len(test)} test videos (its cache {pre.distill_cache} holds them, e.g. {seen[0]}); its row "
+                     "is marked † and is not comparable with numbers from unseen videos")
+    return None if seen is None else len(seen)
 
 
 def labelled_frames(cfg, task, pre, work):

@@ -25,7 +25,6 @@ import h5py
 import numpy as np
 import torch
 import torch.nn as nn
-from pipeline.common.progress import progress_bar
 
 from cache.fingerprint import CacheError, sha256_file
 from cache.reader import CacheReader, source_status
@@ -35,6 +34,7 @@ from models.teacher import default_weights_path, load_teacher
 from pipeline.common.config import DEVICE_DEFAULTS, INITS, DistillConfig, EvalConfig, ExtractConfig, resolve_device
 from pipeline.common.errors import EvalError
 from pipeline.common.locks import FileLock
+from pipeline.common.progress import progress_bar
 from pipeline.common.runs import checkpoint_path
 from pipeline.distill.clips import clip_span, load_clip, view_boxes, view_starts
 from pipeline.extract.decode import DecodeError, VideoDecode
@@ -131,6 +131,29 @@ def holds_videos(cache, videos, preprocessing=None):
         if rec is None or rec[1].get("path") != os.path.abspath(path) or source_status(rec[1], path) != "same":
             return None
     return reader
+
+
+def pretrained_on(pre, videos):
+    """Which of `videos` [(id, path)] the checkpoint saw in pre-training (without their labels), or None
+    when its distillation cache is not there to tell. A video counts as seen when the cache holds the
+    same file (real path) or a file of the same name and size (a copy)."""
+    try:
+        reader = CacheReader(pre.distill_cache) if pre.distill_cache else None
+    except CacheError:
+        reader = None
+    if reader is None:
+        return None
+    paths, copies = set(), set()
+    for _, rec in reader.index.values():
+        if rec.get("path"):
+            paths.add(os.path.realpath(rec["path"]))
+            copies.add((os.path.basename(rec["path"]), rec.get("size")))
+    seen = []
+    for vid, path in videos:
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        if os.path.realpath(path) in paths or (os.path.basename(path), size) in copies:
+            seen.append(vid)
+    return seen
 
 
 def frames_source(root, videos, work, pre, progress, teacher=None):

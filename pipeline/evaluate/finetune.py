@@ -3,9 +3,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pipeline.common.progress import progress_bar
 
 from models.students import normalize_video
+from pipeline.common.progress import progress_bar
 from pipeline.distill.clips import ClipDataset
 from pipeline.evaluate.features import video_features
 from pipeline.evaluate.protocols import view_accuracies

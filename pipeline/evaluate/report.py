@@ -36,11 +36,15 @@ def format_table(rows, intervals=False):
         ci = r.get("ci95")
         return f"{100 * r['value']:.1f}" + (f" ({100 * ci[0]:.1f}–{100 * ci[1]:.1f})" if intervals and ci else "")
     lines = ["| init | " + " | ".join(f"{p} {m}" for p, m in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    marked = {r["init"] for r in rows if r.get("transductive")}  # pre-trained on test videos
     for init in inits:
-        lines.append(f"| {init} | " + " | ".join(cell(found.get((init, p, m))) for p, m in cols) + " |")
+        label = f"{init} †" if init in marked else init
+        lines.append(f"| {label} | " + " | ".join(cell(found.get((init, p, m))) for p, m in cols) + " |")
     if any(chance.get(c) is not None for c in cols):
         lines.append("| chance | " + " | ".join("–" if chance.get(c) is None else f"{100 * chance[c]:.1f}"
                                                 for c in cols) + " |")
+    if marked:
+        lines.append("\n† transductive: pre-trained (without labels) on test videos")
     return "\n".join(lines)
 
 

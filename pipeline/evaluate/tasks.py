@@ -25,6 +25,8 @@ class Task:
     train: list  # [(video_id, path, label)]
     test: list
     missing: list = field(default_factory=list)  # video ids named by the split but not on disk
+    # not on the test side though listed nowhere: their source group is on the train side
+    left_out: list = field(default_factory=list)
 
     def __post_init__(self):
         # a video on both sides of a split (or twice on one) would leak the answer into the probe
@@ -41,6 +43,9 @@ class Task:
                 f"{len(self.test)} test videos")
         if self.missing:
             text += f"; {len(self.missing)} listed but missing on disk (e.g. {', '.join(self.missing[:3])})"
+        if self.left_out:
+            text += (f"; {len(self.left_out)} left out of the test side: clips of a source whose other clips are on "
+                     f"the train side (e.g. {', '.join(self.left_out[:3])})")
         return text
 
 
@@ -178,15 +183,36 @@ def _split(name, root, classes, videos, missing, test_fraction, seed, train_list
     stratified by class, that keeps each group (file names sharing group_pattern's first group, or
     its match) on one side; a file name that does not match is a group of its own."""
     if train_list or test_list:
-        everything = {v[0]: v for v in videos}
-        train_ids = _read_lines(train_list) if train_list else []
-        test_ids = _read_lines(test_list) if test_list else [i for i in everything if i not in set(train_ids)]
-        missing = missing + [i for i in train_ids + test_ids if i not in everything]
-        return Task(name, "lists", root, classes, [everything[i] for i in train_ids if i in everything],
-                    [everything[i] for i in test_ids if i in everything], missing)
+        return _listed_split(name, root, classes, videos, missing, train_list, test_list, group_pattern)
     train, test = stratified_split(videos, len(classes), test_fraction, seed, group_pattern)
     split = f"seed{seed}-test{test_fraction}" + (f"-groups{group_pattern}" if group_pattern else "")
     return Task(name, split, root, classes, train, test, missing)
+
+
+def _listed_split(name, root, classes, videos, missing, train_list, test_list, group_pattern):
+    """A Task from explicit id lists. Groups stay whole here too: with --train-list alone the test side
+    is every other video except those whose group is on the train side (left out, and said so); two
+    lists that put one group on both sides are refused."""
+    pattern = compile_group_pattern(group_pattern)
+    everything = {v[0]: v for v in videos}
+    train_ids = _read_lines(train_list) if train_list else []
+    train_groups = {group_of(i, pattern) for i in train_ids}
+    left_out = []
+    if test_list:
+        test_ids = _read_lines(test_list)
+        # (a video listed on both sides is the Task's own refusal, with its own message)
+        both = sorted({group_of(i, pattern) for i in test_ids if i not in set(train_ids)} & train_groups)
+        if both:
+            raise TaskError(f"{test_list}: {len(both)} source group(s) also on the train side of {train_list}, "
+                            f"e.g. {both[0]!r} (clips of one source would leak the answer); fix the lists, or pass "
+                            f"--group-pattern '' if the file names do not mean one source")
+    else:
+        rest = [i for i in everything if i not in set(train_ids)]
+        test_ids = [i for i in rest if group_of(i, pattern) not in train_groups]
+        left_out = [i for i in rest if group_of(i, pattern) in train_groups]
+    missing = missing + [i for i in train_ids + test_ids if i not in everything]
+    return Task(name, "lists", root, classes, [everything[i] for i in train_ids if i in everything],
+                [everything[i] for i in test_ids if i in everything], missing, left_out)
 
 
 def stratified_split(videos, num_classes, test_fraction, seed, group_pattern):

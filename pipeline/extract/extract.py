@@ -17,15 +17,14 @@ import queue
 import signal
 import time
 
-
 from cache.fingerprint import VIDISTILL_VERSION, CacheError, create_or_check, sha256_file
 from cache.flow_codec import FLOW_BOUND, FLOW_CODEC
 from cache.reader import load_index, source_status
 from cache.writer import remove_stale_parts
 from models.teacher import load_teacher, teacher_fingerprint
 from pipeline.common.config import resolve_device
-from pipeline.common.progress import progress_bar
 from pipeline.common.errors import ExtractError, ExtractInterrupted
+from pipeline.common.progress import progress_bar
 from pipeline.extract.decode import ffmpeg_version
 from pipeline.extract.flow import FLOW_PARAMS, make_flow_fn
 from pipeline.extract.job import ShardLock, StopRequest, held_locks, shard_from_env, sigint_ignored

@@ -90,7 +90,7 @@ def find_videos(root, unlisted=None):
     Follows directory symlinks but never the same real directory twice (symlink loops terminate).
     Broken symlinks and unreadable files are still listed: extraction records why they failed.
     Folders that cannot be listed are appended to `unlisted` as (path, reason), never skipped silently.
-    A .txt or .csv root is a list of video paths instead (pipeline/videolist.py: ids relative to the
+    A .txt or .csv root is a list of video paths instead (read_video_list above: ids relative to the
     list's folder).
     """
     if not os.path.exists(root):
@@ -125,7 +125,7 @@ def find_videos(root, unlisted=None):
 
 
 def listed_videos(list_path):
-    """find_videos for a .txt / .csv list (pipeline/videolist.py): its duplicates, missing files and
+    """find_videos for a .txt / .csv list (read_video_list): its duplicates, missing files and
     folders are reported on stderr, never fatal."""
     found, problems = read_video_list(list_path)
     for line in problems[:20]:
