@@ -238,6 +238,10 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
 @click.option("--momentum", default=D.momentum, show_default=True,
               help="Key-encoder momentum (0: from the run's length, 1 - 4/steps within [0.9, 0.999]: 0.99 at 400 "
                    "steps, 0.999 from 4000).")
+@click.option("--channels-last/--no-channels-last", default=D.channels_last, show_default=True,
+              help="Channels-last (NDHWC) memory for the 3D convolutions: 1.3-1.4x faster steps on CPU.")
+@click.option("--compile", is_flag=True, default=D.compile,
+              help="torch.compile the networks: faster steps after a compile of a minute or more; for long runs.")
 @click.option("--workers", default=D.workers, show_default=True, help="DataLoader worker processes.")
 @click.option("--read-cache-mb", default=D.read_cache_mb, show_default=True, type=click.IntRange(min=0),
               help="Decompressed frame/flow chunks kept in memory per loader process: a cache that fits is "

@@ -180,8 +180,9 @@ class CacheReader:
                              f"({type(e).__name__}: {str(e)[:120]}); run `cli.py cache verify --repair`") from None
 
     def _rows(self, part, name, lo, hi):
-        """Rows [lo, hi) of a part's frames or flow, through the chunk cache: whole chunks are read
-        (zarr decompresses whole chunks anyway) and kept; the caller gets its own copy."""
+        """Rows [lo, hi) of a part's array, through the chunk cache: whole chunks are read (zarr
+        decompresses whole chunks anyway) and kept; the caller gets its own copy. Every read of a clip
+        goes through here: a direct Zarr read costs a round trip through its event loop (~1 ms)."""
         array = self._arrays(part)[name]
         if not self.chunk_cache_bytes:
             return array[lo:hi]
@@ -203,10 +204,10 @@ class CacheReader:
             if "logits" not in g:
                 raise CacheError(f"{self.cache_dir} was extracted with --teacher none; it has no teacher outputs")
             t0, tn = rec["teacher_offset"], rec["teacher_count"]
-            teacher_frame = g["teacher_frame"][t0:t0 + tn]
+            teacher_frame = self._rows(part, "teacher_frame", t0, t0 + tn) if tn else np.zeros(0, np.int32)
             lo, hi = np.searchsorted(teacher_frame, [start, stop])  # teacher frames are sorted
             out["teacher_frame"] = teacher_frame[lo:hi]
             for name in ("logits", "embed"):
                 if name in fields:
-                    out[name] = g[name][t0 + lo:t0 + hi]
+                    out[name] = self._rows(part, name, t0 + lo, t0 + hi) if hi > lo else g[name][0:0]
         return out

@@ -516,3 +516,37 @@ def test_the_loss_plot_shows_every_term_of_every_objective(tmp_path):
     log.write_text("\n".join(json.dumps(dict(rec, step=s)) for s in (10, 20)) + "\n")
     plot_losses(str(log), str(tmp_path / "losses.png"))
     assert os.path.getsize(tmp_path / "losses.png") > 1000
+
+
+def same_step(make, batch):
+    """Losses and gradients of one forward/backward of a fresh model from `make()` (same seed)."""
+    model = make()
+    model.train()
+    losses = model(batch)
+    model.total(losses).backward()
+    return ({k: float(v.detach()) for k, v in losses.items()},
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_channels_last_and_compile_give_the_default_paths_numbers(compiled):
+    import dataclasses
+    _, batch = toy_distiller()
+
+    def make(**kw):
+        model, _ = toy_distiller()
+        model.cfg = dataclasses.replace(model.cfg, **kw)
+        torch.manual_seed(5)  # the shuffle-BN permutation
+        if kw.get("channels_last"):
+            model.to(memory_format=torch.channels_last_3d)
+        if kw.get("compile"):
+            model.compile_networks()
+        return model
+    ref_losses, ref_grads = same_step(lambda: make(channels_last=False), batch)
+    losses, grads = same_step(lambda: make(channels_last=True, compile=compiled), batch)
+    assert set(losses) == set(ref_losses) == {"rgb_nce", "cross_nce"}
+    for k in losses:
+        assert abs(losses[k] - ref_losses[k]) < 1e-4 * max(1.0, abs(ref_losses[k])), k
+    for name, g in ref_grads.items():  # float32 sums in another order: equal to ~1e-4 of each gradient's norm
+        assert float((grads[name] - g).norm()) <= 1e-3 * float(g.norm()) + 1e-7, name
+    assert make(channels_last=True).backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last_3d)

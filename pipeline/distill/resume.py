@@ -17,10 +17,11 @@ from pipeline.common.locks import FileLock, LockBusy
 from pipeline.common.runs import RUN_LOCK, latest_run, new_run_dir, point_latest
 
 # Settings that do not change what a run learns: where it writes, how long it is (a larger --steps or
-# --epochs extends a finished run), how it reports and loads data, and where it runs. Every other
+# --epochs extends a finished run), how it reports and loads data, and where and how fast it runs (memory
+# layout and compilation change the last float digits, not what is learnt). Every other
 # setting must match for a resume; a setting added later is compared too, so no list can fall behind.
 NOT_RESULT_KEYS = ("out", "steps", "epochs", "workers", "read_cache_mb", "save_every", "log_every", "progress",
-                   "device")
+                   "device", "channels_last", "compile")
 
 
 def result_keys():

@@ -108,8 +108,11 @@ def build_training(cfg, fingerprint, plan):
     tcfg = fingerprint["teacher"]
     concepts = load_concepts(cfg.concepts, tcfg, teacher_source(cfg.cache, fingerprint)) \
         if "lss" in objective_parts(cfg.objective) else None
+    layout = torch.channels_last_3d if cfg.channels_last else torch.preserve_format
     model = Distiller(cfg, tcfg.get("num_classes"), tcfg.get("embed_dim"), fingerprint["flow"].get("bound"),
-                      plan["momentum"], concepts).to(cfg.device)
+                      plan["momentum"], concepts).to(cfg.device, memory_format=layout)
+    if cfg.compile:
+        model.compile_networks()
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

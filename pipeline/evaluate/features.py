@@ -193,17 +193,24 @@ def load_backbone(init, checkpoint=None, student="r3d_cpu", seed=0):
 @torch.no_grad()
 def video_features(backbone, reader, ids, pre, clips, crops, device, batch_size, progress, desc):
     """[N, clips*crops, D] float32 features, one row of views per video."""
-    backbone = backbone.to(device).eval()
+    layout = torch.channels_last_3d  # oneDNN's 3D convolutions run faster channels-last (as in distill)
+    backbone = backbone.to(device, memory_format=layout).eval()
     span = clip_span(pre.clip_len, pre.stride)
     boxes = view_boxes(pre.height, pre.width, crops)
-    feats = []
-    for vid in progress_bar(ids, desc=desc, unit="video", disable=not progress):
+    per_video = clips * crops
+    group = max(1, batch_size // per_video)  # the views of several videos go through the network together
+    feats, bar = [], progress_bar(total=len(ids), desc=desc, unit="video", disable=not progress)
+    for first in range(0, len(ids), group):
         views = [load_clip(reader, vid, int(s), pre.clip_len, pre.stride, box, False, pre.crop, False)[0]
+                 for vid in ids[first:first + group]
                  for s in view_starts(reader.num_frames(vid), clips, span) for box in boxes]
-        video = torch.stack(views).to(device)  # [V,3,T,S,S]
-        out = torch.cat([backbone(normalize_video(video[i:i + batch_size])) for i in range(0, len(video), batch_size)])
-        feats.append(out.float().cpu().numpy())
-    return np.stack(feats)
+        video = torch.stack(views).to(device)  # [G*V,3,T,S,S]
+        out = torch.cat([backbone(normalize_video(video[i:i + batch_size]).contiguous(memory_format=layout))
+                         for i in range(0, len(video), batch_size)])
+        feats += list(out.float().cpu().numpy().reshape(-1, per_video, out.shape[-1]))
+        bar.update(len(views) // per_video)
+    bar.close()
+    return np.stack(feats) if feats else np.zeros((0, per_video, 0), np.float32)
 
 
 def view_times(n_frames, pre, clips, crops):
