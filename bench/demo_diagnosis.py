@@ -36,7 +36,17 @@ from cache.reader import CacheReader
 from models.checkpoint import load_checkpoint
 from models.students import normalize_video
 from pipeline.common.config import DistillConfig, ExtractConfig
-from pipeline.demo.demo import BASELINES, COLUMNS, FRAMES, SIZES, STUDENT, evaluate_runs, prepare_benchmark
+from pipeline.demo.demo import (
+    BASELINES,
+    COLUMNS,
+    FRAMES,
+    RECIPE,
+    SIZES,
+    STUDENT,
+    distill_config,
+    evaluate_runs,
+    prepare_benchmark,
+)
 from pipeline.demo.synthetic import skimage_images
 from pipeline.distill.clips import ClipDataset
 from pipeline.distill.distiller import Distiller
@@ -240,7 +250,8 @@ def main():
               f"(linear probe, 3 random 70/30 splits; chance 12.5 %)")
 
     variants = [parse_variant(v) for v in args.variant] if args.variant else VARIANTS
-    print(f"\n(2) variants on the validation split, seeds {args.seeds}, {args.steps} steps (demo settings: {STUDENT})")
+    print(f"\n(2) variants on the validation split, seeds {args.seeds}, {args.steps} steps (demo settings: {STUDENT}, "
+          f"per objective {RECIPE}; a variant's knobs change these)")
     results_path = os.path.join(work, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
 
@@ -252,8 +263,7 @@ def main():
     for seed in args.seeds:
         if f"baselines|{seed}" not in results:  # with the demo's student architecture and preprocessing
             first = os.path.join(work, "baselines-reference")
-            run_distill(DistillConfig(cache=cache, out=first, objective="distinit", steps=1, seed=0, workers=0,
-                                      device="cpu", progress=False, **STUDENT))
+            run_distill(distill_config(cache, first, "distinit", 1, 0))
             got = evaluate(args.demo, os.path.join(first, "checkpoint.pt"), seed, "first", baselines=BASELINES)
             results[f"baselines|{seed}"] = {row: got[row] for row in BASELINES}
             save()
@@ -263,9 +273,7 @@ def main():
                 continue
             slug = "".join(c if c.isalnum() or c in "+-." else "_" for c in name)
             run = os.path.join(work, "runs", f"{slug}-seed{seed}-{args.steps}")
-            run_distill(DistillConfig(cache=cache, out=run, objective=objective, steps=args.steps, seed=seed,
-                                      workers=0, device="cpu", progress=False,
-                                      concepts=bank if "lss" in objective else "", **{**STUDENT, **knobs}))
+            run_distill(distill_config(cache, run, objective, args.steps, seed, bank, **knobs))
             checkpoint = os.path.join(run, "checkpoint.pt")
             rec = {"variant": name, "seed": seed, "steps": args.steps,
                    "accuracy": evaluate(args.demo, checkpoint, seed, name)[name], "losses": final_losses(run)}

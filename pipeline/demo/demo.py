@@ -39,7 +39,16 @@ SIZES = {
 # follow the run's length (distill's defaults); the cross-modal weight is the default.
 STUDENT = dict(student="r3d_cpu", clip_len=8, stride=2, crop=64, crop_scale=0.6, batch_size=8, lr=2e-3,
                queue_size=128)
+RECIPE = {objective: {} for objective in ("distinit", "modist", "both", "distinit+lss")}  # what each objective adds
 FRAMES = dict(height=96, width=128, teacher_every=2)
+
+
+def distill_config(cache, out, objective, steps, seed, bank="", workers=0, progress=False, **knobs):
+    """The DistillConfig the demo trains `objective` with: STUDENT, then the objective's RECIPE, then
+    `knobs` (a variant's changes, as bench/demo_diagnosis.py tries them)."""
+    return DistillConfig(cache=cache, out=out, objective=objective, steps=steps, seed=seed, workers=workers,
+                         progress=progress, device="cpu", concepts=bank if "lss" in objective else "",
+                         **{**STUDENT, **RECIPE.get(objective, {}), **knobs})
 
 
 def run_demo(out="demo_out", quick=False, seeds=1, steps=None, workers=0, progress=True, log=print, photos=None,
@@ -56,9 +65,7 @@ def run_demo(out="demo_out", quick=False, seeds=1, steps=None, workers=0, progre
         for objective in RUNS:
             stage(f"distill --objective {objective} (seed {seed})")
             run = os.path.join(out, "runs", f"{objective}-seed{seed}-{size['steps']}steps")  # a rerun resumes it
-            run_distill(DistillConfig(cache=cache, out=run, objective=objective, steps=size["steps"], seed=seed,
-                                      workers=workers, progress=progress, device="cpu",
-                                      concepts=bank if "lss" in objective else "", **STUDENT))
+            run_distill(distill_config(cache, run, objective, size["steps"], seed, bank, workers, progress))
             runs[objective] = os.path.join(run, "checkpoint.pt")
         for label_set in ("object", "motion"):
             stage(f"eval on {label_set} labels (seed {seed}): {', '.join(RUNS + BASELINES)}")
