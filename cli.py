@@ -107,6 +107,9 @@ def cli():
 @click.option("--teacher-pretrained", default=None,
               help="clip:ARCH: a hub tag (e.g. openai), downloaded once; needs the network, offline it is refused.")
 @click.option("--teacher-size", default=X.teacher_size, show_default=True, help="Teacher input size (square centre crop).")
+@click.option("--teacher-crop", default=X.teacher_crop, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of the central square the teacher sees, resized to --teacher-size (0: the teacher's own "
+                   "evaluation crop, 0.875 for EfficientNet-Lite, 1 for CLIP).")
 @click.option("--teacher-every", default=X.teacher_every, show_default=True, type=_COUNT,
               help="Run the teacher on every k-th stored frame (k>1 saves time on CPU).")
 @click.option("--flow", default=X.flow, show_default=True, type=click.Choice(["dis", "farneback", "tvl1", "none"]),
@@ -122,7 +125,7 @@ def cli():
 @click.option("--retry-failed", is_flag=True, help="Try videos recorded as failed again.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache with other settings and start anew.")
-def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher_pretrained, teacher_size,
+def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher_pretrained, teacher_size, teacher_crop,
             teacher_every, flow, shard, workers, device, part_videos, stall_timeout, retry_failed, strict, overwrite):
     """Stage one: decode videos once, run the teacher and optical flow, write the Zarr cache.
 
@@ -133,7 +136,7 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
     from pipeline.extract.extract import run_extract
     cfg = ExtractConfig(videos=videos, cache=cache, fps=fps, height=height, width=width, teacher=teacher,
                         teacher_weights=teacher_weights, teacher_pretrained=teacher_pretrained,
-                        teacher_size=teacher_size, teacher_every=teacher_every,
+                        teacher_size=teacher_size, teacher_crop=teacher_crop, teacher_every=teacher_every,
                         flow=flow, shard=_parse_shard(shard), workers=workers, device=device,
                         part_videos=part_videos, stall_timeout=stall_timeout, retry_failed=retry_failed,
                         strict=strict, overwrite=overwrite)

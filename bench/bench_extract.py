@@ -53,7 +53,7 @@ def run_vidistill(videos, out):
             "stage_seconds": s["stage_seconds"], "videos": s["done"] + s["partial"]}
 
 
-def run_naive(videos, out, fps=8.0, height=128, width=171, teacher_size=224):
+def run_naive(videos, out, fps=8.0, height=128, width=171, teacher_size=224, teacher_crop=224 / 256):
     import cv2
     import numpy as np
     import torch
@@ -72,7 +72,7 @@ def run_naive(videos, out, fps=8.0, height=128, width=171, teacher_size=224):
             x = (torch.from_numpy(frame).permute(2, 0, 1)[None].float() - 127) / 128
             embed = model.forward_features(x)
             return model.forward_head(embed).numpy(), embed.numpy()
-    hc, wc = cover_size(height, width, teacher_size)
+    hc, wc = cover_size(height, width, teacher_size, teacher_crop)
     seconds = {"decode": 0.0, "teacher": 0.0, "flow": 0.0, "write": 0.0}
     frames_total, n_videos = 0, 0
     for vid, path in find_videos(videos):
@@ -95,7 +95,7 @@ def run_naive(videos, out, fps=8.0, height=128, width=171, teacher_size=224):
         cap.release()
         if not kept:
             continue
-        stored, teacher_in = split_views(np.stack(kept), height, width, teacher_size)
+        stored, teacher_in = split_views(np.stack(kept), height, width, teacher_size, teacher_crop)
         seconds["decode"] += time.perf_counter() - t
         t = time.perf_counter()
         outs = [predict_one(f) for f in teacher_in]

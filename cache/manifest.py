@@ -207,7 +207,8 @@ def format_info(info):
         *[f"  {st:8} {c['videos']} videos, {c['frames']} frames, {c['source_bytes'] / 1e6:.1f} MB of source files"
           for st, c in info.get("by_status", {}).items()],
         f"frames     {info['frames']} ({info['video_seconds']:.1f} video-seconds), teacher frames {info['teacher_frames']}",
-        f"frames at  {pre['fps']} fps, {pre['height']}x{pre['width']}; teacher sees {pre['teacher_size']}px, "
+        f"frames at  {pre['fps']} fps, {pre['height']}x{pre['width']}; teacher sees {pre['teacher_size']}px "
+        f"(the centre {pre.get('teacher_crop', 1.0):g} of the central square), "
         f"every {pre['teacher_every']} frame(s)",
         f"teacher    {teacher['name']}" + (f" sha256 {teacher['weights_sha256'][:16]}…" if "weights_sha256" in teacher else ""),
         f"flow       {flow['method']} {json.dumps(flow['params'])} bound ±{flow['bound']}px",

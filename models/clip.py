@@ -132,6 +132,7 @@ class ClipTeacherNet(nn.Module):
     DistInit distils from a CLIP cache exactly as from the ImageNet teacher."""
     num_classes = 1000
     normalisation = "CLIP mean/std on 0..1 RGB"
+    eval_crop = 1.0  # CLIP's transform: the short side resized to the input size, then its centre square
 
     def __init__(self, clip):
         super().__init__()

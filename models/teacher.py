@@ -29,6 +29,8 @@ def one_line(err):
 class EfficientNetTeacherNet(nn.Module):
     """EfficientNet-Lite0 as a teacher: float RGB 0..255 [N,3,H,W] -> (logits [N,1000], embedding [N,1280])."""
     input_size = 224  # what the weights were trained at; the network itself accepts any size
+    # its evaluation crop: the centre 224 of an image resized to 256 (the TF reference's CROP_PADDING 32)
+    eval_crop = 224 / 256
     num_classes = 1000
     embed_dim = 1280
     normalisation = "(x-127)/128"  # on 0..255 RGB, as the TF EfficientNet-Lite checkpoints expect
@@ -54,6 +56,7 @@ class ImageTeacher:
         self.device = torch.device(device)
         self.input_size, self.num_classes = network.input_size, network.num_classes
         self.embed_dim, self.normalisation = network.embed_dim, network.normalisation
+        self.eval_crop = network.eval_crop  # the share of an image's central square its evaluation looks at
         # On CPU small batches are fastest (activations stay in cache: 2 cores, 224px, batch 4 runs
         # ~40 frames/s, batch 32 ~30); a GPU wants large ones.
         self.batch_size = batch_size or (64 if self.device.type == "cuda" else 4)

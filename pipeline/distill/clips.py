@@ -54,10 +54,10 @@ def random_box(h, w, rng, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), region=None):
     return top0 + (h - side) // 2, left0 + (w - side) // 2, side, side
 
 
-def teacher_square(h, w):
-    """The part of a stored h x w frame the teacher saw: its central square (stage one cuts the
-    teacher's input from the centre of the same decode the stored frame is scaled from)."""
-    side = min(h, w)
+def teacher_square(h, w, crop=1.0):
+    """The part of a stored h x w frame the teacher saw: the centre `crop` of its central square (stage
+    one cuts the teacher's input from the centre of the same decode the stored frame is scaled from)."""
+    side = int(round(min(h, w) * crop))
     return (h - side) // 2, (w - side) // 2, side, side
 
 
@@ -117,7 +117,8 @@ class ClipDataset(torch.utils.data.Dataset):
                         teacher_fields=tuple(teacher_fields), two_views=two_views)
         # the view distilled from the teacher is cut inside what the teacher saw, so its target
         # never describes an object the clip does not show
-        self.first_region = teacher_square(*reader.frame_size) if first_view_in_teacher_square else None
+        crop = reader.fingerprint["preprocessing"].get("teacher_crop", 1.0)  # caches before it: the whole square
+        self.first_region = teacher_square(*reader.frame_size, crop) if first_view_in_teacher_square else None
         fps = reader.fingerprint["preprocessing"]["fps"]
         self.gap_frames = tuple(int(round(g * fps)) for g in gap_seconds)
         self.span = clip_span(clip_len, stride)

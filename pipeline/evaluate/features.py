@@ -59,6 +59,7 @@ class Preprocessing:
     crop: int = DistillConfig.crop
     crop_scale: float = DistillConfig.crop_scale  # fine-tuning cuts clips with the training crops
     teacher_size: int = ExtractConfig.teacher_size  # the decode size, from which stored frames are downscaled
+    teacher_crop: float = 1.0  # the teacher's share of the central square (it sets the decode size too)
     source: str = "defaults"
     fingerprint: dict = field(default_factory=dict)
     distill_cache: str = None  # the cache the checkpoint learnt from (its frames may serve evaluation)
@@ -75,7 +76,8 @@ def preprocessing_of(checkpoint):
     ckpt = load_checkpoint(checkpoint)
     pre, cfg = ckpt["cache_fingerprint"]["preprocessing"], ckpt["config"]
     return Preprocessing(pre["fps"], pre["height"], pre["width"], cfg["clip_len"], cfg["stride"], cfg["crop"],
-                         cfg["crop_scale"], pre.get("teacher_size", ExtractConfig.teacher_size), source=checkpoint,
+                         cfg["crop_scale"], pre.get("teacher_size", ExtractConfig.teacher_size),
+                         pre.get("teacher_crop", 1.0), source=checkpoint,
                          fingerprint=ckpt["cache_fingerprint"], distill_cache=cfg.get("cache"))
 
 
@@ -87,6 +89,8 @@ def eval_cache_dir(root, work, pre, teacher=None):
     name = f"cache-{root_digest}-{pre.fps:g}fps-{pre.height}x{pre.width}"
     if pre.teacher_size != ExtractConfig.teacher_size:
         name += f"-t{pre.teacher_size}"
+    if pre.teacher_crop != 1.0:
+        name += f"-crop{pre.teacher_crop:.3f}"
     if teacher:
         teacher_name, weights, every = teacher
         short = re.sub(r"[^A-Za-z0-9_.+-]", "_", os.path.splitext(os.path.basename(teacher_name))[0])
@@ -110,7 +114,8 @@ def build_eval_cache(root, work, pre, progress, teacher=None):
     name, weights, every = teacher or ("none", None, 1)
     try:
         run_extract(ExtractConfig(videos=root, cache=cache, fps=pre.fps, height=pre.height, width=pre.width,
-                                  teacher_size=pre.teacher_size, flow="none", teacher=name, teacher_weights=weights,
+                                  teacher_size=pre.teacher_size, teacher_crop=pre.teacher_crop, flow="none",
+                                  teacher=name, teacher_weights=weights,
                                   teacher_every=every, shard=(0, 1), progress=progress))
     except ValueError as e:  # the teacher cannot be loaded
         raise EvalError(f"teacher row: {e}") from None
@@ -261,7 +266,8 @@ def teacher_row(reader, every, device, progress, source=("efficientnet_lite0", N
             path, embeds, frame_probs, n = reader.record(v)["path"], [], [], 0
             try:
                 for stored, teacher_in in VideoDecode(path, fps=pre["fps"], height=pre["height"], width=pre["width"],
-                                                      teacher_size=pre["teacher_size"]):
+                                                      teacher_size=pre["teacher_size"],
+                                                      teacher_crop=pre.get("teacher_crop", 1.0)):
                     pick = np.flatnonzero((np.arange(n, n + len(stored)) % every) == 0)
                     if len(pick):
                         logits, embed = teacher.predict(teacher_in[pick])

@@ -6,6 +6,7 @@ ratio and a short side large enough for the teacher; in-process we derive the sm
 (INTER_AREA downscale) and the teacher's square centre crop from that one decode, so the teacher never
 sees frames upsampled from the small stored ones.
 """
+import math
 import os
 import re
 import shutil
@@ -70,22 +71,25 @@ class SourceInfo:
     signalled: bool = False  # ffmpeg ended on a signal (SIGINT/SIGTERM sent to the job), not at the end of the file
 
 
-def cover_size(height, width, teacher_size):
-    """(H, W) of the decoded frame: the stored aspect ratio, short side >= both consumers' needs."""
-    short = max(teacher_size, min(height, width))
+def cover_size(height, width, teacher_size, teacher_crop=1.0):
+    """(H, W) of the decoded frame: the stored aspect ratio, short side >= both consumers' needs (the
+    teacher's crop of the central square is at least teacher_size: it is never upsampled)."""
+    short = max(math.ceil(teacher_size / teacher_crop), min(height, width))
     if height <= width:
         return short, int(round(short * width / height))
     return int(round(short * height / width)), short
 
 
-def split_views(decoded, height, width, teacher_size):
-    """Decoded uint8 [B,Hc,Wc,3] -> (stored [B,H,W,3], teacher [B,T,T,3]) from the same pixels."""
+def split_views(decoded, height, width, teacher_size, teacher_crop=1.0):
+    """Decoded uint8 [B,Hc,Wc,3] -> (stored [B,H,W,3], teacher [B,T,T,3]) from the same pixels. The
+    teacher sees the centre `teacher_crop` of the central square (as its own evaluation crops an image),
+    resized to teacher_size."""
     b, hc, wc, _ = decoded.shape
     if (hc, wc) == (height, width):
         stored = decoded
     else:
         stored = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in decoded])
-    side = min(hc, wc)
+    side = int(round(min(hc, wc) * teacher_crop))
     top, left = (hc - side) // 2, (wc - side) // 2
     teacher = decoded[:, top:top + side, left:left + side]
     if side != teacher_size:
@@ -163,9 +167,9 @@ def _check_readable(path):
         raise DecodeError("permission denied")
 
 
-def _ffmpeg_args(path, fps, height, width, teacher_size):
+def _ffmpeg_args(path, fps, height, width, teacher_size, teacher_crop):
     """The ffmpeg command line that writes rgb24 frames at the cover size to stdout."""
-    hc, wc = cover_size(height, width, teacher_size)
+    hc, wc = cover_size(height, width, teacher_size, teacher_crop)
     # SAR first (anamorphic sources), then cover-scale and centre-crop to the fixed size.
     # ffmpeg applies rotation metadata itself (autorotate is on by default).
     stream = (ffmpeg.input(path)["v:0"]
@@ -237,15 +241,15 @@ class _FfmpegPipe:
         self.proc.stdout.close()
 
 
-def decode_video(path, fps, height, width, teacher_size, batch_frames=32, stall_timeout=60.0):
+def decode_video(path, fps, height, width, teacher_size, teacher_crop=1.0, batch_frames=32, stall_timeout=60.0):
     """Yield (stored, teacher) uint8 batches for one video; returns SourceInfo via StopIteration.
 
     Use through `VideoDecode`, which keeps the SourceInfo. Raises DecodeError with a specific reason
     when nothing can be decoded; a video that breaks midway yields what decoded and records a warning.
     """
     _check_readable(path)
-    hc, wc = cover_size(height, width, teacher_size)
-    pipe = _FfmpegPipe(_ffmpeg_args(path, fps, height, width, teacher_size), stall_timeout)
+    hc, wc = cover_size(height, width, teacher_size, teacher_crop)
+    pipe = _FfmpegPipe(_ffmpeg_args(path, fps, height, width, teacher_size, teacher_crop), stall_timeout)
     frame_bytes = hc * wc * 3
     n_frames = 0
     try:
@@ -255,7 +259,7 @@ def decode_video(path, fps, height, width, teacher_size, batch_frames=32, stall_
             if n:
                 decoded = np.frombuffer(buf, np.uint8, n * frame_bytes).reshape(n, hc, wc, 3)
                 n_frames += n
-                views = split_views(decoded, height, width, teacher_size)
+                views = split_views(decoded, height, width, teacher_size, teacher_crop)
                 pipe.pause_watchdog()  # the consumer's time (teacher, flow, a full queue) is no stall
                 yield views
                 pipe.resume_watchdog()

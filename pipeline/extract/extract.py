@@ -48,6 +48,8 @@ def make_fingerprint(cfg, teacher):
                           # the stored frames are downscaled from a decode at the teacher's size, so it
                           # changes their pixels even without a teacher
                           "teacher_size": cfg.teacher_size,
+                          # the teacher's crop of the central square sets the decode size too
+                          "teacher_crop": cfg.teacher_crop,
                           # without a teacher this does not change the cache: keep it out of its identity
                           "teacher_every": cfg.teacher_every if teacher else None},
         "flow": {"method": cfg.flow, "params": FLOW_PARAMS[cfg.flow], "bound": FLOW_BOUND, "codec": FLOW_CODEC,
@@ -78,6 +80,8 @@ def _run_extract(cfg, stop):
     unlisted = []
     videos = find_videos(cfg.videos, unlisted)
     teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device="cpu") if cfg.teacher != "none" else None
+    # 0: the teacher's own evaluation crop; without a teacher the whole square (it sets the decode size)
+    cfg = dataclasses.replace(cfg, teacher_crop=cfg.teacher_crop or (teacher.eval_crop if teacher else 1.0))
     fingerprint = make_fingerprint(cfg, teacher)
     del teacher
     _prepare_cache(cfg, fingerprint)

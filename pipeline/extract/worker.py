@@ -55,7 +55,7 @@ def _decode_ahead(videos, cfg, out_queue, stop):
     for idx, (vid, path) in enumerate(videos):
         try:
             dec = VideoDecode(path, fps=cfg.fps, height=cfg.height, width=cfg.width,
-                              teacher_size=cfg.teacher_size, batch_frames=cfg.batch_frames,
+                              teacher_size=cfg.teacher_size, teacher_crop=cfg.teacher_crop, batch_frames=cfg.batch_frames,
                               stall_timeout=cfg.stall_timeout)
             flow = FlowStream(cfg.flow) if cfg.flow != "none" else None
             batches, t = iter(dec), clock()
