@@ -229,6 +229,8 @@ def main():
     ap.add_argument("--pictures", choices=("demo", "other"), default="demo",
                     help="when preparing: the demo's photos, or other pictures and textures (OTHER_PICTURES)")
     ap.add_argument("--generator-seed", type=int, default=0, help="when preparing: the benchmark's seed")
+    ap.add_argument("--teacher-crop", type=float, default=None,
+                    help="when preparing: the teacher's share of the central square (default: the demo's)")
     ap.add_argument("--work", default=None, help="where runs and results go (default: DEMO/diagnosis)")
     ap.add_argument("--steps", type=int, default=SIZES["default"]["steps"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -242,7 +244,9 @@ def main():
     photos, textures = pictures(args.pictures)
     cache, bank, benchmark = prepare_benchmark(args.demo, SIZES["default"], lambda text: print(text, flush=True),
                                                progress=False, photos=photos, textures=textures,
-                                               generator_seed=args.generator_seed)
+                                               generator_seed=args.generator_seed,
+                                               frames=dict(FRAMES, **({} if args.teacher_crop is None else
+                                                                      {"teacher_crop": args.teacher_crop})))
     print(f"benchmark: objects {benchmark['objects']}, generator seed {benchmark['seed']}")
     if not args.no_oracle:
         mean, std = flow_oracle(args.demo, work, seeds=3)

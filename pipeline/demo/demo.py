@@ -75,7 +75,8 @@ def run_demo(out="demo_out", quick=False, seeds=1, steps=None, workers=0, progre
     return rows
 
 
-def prepare_benchmark(out, size, stage, progress=True, log=print, photos=None, textures=None, generator_seed=0):
+def prepare_benchmark(out, size, stage, progress=True, log=print, photos=None, textures=None, generator_seed=0,
+                      frames=None):
     """Generate the benchmark, extract its unlabelled pool and build lss's concept bank (each step a no-op
     when already done). Returns (cache, bank, the benchmark's parameters)."""
     data, cache = os.path.join(out, "data"), os.path.join(out, "cache")
@@ -89,7 +90,7 @@ def prepare_benchmark(out, size, stage, progress=True, log=print, photos=None, t
     # a benchmark generated anew in this folder rewrites its files: extract sees the changed sources and
     # extracts them again
     ex = run_extract(ExtractConfig(videos=os.path.join(data, "pool"), cache=cache, shard=(0, 1),
-                                   progress=progress, **FRAMES))
+                                   progress=progress, **(frames or FRAMES)))
     log(f"  {ex['done'] + ex['skipped']} videos in {cache} ({ex['failed']} failed)")
 
     stage("concepts: Kinetics-400 action names and their words in MiniLM's text space (for lss)")
