@@ -466,10 +466,12 @@ def export(checkpoint, format, out, fc, opset, tolerance):
               "More steps learn more (BENCHMARKS.md) at proportionally more distillation time.")
 @click.option("--workers", default=0, show_default=True, help="DataLoader workers (0 is fastest on 2 cores).")
 def demo(out, quick, seeds, steps, workers):
-    """The whole pipeline on a generated benchmark, on CPU: generate, extract, distill (distinit,
-    modist, both), evaluate against scratch / inflate / teacher on object and motion labels."""
+    """The whole pipeline on a generated benchmark, on CPU: generate, extract, distill four students
+    (distinit, modist, both, distinit+lss), evaluate them against scratch / inflate / teacher on object
+    and motion labels (linear, kNN; zero-shot on object names). Rerunning resumes where it stopped."""
     from pipeline.demo.demo import run_demo
-    run_demo(out, quick=quick, seeds=seeds, steps=steps or None, workers=workers, log=click.echo)
+    with _exit_on_interrupt(f"interrupted: what finished is kept in {out}; rerun the same command to resume"):
+        run_demo(out, quick=quick, seeds=seeds, steps=steps or None, workers=workers, log=click.echo)
     click.echo(f"report: {out}/report.md, {out}/report.png")
 
 

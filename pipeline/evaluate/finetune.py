@@ -15,7 +15,8 @@ def finetune(backbone, reader, train, test, num_classes, pre, cfg, device):
     """AdamW + one-cycle for a few epochs on training clips cut exactly like distillation clips
     (random box, flip); tested over the evaluation views. train/test: [(video id, label)]."""
     torch.manual_seed(cfg.seed)
-    model = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, num_classes)).to(device).train()
+    layout = torch.channels_last_3d  # as in distill: oneDNN's 3D convolutions are faster channels-last
+    model = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, num_classes)).to(device, memory_format=layout).train()
     data = ClipDataset(reader, pre.clip_len, pre.stride, pre.crop, teacher_fields=(), seed=cfg.seed,
                        crop_scale=pre.crop_scale, ids=[v for v, _ in train])
     labels = [label for _, label in train]
@@ -31,7 +32,7 @@ def finetune(backbone, reader, train, test, num_classes, pre, cfg, device):
             picked = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             video = torch.stack([data[(epoch, i)]["video"] for i in picked]).to(device)
             target = torch.tensor([labels[i] for i in picked], device=device)
-            loss = F.cross_entropy(model(normalize_video(video)), target)
+            loss = F.cross_entropy(model(normalize_video(video).contiguous(memory_format=layout)), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
