@@ -179,6 +179,43 @@ class CacheReader:
             raise CacheError(f"{self.cache_dir}/{PARTS_DIR}/{part}: unreadable data for video {video_id!r} "
                              f"({type(e).__name__}: {str(e)[:120]}); run `cli.py cache verify --repair`") from None
 
+    def frames_at(self, video_id, indices, with_flow=False):
+        """Frames (and flow) at these video-relative frame indices, in their order (repeats allowed):
+        a clip reads its own frames, not the span between them. Returns frames uint8 [T,H,W,3] and
+        flow_codes uint8 [T,H,W,2] (cache/flow_codec.py; decoded after the clip is cut and resized,
+        where there are fewer pixels to decode)."""
+        rec = self.record(video_id)
+        if rec["status"] not in READABLE:
+            raise KeyError(f"video {video_id!r} failed to extract ({rec['error']}); it has no frames")
+        indices = np.asarray(indices)
+        if len(indices) and not (0 <= indices.min() and indices.max() < rec["frame_count"]):
+            raise IndexError(f"frames {indices.min()}..{indices.max()} out of range for {video_id!r} "
+                             f"({rec['frame_count']} frames)")
+        part, rows = self.index[video_id][0], rec["frame_offset"] + indices
+        try:
+            out = {"frames": self._take(part, "frames", rows)}
+            if with_flow:
+                if "flow" not in self._arrays(part):
+                    raise CacheError(f"{self.cache_dir} was extracted with --flow none; it has no flow")
+                out["flow_codes"] = self._take(part, "flow", rows)
+            return out
+        except CacheError:
+            raise
+        except Exception as e:  # a truncated or corrupt chunk: name it, never a codec traceback
+            raise CacheError(f"{self.cache_dir}/{PARTS_DIR}/{part}: unreadable data for video {video_id!r} "
+                             f"({type(e).__name__}: {str(e)[:120]}); run `cli.py cache verify --repair`") from None
+
+    def _take(self, part, name, rows):
+        """array[rows] for any row indices of a part's array, through the chunk cache."""
+        array = self._arrays(part)[name]
+        if not self.chunk_cache_bytes:
+            return array.get_orthogonal_selection((rows,))
+        per = array.chunks[0]
+        chunks = {c: self._chunks.get((part, name, c), lambda c=c: array[c * per:(c + 1) * per])
+                  for c in np.unique(rows // per)}
+        return np.stack([chunks[r // per][r % per] for r in rows]) if len(rows) else \
+            np.zeros((0,) + array.shape[1:], array.dtype)
+
     def _rows(self, part, name, lo, hi):
         """Rows [lo, hi) of a part's array, through the chunk cache: whole chunks are read (zarr
         decompresses whole chunks anyway) and kept; the caller gets its own copy. Every read of a clip

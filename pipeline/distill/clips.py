@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 import torch
 
+from cache.flow_codec import dequantize_flow
+
 
 def clip_span(clip_len, stride):
     """Stored frames covered by a clip, first to last."""
@@ -79,22 +81,22 @@ def load_clip(reader, video_id, start, clip_len, stride, box, flip, crop, with_f
     Resized frame by frame with OpenCV on the stored uint8 pixels (area averaging when shrinking, which
     antialiases; bilinear when enlarging): a few times faster than converting to float for torch's
     resize, and the loader is what a CPU step waits for."""
-    n = reader.num_frames(video_id)
-    idx = clip_frame_indices(n, start, clip_len, stride)
-    lo, hi = int(idx[0]), int(idx[-1]) + 1
-    data = reader.read(video_id, lo, hi, fields=("frames", "flow") if with_flow else ("frames",))
+    idx = clip_frame_indices(reader.num_frames(video_id), start, clip_len, stride)
+    data = reader.frames_at(video_id, idx, with_flow)
     top, left, bh, bw = box
     interpolation = cv2.INTER_AREA if bh * bw > crop * crop else cv2.INTER_LINEAR
-    pixels = data["frames"][idx - lo, top:top + bh, left:left + bw]  # [T,bh,bw,3]
+    pixels = data["frames"][:, top:top + bh, left:left + bw]  # [T,bh,bw,3]
     frames = np.stack([cv2.resize(f, (crop, crop), interpolation=interpolation) for f in pixels])  # [T,S,S,3]
     if flip:
         frames = frames[:, :, ::-1]
     video = torch.from_numpy(np.ascontiguousarray(frames.transpose(3, 0, 1, 2)))  # [3,T,S,S]
     flow = None
     if with_flow:
-        vectors = data["flow"][idx - lo, top:top + bh, left:left + bw]  # [T,bh,bw,2] px/frame
-        f = np.stack([cv2.resize(v, (crop, crop), interpolation=interpolation) for v in vectors])  # [T,S,S,2]
-        f *= np.array([crop / bw, crop / bh], np.float32)  # vectors into output pixels
+        codes = data["flow_codes"][:, top:top + bh, left:left + bw]  # [T,bh,bw,2] uint8
+        # resized as codes (uint8 is what OpenCV resizes fastest): rounding the average code costs at
+        # most half a quantisation step (0.08 px at the default bound)
+        codes = np.stack([cv2.resize(c, (crop, crop), interpolation=interpolation) for c in codes])  # [T,S,S,2]
+        f = dequantize_flow(codes, reader.flow_bound) * np.array([crop / bw, crop / bh], np.float32)  # output px
         if flip:
             f = f[:, :, ::-1] * np.array([-1.0, 1.0], np.float32)
         flow = torch.from_numpy(np.ascontiguousarray(f.transpose(3, 0, 1, 2), dtype=np.float16))  # [2,T,S,S]
