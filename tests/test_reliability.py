@@ -139,7 +139,8 @@ def test_every_bad_input_is_recorded_and_every_good_one_extracted_as_alone(hosti
             assert re.search(reason, rec["error"]), (vid, rec["error"])
     for vid, path in good.items():
         assert records[vid]["status"] == "ok", (vid, records[vid])
-        alone = np.concatenate([s for s, _ in VideoDecode(path, fps=8, height=64, width=80, teacher_size=224)])
+        alone = np.concatenate([s for s, _ in VideoDecode(path, fps=8, height=64, width=80, teacher_size=224,
+                                                          teacher_crop=reader.fingerprint["preprocessing"]["teacher_crop"])])
         assert np.array_equal(reader.read(vid, fields=("frames",))["frames"], alone), vid
     assert reader.num_frames("short/one_frame.mp4") == 1
     vfr = records["vfr/variable_rate.mp4"]  # 16 frames at 8 fps, then 32 at 25 fps: resampled to 8 fps
