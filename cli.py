@@ -28,6 +28,15 @@ X, D, E, C = ExtractConfig, DistillConfig, EvalConfig, ConceptsConfig
 P, S = ExportConfig, ShowConfig
 
 
+def _workers(value):
+    """--workers: a count >= 1, or auto (0)."""
+    if value == "auto":
+        return 0
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"{value!r} is neither a count >= 1 nor auto")
+    return int(value)
+
+
 def _fail(message):
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
@@ -116,17 +125,32 @@ def cli():
               help="Optical flow: dis is fast and good; tvl1 is the classic quality choice but ~50x slower.")
 @click.option("--shard", default=None, help="I/N: process every N-th video starting at I "
               "(default: from torchrun RANK/WORLD_SIZE or a Slurm array, else 0/1).")
-@click.option("--workers", default=X.workers, show_default=True, type=_COUNT, help="Extraction processes in this job.")
+@click.option("--workers", default=str(X.workers), show_default=True, callback=lambda ctx, param, v: _workers(v),
+              help="Extraction processes in this job, or auto: sized from the cores and GPUs found so that processes "
+                   "x threads never exceed the cores (the choice is printed).")
 @click.option("--device", default=X.device, show_default=True, help="Teacher device: auto, cpu, cuda, cuda:1 …")
 @click.option("--part-videos", default=X.part_videos, show_default=True, type=_COUNT,
-              help="Videos per committed part: a kill loses at most this much work per process.")
+              help="Videos per committed part at most: a kill loses at most this much work per process.")
+@click.option("--part-mb", default=X.part_mb, show_default=True, type=_COUNT,
+              help="Stored MB per committed part at most (large parts: few files per GB).")
+@click.option("--frame-codec", default=X.frame_codec, show_default=True, type=click.Choice(["jpeg", "zstd"]),
+              help="How frames are stored: JPEG (~8x smaller; students learn the same within noise, BENCHMARKS.md) "
+                   "or lossless zstd.")
+@click.option("--frame-quality", default=X.frame_quality, show_default=True, type=click.IntRange(1, 100),
+              help="JPEG quality of the frames.")
+@click.option("--flow-codec", default=X.flow_codec, show_default=True, type=click.Choice(["jpeg", "zstd"]),
+              help="How the flow's uint8 codes are stored: JPEG of the u and v planes (as denseflow does) or "
+                   "lossless zstd.")
+@click.option("--flow-quality", default=X.flow_quality, show_default=True, type=click.IntRange(1, 100),
+              help="JPEG quality of the flow planes.")
 @click.option("--stall-timeout", default=X.stall_timeout, show_default=True, type=_POSITIVE,
               help="Seconds without decoded output before a video is abandoned.")
 @click.option("--retry-failed", is_flag=True, help="Try videos recorded as failed again.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache with other settings and start anew.")
 def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher_pretrained, teacher_size, teacher_crop,
-            teacher_every, flow, shard, workers, device, part_videos, stall_timeout, retry_failed, strict, overwrite):
+            teacher_every, flow, shard, workers, device, part_videos, part_mb, frame_codec, frame_quality, flow_codec,
+            flow_quality, stall_timeout, retry_failed, strict, overwrite):
     """Stage one: decode videos once, run the teacher and optical flow, write the Zarr cache.
 
     Rerunning the same command resumes: finished and failed videos are skipped.
@@ -138,7 +162,9 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
                         teacher_weights=teacher_weights, teacher_pretrained=teacher_pretrained,
                         teacher_size=teacher_size, teacher_crop=teacher_crop, teacher_every=teacher_every,
                         flow=flow, shard=_parse_shard(shard), workers=workers, device=device,
-                        part_videos=part_videos, stall_timeout=stall_timeout, retry_failed=retry_failed,
+                        part_videos=part_videos, part_mb=part_mb, frame_codec=frame_codec,
+                        frame_quality=frame_quality, flow_codec=flow_codec, flow_quality=flow_quality,
+                        stall_timeout=stall_timeout, retry_failed=retry_failed,
                         strict=strict, overwrite=overwrite)
     try:
         s = run_extract(cfg)
@@ -147,6 +173,8 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
     except (ExtractError, CacheError, ValueError) as e:
         _fail(str(e))
     wall = s["wall_seconds"]
+    for note in s.get("notes", []):
+        click.echo(note)
     click.echo(f"extracted {s['done']} videos ({s['partial']} partial), skipped {s['skipped']} already in the "
                f"cache, failed {s['failed']} (shard {s['shard']} of {s['videos_found']} found)")
     click.echo(f"{s['frames']} frames = {s['video_seconds']:.1f} video-seconds in {wall:.1f}s "
@@ -545,6 +573,35 @@ def cache_verify_cmd(cache, quick, repair):
     else:
         click.echo("run `cli.py cache verify --repair` then the same extract command to re-extract damaged videos")
     sys.exit(1)
+
+
+@cache_group.command("upgrade")
+@click.argument("cache", type=click.Path())
+@click.option("--out", type=click.Path(), default=None,
+              help="Write the converted cache here and leave CACHE as it is (default: convert in place).")
+@click.option("--frame-codec", default=X.frame_codec, show_default=True, type=click.Choice(["jpeg", "zstd"]))
+@click.option("--frame-quality", default=X.frame_quality, show_default=True, type=click.IntRange(1, 100))
+@click.option("--flow-codec", default=X.flow_codec, show_default=True, type=click.Choice(["jpeg", "zstd"]))
+@click.option("--flow-quality", default=X.flow_quality, show_default=True, type=click.IntRange(1, 100))
+def cache_upgrade_cmd(cache, out, frame_codec, frame_quality, flow_codec, flow_quality):
+    """Convert a format-2 cache to today's format (sharded, frames in an image codec, one index) without
+    rerunning the teacher or flow. Interrupted, the same command resumes; run it while no extract runs."""
+    import time
+
+    from cache.fingerprint import CacheError
+    from cache.upgrade import upgrade_cache
+    from pipeline.common.progress import progress_bar
+    t0 = time.time()
+    bar = progress_bar(total=None, desc="upgrade", unit="part")
+    try:
+        s = upgrade_cache(cache, {"frames": (frame_codec, frame_quality), "flow": (flow_codec, flow_quality)}, out,
+                          progress=lambda done, total, part: (setattr(bar, "total", total), bar.update(done - bar.n)))
+    except CacheError as e:
+        _fail(str(e))
+    finally:
+        bar.close()
+    click.echo(f"upgraded {s['parts']} parts ({s['skipped']} already done) in {time.time() - t0:.1f}s: "
+               f"{s['bytes_before'] / 1e6:.1f} MB -> {s['bytes_after'] / 1e6:.1f} MB, now in {out or cache}")
 
 
 if __name__ == "__main__":

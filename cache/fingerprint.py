@@ -13,7 +13,9 @@ import uuid
 
 VIDISTILL_VERSION = "0.1.0"
 CACHE_FORMAT = "vidistill-cache"
-CACHE_FORMAT_VERSION = 2  # 2: zero-centred flow code (cache/flow_codec.py)
+# 2: zero-centred flow code (cache/flow_codec.py); 3: sharded arrays, frames/flow in an image codec
+# (cache/codecs.py), the consolidated index (cache/index.py)
+CACHE_FORMAT_VERSION = 3
 CACHE_JSON = "cache.json"
 
 
@@ -25,7 +27,7 @@ def cache_json_path(cache_dir):
     return os.path.join(cache_dir, CACHE_JSON)
 
 
-def read_cache_json(cache_dir):
+def read_cache_json(cache_dir, any_version=False):
     path = cache_json_path(cache_dir)
     if not os.path.isdir(cache_dir):
         raise CacheError(f"{cache_dir}: no such cache directory")
@@ -38,6 +40,11 @@ def read_cache_json(cache_dir):
         raise CacheError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the cache is damaged") from None
     if meta.get("format") != CACHE_FORMAT or "fingerprint" not in meta:
         raise CacheError(f"{path}: not a vidistill cache description")
+    if any_version:
+        return meta
+    if meta.get("format_version") == 2:
+        raise CacheError(f"{cache_dir}: a format-2 cache; convert it once with `cli.py cache upgrade {cache_dir}` "
+                         "(no teacher or flow is rerun)")
     if meta.get("format_version") != CACHE_FORMAT_VERSION:
         raise CacheError(f"{path}: cache format version {meta.get('format_version')} "
                          f"but this vidistill reads version {CACHE_FORMAT_VERSION}; re-extract")

@@ -5,16 +5,20 @@ file exists, then decompresses every chunk (unless quick), then checks the per-v
 the arrays: offsets in range, no overlaps, no orphan rows, teacher rows consistent.
 """
 import collections
-import itertools
 import json
 import math
 import os
 import shutil
 
+import google_crc32c
+import numpy as np
 import zarr
 
+import cache.codecs  # noqa: F401  (registers the JPEG codec that frame arrays name)
 from cache.fingerprint import CacheError, fingerprint_sha256, read_cache_json
-from cache.reader import READABLE, committed_parts, load_index, read_part_attrs, read_part_table, source_status
+from cache.index import READABLE, committed_parts, load_index, open_index, read_part_attrs, read_part_table
+from cache.reader import source_status
+from cache.shards import EMPTY
 from cache.writer import LOCK_SUFFIX, PARTS_DIR, TMP_PREFIX, directory_bytes
 
 QUARANTINE_DIR = "quarantine"
@@ -25,8 +29,9 @@ def cache_info(cache_dir):
     """A summary dict: counts by status, frames, failure reasons, fingerprint, bytes, sources that
     vanished or changed since extraction, and every video (id, frames, status)."""
     meta = read_cache_json(cache_dir)
-    index, duplicates = load_index(cache_dir)
-    records = [r for _, r in index.values()]
+    index = open_index(cache_dir)  # the consolidated index: one mapped file, not every part's table
+    records = index.records()
+    part_of = {r["id"]: index.part(row) for row, r in enumerate(records)}
     status = collections.Counter(r["status"] for r in records)
     reasons = collections.Counter(r["error"] for r in records if r["status"] == "failed")
     parts_dir = os.path.join(cache_dir, PARTS_DIR)
@@ -49,35 +54,65 @@ def cache_info(cache_dir):
                            sorted(records, key=lambda r: (-r["frame_count"], r["id"]))[:LARGEST] if r["frame_count"]],
         "failed_videos": [(r["id"], r["error"]) for r in records if r["status"] == "failed"],
         "partial_videos": [(r["id"], r["error"]) for r in records if r["status"] == "partial"],
-        "parts": len(committed_parts(cache_dir)), "stale_tmp_parts": len(stale), "duplicates": len(duplicates),
+        "parts": len(index.parts), "stale_tmp_parts": len(stale),
         "bytes": directory_bytes(cache_dir),
         # the files the videos were extracted from: gone (their frames stay usable), or replaced since
         # (another size or mtime: rerunning extract redoes them)
         "vanished_sources": sorted(i for i, s in source.items() if s == "vanished"),
         "changed_sources": sorted(i for i, s in source.items() if s == "changed"),
         "video_list": [{"id": r["id"], "frames": r["frame_count"], "status": r["status"], "error": r.get("error"),
-                        "source": r.get("path"), "source_now": source[r["id"]], "part": index[r["id"]][0]}
+                        "source": r.get("path"), "source_now": source[r["id"]], "part": part_of[r["id"]]}
                        for r in sorted(records, key=lambda r: r["id"])],
     }
 
 
 def _missing_chunks(part_path, name, array):
-    """Chunk files a non-empty array must have but does not (default v3 'c/i/j/..' keys)."""
-    grid = [range(math.ceil(s / c)) for s, c in zip(array.shape, array.chunks)]
+    """Chunks a non-empty array must store but does not: its shard files ("c/i/0/..") must all exist, and
+    each shard's index must list every chunk inside the array's length (Zarr would read a missing one
+    as zeros without complaint)."""
+    shard_rows = (array.shards or array.chunks)[0]
+    chunk_rows, tail = array.chunks[0], ["0"] * (array.ndim - 1)
+    count = shard_rows // chunk_rows
     missing = []
-    for idx in itertools.product(*grid):
-        if not os.path.isfile(os.path.join(part_path, name, "c", *map(str, idx))):
-            missing.append("/".join(map(str, idx)))
+    for i in range(math.ceil(array.shape[0] / shard_rows)):
+        key = "/".join(["c", str(i), *tail])
+        path = os.path.join(part_path, name, key)
+        if not os.path.isfile(path):
+            missing.append(key)
+            continue
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 4 - 16 * count))
+            index_bytes, checksum = f.read(16 * count), f.read(4)
+        if len(checksum) < 4 or google_crc32c.value(index_bytes).to_bytes(4, "little") != checksum:
+            missing.append(f"{key} (damaged: its chunk index fails its checksum)")
+            continue
+        index = np.frombuffer(index_bytes, dtype="<u8").reshape(count, 2)
+        stored = min(count, math.ceil((array.shape[0] - i * shard_rows) / chunk_rows))
+        missing += [f"{key} chunk {k}" for k in np.flatnonzero(index[:stored, 0] == EMPTY)]
     return missing
 
 
-def verify_part(cache_dir, part, fingerprint, quick=False):
-    """Problems found in one committed part (empty list: intact)."""
+class ArrayLayout:
+    """An array's shape, chunk and shard shapes, read from its zarr.json alone: the structural checks
+    need no Zarr array object (opening one costs ~5 ms; distill checks every part at start-up)."""
+
+    def __init__(self, path):
+        with open(os.path.join(path, "zarr.json")) as f:
+            meta = json.load(f)
+        self.shape = tuple(meta["shape"])
+        self.ndim = len(self.shape)
+        outer = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        sharding = [c for c in meta["codecs"] if c["name"] == "sharding_indexed"]
+        self.chunks = tuple(sharding[0]["configuration"]["chunk_shape"]) if sharding else outer
+        self.shards = outer if sharding else None
+
+
+def verify_part(cache_dir, part, fingerprint, quick=False, attrs=None):
+    """Problems found in one committed part (empty list: intact). attrs: its attributes, if read already."""
     path = os.path.join(cache_dir, PARTS_DIR, part)
     try:
-        attrs = read_part_attrs(cache_dir, part)
-        group = zarr.open_group(path, mode="r")
-        if not group.attrs.get("complete"):
+        attrs = attrs or read_part_attrs(cache_dir, part)
+        if not attrs.get("complete"):
             return [f"{part}: not marked complete"]
     except Exception as e:  # any failure to open is damage to report, not to crash on
         return [f"{part}: cannot open ({e})"]
@@ -85,7 +120,7 @@ def verify_part(cache_dir, part, fingerprint, quick=False):
     if attrs.get("fingerprint_sha256") != fingerprint_sha256(fingerprint):
         problems.append(f"{part}: written with other settings than cache.json records "
                         "(cache.json edited, or parts of another cache mixed in)")
-    arrays = _check_arrays(part, path, group, _expected_rows(fingerprint), quick, problems)
+    arrays = _check_arrays(part, path, _expected_rows(fingerprint), quick, problems)
     if problems:
         return problems
     n_frames = arrays["frames"].shape[0]
@@ -110,26 +145,27 @@ def _expected_rows(fingerprint):
     return expect
 
 
-def _check_arrays(part, path, group, expect, quick, problems):
-    """Each expected array: present, the right row shape, every chunk file there and (unless quick)
-    decompressible. Appends to problems; returns {name: array} of those present."""
+def _check_arrays(part, path, expect, quick, problems):
+    """Each expected array: present, the right row shape, every chunk there and (unless quick)
+    decodable. Appends to problems; returns {name: ArrayLayout} of those present."""
     arrays = {}
     for name, row in expect.items():
         try:
-            arr = group[name]
-        except KeyError:
+            arr = ArrayLayout(os.path.join(path, name))
+        except (OSError, ValueError, KeyError, IndexError):
             problems.append(f"{part}: array {name!r} is missing")
             continue
         if tuple(arr.shape[1:]) != row:
             problems.append(f"{part}/{name}: row shape {tuple(arr.shape[1:])}, expected {row}")
         missing = _missing_chunks(path, name, arr)
         if missing:
-            problems.append(f"{part}/{name}: {len(missing)} chunk file(s) missing (e.g. c/{missing[0]})")
+            problems.append(f"{part}/{name}: {len(missing)} chunk(s) missing (e.g. {missing[0]})")
         elif not quick:
-            step = arr.chunks[0]
+            step = (arr.shards or arr.chunks)[0]
+            data = zarr.open_array(os.path.join(path, name), mode="r")
             for lo in range(0, arr.shape[0], step):
                 try:
-                    arr[lo:lo + step]
+                    data[lo:lo + step]
                 except Exception as e:
                     problems.append(f"{part}/{name}: rows {lo}..{lo + step} unreadable ({type(e).__name__}: {e})")
                     break
@@ -167,11 +203,17 @@ def verify_cache(cache_dir, quick=False):
             notes.append(f"{name}: unfinished part of a killed run; the next extract removes it and redoes its videos")
         elif not (name.startswith("part-") and name.endswith(".zarr")):
             problems.append(f"{name}: unexpected entry in {parts_dir} (orphan)")
+    tables = {}
     for part in committed_parts(cache_dir):
-        problems += verify_part(cache_dir, part, meta["fingerprint"], quick=quick)
+        try:
+            attrs = read_part_attrs(cache_dir, part)
+            tables[part] = attrs["videos"]
+        except CacheError:
+            attrs = None  # verify_part reports it
+        problems += verify_part(cache_dir, part, meta["fingerprint"], quick=quick, attrs=attrs)
         checked["parts"] += 1
     try:
-        index, duplicates = load_index(cache_dir)
+        index, duplicates = load_index(cache_dir, tables=tables)
         checked["videos"] = len(index)
         for vid, part in duplicates:
             problems.append(f"{part}: video {vid!r} is stored twice (ignored copy)")

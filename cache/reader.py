@@ -1,83 +1,23 @@
-"""Read the cache: the video index over all committed parts, and clip reads by video id + frame range.
+"""Read the cache: the consolidated video index (cache/index.py), and clip reads by video id + frames.
 
 Stage two reads through `CacheReader`. Zarr groups are opened lazily and re-opened after a fork,
 because a store touched before a DataLoader forks its workers can deadlock in them.
 """
 import collections
-import json
 import os
 
 import numpy as np
 import zarr
 
+import cache.codecs  # noqa: F401  (registers the JPEG codec that frame arrays name)
 from cache.fingerprint import CacheError, read_cache_json
 from cache.flow_codec import dequantize_flow
+from cache.index import READABLE, STATUSES, open_index
 from cache.writer import PARTS_DIR
 
-READABLE = ("ok", "partial")  # "partial": decoded as far as the file allowed, with a warning
 # Decompressed frame and flow chunks kept per process: a cache that fits (the demo's pool, ~190 MB) is
 # decompressed once, not at every epoch; on a large cache the least recently used chunks make room.
 CHUNK_CACHE_MB = 512
-
-
-def committed_parts(cache_dir):
-    parts = os.path.join(cache_dir, PARTS_DIR)
-    if not os.path.isdir(parts):
-        return []
-    return sorted(n for n in os.listdir(parts) if n.startswith("part-") and n.endswith(".zarr"))
-
-
-def read_part_attrs(cache_dir, part):
-    """A committed part's attributes (video table, config, fingerprint hash) from its zarr.json."""
-    path = os.path.join(cache_dir, PARTS_DIR, part, "zarr.json")
-    try:
-        with open(path) as f:
-            attrs = json.load(f)["attributes"]
-        attrs["videos"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CacheError(f"{path}: unreadable part metadata ({e}); run `cli.py cache verify`") from None
-    return attrs
-
-
-def read_part_table(cache_dir, part):
-    return read_part_attrs(cache_dir, part)["videos"]
-
-
-def part_time(part):
-    """When a part was started (ns since the epoch), from its name part-<tag>-<ns>-<id>.zarr; 0 if the
-    name does not say. Parts are read in this order, so of two records for one video the later wins."""
-    try:
-        return int(part[:-len(".zarr")].rsplit("-", 2)[1])
-    except (ValueError, IndexError):
-        return 0
-
-
-def same_source(a, b):
-    """Whether two records of one id describe the same source file (size and mtime; unknown = same)."""
-    return (a.get("size"), a.get("mtime")) == (b.get("size"), b.get("mtime"))
-
-
-def load_index(cache_dir):
-    """id -> (part, record) over all parts, read in the order the parts were written.
-
-    A later record of another source file (size or mtime differ: the video was replaced and
-    re-extracted) supersedes the earlier one. Of two records of the same source, a readable one wins
-    over a failed one whichever part holds it (`extract --retry-failed` adds a new record and leaves
-    the old failure in its part); two readable records of the same source are damage, never normal:
-    the first is kept and the other is returned in duplicates, as (id, part).
-    """
-    index, duplicates = {}, []
-    for part in sorted(committed_parts(cache_dir), key=lambda p: (part_time(p), p)):
-        for rec in read_part_table(cache_dir, part):
-            have = index.get(rec["id"])
-            if have is not None and same_source(have[1], rec):
-                if have[1]["status"] in READABLE and rec["status"] in READABLE:
-                    duplicates.append((rec["id"], part))
-                    continue
-                if have[1]["status"] in READABLE:  # a failed record never hides frames of the same file
-                    continue
-            index[rec["id"]] = (part, rec)
-    return index, duplicates
 
 
 def source_status(rec, path=None):
@@ -94,29 +34,37 @@ def source_status(rec, path=None):
 
 
 class ChunkCache:
-    """Decompressed chunks within a byte budget, the least recently used dropped first."""
+    """Decoded chunks within a byte budget, the least recently used dropped first."""
 
     def __init__(self, budget_bytes):
         self.budget, self.used, self.chunks = budget_bytes, 0, collections.OrderedDict()
 
-    def get(self, key, load):
-        chunk = self.chunks.get(key)
-        if chunk is not None:
-            self.chunks.move_to_end(key)
-            return chunk
-        chunk = load()
-        if chunk.nbytes <= self.budget:
+    def get_many(self, keys, load):
+        """{key: chunk} for `keys`; load(missing keys) -> their chunks in order, one call for all."""
+        missing = [k for k in keys if k not in self.chunks]
+        got = dict(zip(missing, load(missing))) if missing else {}
+        for k in keys:
+            if k in got:
+                self._put(k, got[k])
+            else:
+                self.chunks.move_to_end(k)
+                got[k] = self.chunks[k]
+        return got
+
+    def _put(self, key, chunk):
+        if self.budget and chunk.nbytes <= self.budget:
             self.chunks[key] = chunk
             self.used += chunk.nbytes
             while self.used > self.budget:
                 self.used -= self.chunks.popitem(last=False)[1].nbytes
-        return chunk
 
 
 class CacheReader:
     """Random access to frames, flow, teacher logits and embeddings of cached videos.
 
-    chunk_cache_mb: decompressed frame/flow chunks kept in memory, per process (0: none)."""
+    ids: the readable videos (sorted); rows: their rows in the index (cache/index.py), whose columns
+    (frame counts, offsets) answer per-video questions without a Python object per video.
+    chunk_cache_mb: decoded frame/flow chunks kept in memory, per process (0: none)."""
 
     def __init__(self, cache_dir, chunk_cache_mb=CHUNK_CACHE_MB):
         self.cache_dir = cache_dir
@@ -124,12 +72,28 @@ class CacheReader:
         self.meta = read_cache_json(cache_dir)
         self.fingerprint = self.meta["fingerprint"]
         self.flow_bound = self.fingerprint["flow"]["bound"]
-        self.index, _ = load_index(cache_dir)
-        self.ids = sorted(i for i, (_, r) in self.index.items() if r["status"] in READABLE and r["frame_count"] > 0)
-        self._groups, self._pid = {}, None
+        self.index = open_index(cache_dir)
+        self.rows = self.index.readable()
+        self._groups, self._pid, self._ids = {}, None, None
 
     def __len__(self):
-        return len(self.ids)
+        return len(self.rows)
+
+    def __getstate__(self):  # a worker maps the index file itself: its pages are shared, not pickled
+        state = dict(self.__dict__, index=None, _groups={}, _pid=None, _ids=None)
+        state.pop("_chunks", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.index = open_index(self.cache_dir)
+
+    @property
+    def ids(self):
+        """Readable video ids, sorted (a list, made on first use: small tools and eval use it)."""
+        if self._ids is None:
+            self._ids = [v.decode() for v in self.index.ids[self.rows]]
+        return self._ids
 
     @property
     def frame_size(self):
@@ -137,14 +101,25 @@ class CacheReader:
         pre = self.fingerprint["preprocessing"]
         return pre["height"], pre["width"]
 
+    def row(self, video_id):
+        row = self.index.row(video_id)
+        if row < 0:
+            raise KeyError(f"video {video_id!r} is not in cache {self.cache_dir}")
+        return row
+
     def record(self, video_id):
-        try:
-            return self.index[video_id][1]
-        except KeyError:
-            raise KeyError(f"video {video_id!r} is not in cache {self.cache_dir}") from None
+        """The video's full record (source, status, error, decode details)."""
+        return self.index.record(self.row(video_id))
 
     def num_frames(self, video_id):
-        return self.record(video_id)["frame_count"]
+        return int(self.index["frame_count"][self.row(video_id)])
+
+    def _readable_row(self, video_id):
+        row = self.row(video_id)
+        if STATUSES[self.index["status"][row]] not in READABLE:
+            raise KeyError(f"video {video_id!r} failed to extract ({self.index.record(row)['error']}); "
+                           "it has no frames")
+        return row
 
     def _arrays(self, part):
         """{name: zarr array} of a part, opened once per process: looking an array up in its group
@@ -157,6 +132,10 @@ class CacheReader:
             self._groups[part] = dict(group.arrays())
         return self._groups[part]
 
+    def _damage(self, part, video_id, e):
+        return CacheError(f"{self.cache_dir}/{PARTS_DIR}/{part}: unreadable data for video {video_id!r} "
+                          f"({type(e).__name__}: {str(e)[:120]}); run `cli.py cache verify --repair`")
+
     def read(self, video_id, start=0, stop=None, fields=("frames", "flow", "logits", "embed")):
         """Frames [start, stop) of a video.
 
@@ -164,34 +143,30 @@ class CacheReader:
         teacher_frame int [M] (video-relative indices of the frames the teacher saw, within the
         range); logits float16 [M,K]; embed float16 [M,D].
         """
-        rec = self.record(video_id)
-        if rec["status"] not in READABLE:
-            raise KeyError(f"video {video_id!r} failed to extract ({rec['error']}); it has no frames")
-        part, n = self.index[video_id][0], rec["frame_count"]
+        row = self._readable_row(video_id)
+        n = int(self.index["frame_count"][row])
         stop = n if stop is None else stop
         if not 0 <= start < stop <= n:
             raise IndexError(f"frames [{start}, {stop}) out of range for {video_id!r} ({n} frames)")
+        part = self.index.part(row)
         try:
-            return self._read(part, rec, start, stop, fields)
+            return self._read(part, row, start, stop, fields)
         except CacheError:
             raise
         except Exception as e:  # a truncated or corrupt chunk: name it, never a codec traceback
-            raise CacheError(f"{self.cache_dir}/{PARTS_DIR}/{part}: unreadable data for video {video_id!r} "
-                             f"({type(e).__name__}: {str(e)[:120]}); run `cli.py cache verify --repair`") from None
+            raise self._damage(part, video_id, e) from None
 
     def frames_at(self, video_id, indices, with_flow=False):
         """Frames (and flow) at these video-relative frame indices, in their order (repeats allowed):
         a clip reads its own frames, not the span between them. Returns frames uint8 [T,H,W,3] and
         flow_codes uint8 [T,H,W,2] (cache/flow_codec.py; decoded after the clip is cut and resized,
         where there are fewer pixels to decode)."""
-        rec = self.record(video_id)
-        if rec["status"] not in READABLE:
-            raise KeyError(f"video {video_id!r} failed to extract ({rec['error']}); it has no frames")
+        row = self._readable_row(video_id)
+        n = int(self.index["frame_count"][row])
         indices = np.asarray(indices)
-        if len(indices) and not (0 <= indices.min() and indices.max() < rec["frame_count"]):
-            raise IndexError(f"frames {indices.min()}..{indices.max()} out of range for {video_id!r} "
-                             f"({rec['frame_count']} frames)")
-        part, rows = self.index[video_id][0], rec["frame_offset"] + indices
+        if len(indices) and not (0 <= indices.min() and indices.max() < n):
+            raise IndexError(f"frames {indices.min()}..{indices.max()} out of range for {video_id!r} ({n} frames)")
+        part, rows = self.index.part(row), int(self.index["frame_offset"][row]) + indices
         try:
             out = {"frames": self._take(part, "frames", rows)}
             if with_flow:
@@ -202,49 +177,44 @@ class CacheReader:
         except CacheError:
             raise
         except Exception as e:  # a truncated or corrupt chunk: name it, never a codec traceback
-            raise CacheError(f"{self.cache_dir}/{PARTS_DIR}/{part}: unreadable data for video {video_id!r} "
-                             f"({type(e).__name__}: {str(e)[:120]}); run `cli.py cache verify --repair`") from None
+            raise self._damage(part, video_id, e) from None
 
     def _take(self, part, name, rows):
-        """array[rows] for any row indices of a part's array, through the chunk cache."""
+        """array[rows] for any row indices of a part's array, through the chunk cache: the chunks not
+        cached yet are read in one Zarr call (its codec pipeline decodes them concurrently; a call
+        costs a round trip through Zarr's event loop, ~1 ms, more than a chunk's read)."""
         array = self._arrays(part)[name]
-        if not self.chunk_cache_bytes:
-            return array.get_orthogonal_selection((rows,))
+        rows = np.asarray(rows)
+        if not len(rows):
+            return np.zeros((0,) + array.shape[1:], array.dtype)
         per = array.chunks[0]
-        chunks = {c: self._chunks.get((part, name, c), lambda c=c: array[c * per:(c + 1) * per])
-                  for c in np.unique(rows // per)}
-        return np.stack([chunks[r // per][r % per] for r in rows]) if len(rows) else \
-            np.zeros((0,) + array.shape[1:], array.dtype)
 
-    def _rows(self, part, name, lo, hi):
-        """Rows [lo, hi) of a part's array, through the chunk cache: whole chunks are read (zarr
-        decompresses whole chunks anyway) and kept; the caller gets its own copy. Every read of a clip
-        goes through here: a direct Zarr read costs a round trip through its event loop (~1 ms)."""
-        array = self._arrays(part)[name]
-        if not self.chunk_cache_bytes:
-            return array[lo:hi]
-        rows = array.chunks[0]
-        pieces = [self._chunks.get((part, name, c), lambda c=c: array[c * rows:(c + 1) * rows])
-                  [max(lo - c * rows, 0):hi - c * rows] for c in range(lo // rows, (hi - 1) // rows + 1)]
-        return np.concatenate(pieces)  # a copy even of one piece: the cached chunk stays untouched
+        def load(keys):
+            starts = [c * per for _, _, c in keys]
+            block = array.get_orthogonal_selection(
+                (np.concatenate([np.arange(s, min(s + per, array.shape[0])) for s in starts]),))
+            bounds = np.cumsum([0] + [min(s + per, array.shape[0]) - s for s in starts])
+            return [block[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+        chunks = self._chunks.get_many([(part, name, int(c)) for c in np.unique(rows // per)], load)
+        return np.stack([chunks[(part, name, int(r // per))][r % per] for r in rows])
 
-    def _read(self, part, rec, start, stop, fields):
-        g, off = self._arrays(part), rec["frame_offset"]
+    def _read(self, part, row, start, stop, fields):
+        g, off = self._arrays(part), int(self.index["frame_offset"][row])
         out = {}
         if "frames" in fields:
-            out["frames"] = self._rows(part, "frames", off + start, off + stop)
+            out["frames"] = self._take(part, "frames", np.arange(off + start, off + stop))
         if "flow" in fields:
             if "flow" not in g:
                 raise CacheError(f"{self.cache_dir} was extracted with --flow none; it has no flow")
-            out["flow"] = dequantize_flow(self._rows(part, "flow", off + start, off + stop), self.flow_bound)
+            out["flow"] = dequantize_flow(self._take(part, "flow", np.arange(off + start, off + stop)), self.flow_bound)
         if "logits" in fields or "embed" in fields:
             if "logits" not in g:
                 raise CacheError(f"{self.cache_dir} was extracted with --teacher none; it has no teacher outputs")
-            t0, tn = rec["teacher_offset"], rec["teacher_count"]
-            teacher_frame = self._rows(part, "teacher_frame", t0, t0 + tn) if tn else np.zeros(0, np.int32)
+            t0, tn = int(self.index["teacher_offset"][row]), int(self.index["teacher_count"][row])
+            teacher_frame = self._take(part, "teacher_frame", np.arange(t0, t0 + tn)) if tn else np.zeros(0, np.int32)
             lo, hi = np.searchsorted(teacher_frame, [start, stop])  # teacher frames are sorted
             out["teacher_frame"] = teacher_frame[lo:hi]
             for name in ("logits", "embed"):
                 if name in fields:
-                    out[name] = self._rows(part, name, t0 + lo, t0 + hi) if hi > lo else g[name][0:0]
+                    out[name] = self._take(part, name, np.arange(t0 + lo, t0 + hi))
         return out

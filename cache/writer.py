@@ -5,8 +5,9 @@ file that its writer holds an flock on; commit renames it to `part-*.zarr` (an a
 reader or a rerun sees either the whole part or nothing. A killed writer leaves a `.tmp-*` directory
 whose lock nobody holds; the next run on the cache deletes it and redoes its videos.
 
-Rows are appended through a small in-memory buffer that is flushed one full chunk at a time, so memory
-stays bounded however long a video is, and a video that fails midway is rolled back to where it began.
+Every array is sharded (cache/shards.py): frames and flow one frame per chunk in their codec (JPEG or
+zstd), the teacher's fp16 rows ~1 MB per zstd chunk, and tens of MB per file. Memory stays bounded
+however long a video is, and a video that fails midway is rolled back to where it began.
 """
 import fcntl
 import os
@@ -16,12 +17,15 @@ import uuid
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+
+from cache.codecs import chunk_codecs
+from cache.shards import ShardAppender, shard_chunks
 
 PARTS_DIR = "parts"
+FORMAT_VERSION = 3  # of the part layout (cache/fingerprint.py's CACHE_FORMAT_VERSION: the cache's)
 TMP_PREFIX = ".tmp-"
 LOCK_SUFFIX = ".lock"  # beside the .tmp- folder, held by its writer
-CHUNK_BYTES = 1 << 20  # >= 1 MB per chunk (uncompressed): few files, efficient reads
+CHUNK_BYTES = 1 << 20  # teacher rows: >= 1 MB per chunk (uncompressed), read whole by a clip's few rows
 
 
 def _chunk_rows(row_shape, dtype):
@@ -29,57 +33,16 @@ def _chunk_rows(row_shape, dtype):
     return max(1, -(-CHUNK_BYTES // row_bytes))
 
 
-class _Appender:
-    """Append rows to a 1-D-growing Zarr array, writing whole chunks only."""
-
-    def __init__(self, array):
-        self.array = array
-        self.rows = array.chunks[0]
-        self.flushed = 0  # rows already in the store, always a multiple of self.rows
-        self.pending = np.empty((0,) + array.shape[1:], array.dtype)
-
-    def __len__(self):
-        return self.flushed + len(self.pending)
-
-    def append(self, rows):
-        self.pending = np.concatenate([self.pending, np.asarray(rows, self.array.dtype)])
-        if len(self.pending) >= self.rows:
-            self._flush(len(self.pending) // self.rows * self.rows)
-
-    def _flush(self, n):
-        end = self.flushed + n
-        self.array.resize((end,) + self.array.shape[1:])
-        self.array[self.flushed:end] = self.pending[:n]
-        self.flushed, self.pending = end, self.pending[n:]
-
-    def truncate(self, length):
-        """Forget rows >= length (a rolled-back video); rows in flushed chunks are read back."""
-        if length >= self.flushed:
-            self.pending = self.pending[:length - self.flushed]
-            return
-        start = length // self.rows * self.rows
-        self.pending = self.array[start:length]
-        self.flushed = start
-
-    def close(self):
-        if len(self.pending):
-            self._flush(len(self.pending))
-        self.array.resize((self.flushed,) + self.array.shape[1:])
-
-
-def _compressor(dtype):
-    # byte-shuffle helps multi-byte types (fp16 logits); it is a no-op cost for uint8 pixels
-    shuffle = "shuffle" if np.dtype(dtype).itemsize > 1 else "noshuffle"
-    return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
-
-
 class PartWriter:
-    """One part: arrays frames/flow/teacher_frame/logits/embed plus the per-video table."""
+    """One part: arrays frames/flow/teacher_frame/logits/embed plus the per-video table.
 
-    def __init__(self, cache_dir, tag, height, width, with_flow, num_classes, embed_dim):
+    codecs: {"frames": (codec, quality), "flow": (codec, quality)} (cache/codecs.py)."""
+
+    def __init__(self, cache_dir, tag, height, width, with_flow, num_classes, embed_dim, codecs, name=None):
         parts = os.path.join(cache_dir, PARTS_DIR)
         os.makedirs(parts, exist_ok=True)
-        self.name = f"part-{tag}-{time.time_ns()}-{uuid.uuid4().hex[:8]}.zarr"
+        # name: a part converted by `cache upgrade` keeps its name (it orders the parts' records)
+        self.name = name or f"part-{tag}-{time.time_ns()}-{uuid.uuid4().hex[:8]}.zarr"
         self.final_path = os.path.join(parts, self.name)
         self.tmp_path = os.path.join(parts, TMP_PREFIX + self.name)
         # The lock exists (and is held) before the folder does, so a folder without a held lock is
@@ -88,20 +51,23 @@ class PartWriter:
         self._lock = open(self._lock_path, "w")
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         self.group = zarr.open_group(self.tmp_path, mode="w", zarr_format=3)
-        specs = {"frames": ((height, width, 3), "uint8")}
-        if num_classes:  # None: a frames-only cache (--teacher none, e.g. for evaluation data)
-            specs.update({"teacher_frame": ((), "int32"), "logits": ((num_classes,), "float16"),
-                          "embed": ((embed_dim,), "float16")})
+        specs = {"frames": ((height, width, 3), "uint8", codecs["frames"], 1)}
         if with_flow:
-            specs["flow"] = ((height, width, 2), "uint8")
+            specs["flow"] = ((height, width, 2), "uint8", codecs["flow"], 1)
+        if num_classes:  # None: a frames-only cache (--teacher none, e.g. for evaluation data)
+            lossless = ("zstd", 0)  # teacher outputs stay as the teacher gave them (fp16)
+            specs.update({"teacher_frame": ((), "int32", lossless, None),
+                          "logits": ((num_classes,), "float16", lossless, None),
+                          "embed": ((embed_dim,), "float16", lossless, None)})
         self.arrays = {}
-        for name, (row, dtype) in specs.items():
-            # write_empty_chunks: an all-zero chunk (black frames, still flow, teacher_frame [0]) is
-            # stored too, so a missing chunk file always means damage (cache verify relies on it)
-            arr = self.group.create_array(name, shape=(0,) + row, chunks=(_chunk_rows(row, dtype),) + row,
-                                          dtype=dtype, compressors=_compressor(dtype), fill_value=0,
-                                          config={"write_empty_chunks": True})
-            self.arrays[name] = _Appender(arr)
+        for name, (row, dtype, (codec, quality), chunk_rows) in specs.items():
+            chunk_rows = chunk_rows or _chunk_rows(row, dtype)
+            serializer, compressors = chunk_codecs(codec, quality, dtype)
+            shard_rows = chunk_rows * shard_chunks(chunk_rows, int(np.prod(row)) * np.dtype(dtype).itemsize)
+            arr = self.group.create_array(name, shape=(0,) + row, chunks=(chunk_rows,) + row,
+                                          shards=(shard_rows,) + row, dtype=dtype, serializer=serializer,
+                                          compressors=compressors, fill_value=0)
+            self.arrays[name] = ShardAppender(arr, os.path.join(self.tmp_path, name), codec, quality)
         self.videos = []
         self._video_start = None
 
@@ -129,13 +95,15 @@ class PartWriter:
         """Flush, write the video table, and atomically publish the part. Returns bytes on disk."""
         for a in self.arrays.values():
             a.close()
-        self.group.attrs.update({**attrs, "videos": self.videos, "complete": True})
+        self.group.attrs.update({**attrs, "videos": self.videos, "complete": True, "format_version": FORMAT_VERSION})
         os.rename(self.tmp_path, self.final_path)
         os.unlink(self._lock_path)
         self._lock.close()
         return directory_bytes(self.final_path)
 
     def abandon(self):
+        for a in self.arrays.values():
+            a.abandon()
         shutil.rmtree(self.tmp_path, ignore_errors=True)
         os.unlink(self._lock_path)
         self._lock.close()

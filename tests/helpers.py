@@ -45,6 +45,13 @@ def make_video(path, n=24, h=96, w=128, fps=8, seed=0, dx=2, **kwargs):
     return path
 
 
+def small_videos(root, n):
+    """n short moving-texture videos v00.mp4 .. in root (8-10 frames, 64x96)."""
+    for i in range(n):
+        make_video(str(root / f"v{i:02d}.mp4"), n=8 + i % 3, h=64, w=96, seed=i)
+    return root
+
+
 def ffmpeg(*args):
     subprocess.run([ffmpeg_binary(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *map(str, args)],
                    check=True)
@@ -70,6 +77,7 @@ def extract_config(videos, cache, **kw):
 
 # The hand-made cache's geometry: frame height, width, teacher classes, teacher embedding size.
 H, W, K, D = 32, 48, 5, 4
+LOSSLESS = {"frames": ("zstd", 0), "flow": ("zstd", 0)}  # exact values to assert on
 
 
 def hand_made_cache(path, lengths=(20, 3), teacher_every=2):
@@ -79,7 +87,7 @@ def hand_made_cache(path, lengths=(20, 3), teacher_every=2):
           "preprocessing": {"fps": 8.0, "height": H, "width": W, "teacher_every": teacher_every},
           "flow": {"method": "dis", "params": {}, "bound": 20.0}, "vidistill_version": VIDISTILL_VERSION}
     create_or_check(str(path), fp, {})
-    w = PartWriter(str(path), "test", H, W, True, K, D)
+    w = PartWriter(str(path), "test", H, W, True, K, D, LOSSLESS)
     for v, n in enumerate(lengths):
         start = w.begin_video()
         frames = np.zeros((n, H, W, 3), np.uint8)

@@ -1,10 +1,11 @@
 """Reading a cache: clip ranges, teacher rows, retried videos, and failed or unknown ids."""
 import numpy as np
 import pytest
-from helpers import D, H, K, W, hand_made_cache
+from helpers import LOSSLESS, D, H, K, W, hand_made_cache
 
 from cache.flow_codec import quantize_flow
-from cache.reader import CacheReader, load_index
+from cache.index import load_index
+from cache.reader import CacheReader
 from cache.writer import PartWriter
 
 
@@ -22,7 +23,7 @@ def test_a_retried_video_supersedes_its_failure_whichever_part_sorts_first(tmp_p
     # part, whose name may sort before the old one (e.g. after a run with --workers 2)
     cache = hand_made_cache(tmp_path / "c")  # part "part-test-…" with v0, v1 ok
     for tag, status in (("b-old", "failed"), ("a-new", "ok")):
-        w = PartWriter(cache, tag, H, W, True, K, D)
+        w = PartWriter(cache, tag, H, W, True, K, D, LOSSLESS)
         start = w.begin_video()
         if status == "ok":
             w.append("frames", np.zeros((2, H, W, 3), np.uint8))
@@ -41,7 +42,7 @@ def test_a_retried_video_supersedes_its_failure_whichever_part_sorts_first(tmp_p
 
 def test_reading_a_failed_or_unknown_video_says_why(tmp_path):
     cache = hand_made_cache(tmp_path / "c")
-    w = PartWriter(cache, "x", H, W, True, K, D)
+    w = PartWriter(cache, "x", H, W, True, K, D, LOSSLESS)
     w.begin_video()
     w.add_record({"id": "broken.mp4", "status": "failed", "error": "empty file (0 bytes)", "frame_offset": 0,
                   "frame_count": 0, "teacher_offset": 0, "teacher_count": 0})
@@ -55,7 +56,7 @@ def test_reading_a_failed_or_unknown_video_says_why(tmp_path):
 
 def _record_part(cache, tag, vid, n_frames, size, mtime, status="ok"):
     """A part holding one video record of n_frames frames from a source of this size and mtime."""
-    w = PartWriter(cache, tag, H, W, True, K, D)
+    w = PartWriter(cache, tag, H, W, True, K, D, LOSSLESS)
     start = w.begin_video()
     if status == "ok":
         w.append("frames", np.full((n_frames, H, W, 3), n_frames, np.uint8))
@@ -89,10 +90,8 @@ def test_a_later_record_of_a_replaced_source_supersedes_the_earlier_one_whatever
     assert [vid for vid, _ in load_index(cache)[1]] == ["clip.mp4"]
 
 
-def test_the_chunk_cache_returns_the_stored_rows_across_chunk_borders_within_its_budget(tmp_path, monkeypatch):
-    import cache.writer
-    chunk = 4 * H * W * 3  # bytes of 4 frames: v0 (20 frames) spans five frame chunks, v1 starts a sixth
-    monkeypatch.setattr(cache.writer, "CHUNK_BYTES", chunk)
+def test_the_chunk_cache_returns_the_stored_rows_across_chunk_borders_within_its_budget(tmp_path):
+    chunk = H * W * 3  # a frame chunk holds one frame
     path = hand_made_cache(tmp_path / "c", lengths=(20, 3))
     plain, cached = CacheReader(path, chunk_cache_mb=0), CacheReader(path)
     for vid, start, stop in (("v0", 0, 20), ("v0", 3, 9), ("v0", 5, 6), ("v1", 0, 3), ("v0", 3, 9)):
@@ -102,7 +101,7 @@ def test_the_chunk_cache_returns_the_stored_rows_across_chunk_borders_within_its
     clip = cached.read("v0", 4, 8, fields=("frames",))["frames"]
     clip[:] = 0  # the caller's own copy: the kept chunk is untouched
     assert list(cached.read("v0", 4, 8, fields=("frames",))["frames"][:, 0, 0, 0]) == [4, 5, 6, 7]
-    small = CacheReader(path, chunk_cache_mb=2 * chunk / 2 ** 20)  # room for two frame chunks
+    small = CacheReader(path, chunk_cache_mb=2 * chunk / 2 ** 20)  # room for two frames
     for t in range(0, 20, 4):
         assert list(small.read("v0", t, t + 4, fields=("frames",))["frames"][:, 0, 0, 0]) == list(range(t, t + 4))
     assert len(small._chunks.chunks) == 2 and small._chunks.used <= small.chunk_cache_bytes

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from helpers import extract_config, ffmpeg, make_video, texture
 
+from cache.index import committed_parts
 from cache.manifest import verify_cache
-from cache.reader import CacheReader, committed_parts
+from cache.reader import CacheReader
 from pipeline.common.config import DistillConfig
 from pipeline.common.errors import DistillError, ExtractError
 from pipeline.distill.train import run_distill
@@ -119,7 +120,7 @@ def test_every_bad_input_is_recorded_and_every_good_one_extracted_as_alone(hosti
     root, good, bad = hostile_tree
     cache = tmp_path / "cache"
     cmd = [sys.executable, "cli.py", "extract", "--videos", str(root), "--cache", str(cache), "--teacher-every", "8",
-           "--height", "64", "--width", "80", "--stall-timeout", "20"]
+           "--height", "64", "--width", "80", "--stall-timeout", "20", "--frame-codec", "zstd"]  # lossless: exact frames
     # root reads any file; drop the two capabilities that let it, so it meets the mode-000 file as a
     # normal user would
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,  # nothing hangs
@@ -127,7 +128,7 @@ def test_every_bad_input_is_recorded_and_every_good_one_extracted_as_alone(hosti
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"could not list folder {root / 'locked'}: Permission denied; its videos were not extracted" in res.stdout
     reader = CacheReader(str(cache))
-    records = {vid: rec for vid, (_, rec) in reader.index.items()}
+    records = {rec["id"]: rec for rec in reader.index.records()}
     assert not any("loop" in vid for vid in records), "the symlink loop was walked into"
     for vid, reason in bad.items():
         rec = records[vid]
@@ -185,8 +186,9 @@ def extract_small_cache(tmp_path, n=2, **kw):
 def test_truncated_and_corrupted_chunks_are_reported(tmp_path):
     _, cache = extract_small_cache(tmp_path)
     part = committed_parts(str(cache))[0]
-    chunk = cache / "parts" / part / "flow" / "c" / "0" / "0" / "0" / "0"
-    chunk.write_bytes(chunk.read_bytes()[:100])
+    shard = cache / "parts" / part / "flow" / "c" / "0" / "0" / "0" / "0"
+    intact = shard.read_bytes()
+    shard.write_bytes(b"\xff" * 64 + intact[64:])  # the first chunk's bytes garbled, the shard's index intact
     problems, _, _ = verify_cache(str(cache))
     assert any(p.startswith(f"{part}/flow: rows 0..") and "unreadable" in p for p in problems), problems
     # distill's start-up check is structural (cheap on any cache); the corrupt chunk stops it with a
@@ -195,8 +197,11 @@ def test_truncated_and_corrupted_chunks_are_reported(tmp_path):
                         crop=32, batch_size=2, steps=3, progress=False, workers=0)
     with pytest.raises(DistillError, match=f"{part}: unreadable data for video .*cache verify --repair"):
         run_distill(cfg)
+    shard.write_bytes(intact[:100])  # truncated: the shard's index is gone; the start-up check sees it
+    with pytest.raises(DistillError, match=f"is damaged .*{part}/flow: 1 chunk\\(s\\) missing .*fails its checksum"):
+        run_distill(cfg)
     shutil.rmtree(cache / "parts" / part / "frames" / "c")  # chunk files gone: zarr would read zeros
-    with pytest.raises(DistillError, match=f"is damaged .*{part}/frames: 1 chunk file\\(s\\) missing"):
+    with pytest.raises(DistillError, match=f"is damaged .*{part}/frames: 1 chunk\\(s\\) missing"):
         run_distill(cfg)
 
 
@@ -296,7 +301,8 @@ def test_a_full_disk_is_a_clear_error_and_committed_work_survives(tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root); the write-error path is covered by injection below")
     try:
         with pytest.raises(ExtractError, match=r"cannot write \(No space left on device\).*free space and rerun"):
-            run_extract(extract_config(videos, mnt / "cache", part_videos=1, teacher_every=8, height=96, width=128))
+            run_extract(extract_config(videos, mnt / "cache", part_videos=1, teacher_every=8, height=96, width=128,
+                                       frame_codec="zstd", flow_codec="zstd"))  # lossless: parts big enough to fill it
         assert verify_cache(str(mnt / "cache"))[0] == []  # what was committed is intact
         assert not any(n.startswith(".tmp-") and not n.endswith(".lock") for n in os.listdir(mnt / "cache" / "parts"))
     finally:
@@ -306,18 +312,18 @@ def test_a_full_disk_is_a_clear_error_and_committed_work_survives(tmp_path):
 def test_a_write_error_mid_part_is_a_clear_error(tmp_path, monkeypatch):
     import errno
 
-    from cache import writer
+    from cache.shards import ShardAppender
     videos, cache = extract_small_cache(tmp_path, n=3, part_videos=1, shard=(0, 3))  # v0 committed
     calls = {"n": 0}
-    real = writer._Appender.close
+    real = ShardAppender.close
 
     def failing_close(self):
         calls["n"] += 1
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(writer._Appender, "close", failing_close)
+    monkeypatch.setattr(ShardAppender, "close", failing_close)
     with pytest.raises(ExtractError, match=r"cannot write \(No space left on device\)"):
         run_extract(extract_config(videos, cache, **SMALL, part_videos=1))
-    monkeypatch.setattr(writer._Appender, "close", real)
+    monkeypatch.setattr(ShardAppender, "close", real)
     assert calls["n"] >= 1
     # the repaired disk: the rerun finishes the job
     s = run_extract(extract_config(videos, cache, **SMALL, part_videos=1))

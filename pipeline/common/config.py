@@ -62,10 +62,18 @@ class ExtractConfig:
     teacher_every: int = 1
     flow: str = "dis"
     shard: tuple = None  # (index, count); None: from the environment, else (0, 1)
-    workers: int = 1
+    workers: int = 1  # processes in this job; 0: auto (extract.auto_workers: from the cores and GPUs found)
     device: str = "auto"
     batch_frames: int = 32
-    part_videos: int = 64  # videos per part: what a kill can cost, and the commit granularity
+    # a part is committed after part_videos videos or part_mb of stored data, whichever comes first: what
+    # a kill can cost, and the commit granularity; large parts keep the cache a few files per GB
+    part_videos: int = 1024
+    part_mb: int = 256
+    # how frames and flow are stored (cache/codecs.py): JPEG at this quality, or lossless zstd
+    frame_codec: str = "jpeg"
+    frame_quality: int = 90
+    flow_codec: str = "jpeg"
+    flow_quality: int = 95
     stall_timeout: float = 60.0
     retry_failed: bool = False
     strict: bool = False

@@ -124,18 +124,24 @@ class ClipDataset(torch.utils.data.Dataset):
         fps = reader.fingerprint["preprocessing"]["fps"]
         self.gap_frames = tuple(int(round(g * fps)) for g in gap_seconds)
         self.span = clip_span(clip_len, stride)
-        candidates = reader.ids if ids is None else ids
-        self.ids = [v for v in candidates if reader.num_frames(v) >= min_frames]
-        self.skipped = len(candidates) - len(self.ids)
+        # index rows, not id strings: a worker holds no Python object per video (cache/index.py)
+        candidates = reader.rows if ids is None else np.array([reader.row(v) for v in ids], np.int64)
+        self.rows = candidates[reader.index["frame_count"][candidates] >= min_frames]
+        self.skipped = len(candidates) - len(self.rows)
         self.max_teacher = self.span  # every frame in the span at most
         self.seed = seed
 
     def __len__(self):
-        return len(self.ids)
+        return len(self.rows)
+
+    @property
+    def ids(self):
+        """The videos' ids, in item order."""
+        return [self.reader.index.id(r) for r in self.rows]
 
     def shorter_than_a_clip(self):
         """How many videos are shorter than a clip's span (their clips repeat the last frame)."""
-        return sum(self.reader.num_frames(v) < self.span for v in self.ids)
+        return int((self.reader.index["frame_count"][self.rows] < self.span).sum())
 
     def __getitem__(self, key):
         """key: an item index, or (epoch, index) so each epoch draws new clips. Item i is a clip of
@@ -143,9 +149,9 @@ class ClipDataset(torch.utils.data.Dataset):
         epoch, i = key if isinstance(key, tuple) else (0, key)
         c = self.cfg
         rng = np.random.default_rng([self.seed, epoch, i])
-        i %= len(self.ids)
-        vid = self.ids[i]
-        n = self.reader.num_frames(vid)
+        i %= len(self.rows)
+        vid = self.reader.index.id(self.rows[i])
+        n = int(self.reader.index["frame_count"][self.rows[i]])
         h, w = self.reader.frame_size
         starts = [random_start(n, self.span, rng)]
         if c["two_views"]:

@@ -132,8 +132,8 @@ def holds_videos(cache, videos, preprocessing=None):
     if preprocessing and reader.fingerprint["preprocessing"] != preprocessing:
         return None
     for vid, path in videos:
-        rec = reader.index.get(vid)
-        if rec is None or rec[1].get("path") != os.path.abspath(path) or source_status(rec[1], path) != "same":
+        rec = reader.record(vid) if vid in reader.index else None
+        if rec is None or rec.get("path") != os.path.abspath(path) or source_status(rec, path) != "same":
             return None
     return reader
 
@@ -149,7 +149,7 @@ def pretrained_on(pre, videos):
     if reader is None:
         return None
     paths, copies = set(), set()
-    for _, rec in reader.index.values():
+    for rec in reader.index.records():
         if rec.get("path"):
             paths.add(os.path.realpath(rec["path"]))
             copies.add((os.path.basename(rec["path"]), rec.get("size")))
@@ -467,7 +467,7 @@ def run_embed(videos, checkpoint, out, clips, crops, per_clip, device, work=None
                      device=device, progress=progress)
     feats, _, store = row_features("checkpoint", cfg, reader, ids, videos, pre, torch.device(resolve_device(device)),
                                    work)
-    failed = [(vid, reader.index[vid][1]["error"]) for vid, _ in found
+    failed = [(vid, reader.record(vid)["error"]) for vid, _ in found
               if vid in reader.index and vid not in usable]
     frames = np.array([reader.num_frames(v) for v in ids], np.int32)
     tmp = f"{out}.{os.getpid()}.tmp"

@@ -17,9 +17,11 @@ import queue
 import signal
 import time
 
+from cache.codecs import CODECS
 from cache.fingerprint import VIDISTILL_VERSION, CacheError, create_or_check, sha256_file
 from cache.flow_codec import FLOW_BOUND, FLOW_CODEC
-from cache.reader import load_index, source_status
+from cache.index import load_index, open_index
+from cache.reader import source_status
 from cache.writer import remove_stale_parts
 from models.teacher import load_teacher, teacher_fingerprint
 from pipeline.common.config import resolve_device
@@ -28,7 +30,7 @@ from pipeline.common.progress import progress_bar
 from pipeline.extract.decode import ffmpeg_version
 from pipeline.extract.flow import FLOW_PARAMS, make_flow_fn
 from pipeline.extract.job import ShardLock, StopRequest, held_locks, shard_from_env, sigint_ignored
-from pipeline.extract.part_sink import config_dict
+from pipeline.extract.part_sink import config_dict, stored_codecs
 from pipeline.extract.videolist import find_videos
 from pipeline.extract.worker import extract_videos, worker_main
 
@@ -54,6 +56,9 @@ def make_fingerprint(cfg, teacher):
                           "teacher_every": cfg.teacher_every if teacher else None},
         "flow": {"method": cfg.flow, "params": FLOW_PARAMS[cfg.flow], "bound": FLOW_BOUND, "codec": FLOW_CODEC,
                  "convention": "flow[t] = motion from frame t to t+1 in stored pixels; last frame 0"},
+        # how frames and flow are stored: a lossy codec changes the values a student trains on
+        "storage": {name: f"{codec} q{quality}" if codec == "jpeg" else codec
+                    for name, (codec, quality) in stored_codecs(cfg).items()},
         "ffmpeg_version": ffmpeg_version(),
         "vidistill_version": VIDISTILL_VERSION,
     }
@@ -94,7 +99,7 @@ def _run_extract(cfg, stop):
         summary = {"videos_found": len(videos), "unlisted_folders": unlisted, "shard": f"{shard_index}/{shard_count}",
                    "skipped": len(mine) - len(todo), "done": 0, "partial": 0, "failed": 0, "frames": 0,
                    "video_seconds": 0.0, "bytes_written": 0, "failures": [], "stage_seconds": {},
-                   "changed": changed, "vanished": vanished}
+                   "changed": changed, "vanished": vanished, "notes": []}
         bar = progress_bar(total=len(todo), unit="video", desc="extract", disable=not cfg.progress)
         try:
             _run_workers(todo, cfg, _summary_reporter(summary, bar, cfg.fps, t0), stop)
@@ -111,6 +116,7 @@ def _run_extract(cfg, stop):
                 "to resume", stop.signum or signal.SIGTERM)
     finally:
         lock.release()
+    open_index(cfg.cache)  # brings index.bin up to date with the parts committed (readers would, later)
     summary["wall_seconds"] = time.time() - t0
     summary["cache"] = cfg.cache
     summary["failed_in_cache"] = _failed_in_cache(cfg.cache, mine)
@@ -125,10 +131,16 @@ def _validate(cfg):
         raise ExtractError("--teacher-every must be >= 1")
     if cfg.teacher_pretrained and (not cfg.teacher.startswith("clip:") or cfg.teacher_weights):
         raise ExtractError("--teacher-pretrained TAG is for a clip:ARCH teacher without --teacher-weights")
-    if cfg.fps <= 0 or cfg.height < 8 or cfg.width < 8 or cfg.workers < 1:
-        raise ExtractError(f"--fps must be > 0, --height and --width >= 8, --workers >= 1 "
+    if cfg.fps <= 0 or cfg.height < 8 or cfg.width < 8 or cfg.workers < 0:
+        raise ExtractError(f"--fps must be > 0, --height and --width >= 8, --workers >= 1 or auto "
                            f"(got {cfg.fps}, {cfg.height}, {cfg.width}, {cfg.workers})")
     make_flow_fn(cfg.flow)  # an unknown or unavailable flow method fails before any work
+    for what, codec, quality in (("frame", cfg.frame_codec, cfg.frame_quality), ("flow", cfg.flow_codec, cfg.flow_quality)):
+        if codec not in CODECS or not 1 <= quality <= 100:
+            raise ExtractError(f"--{what}-codec must be one of {', '.join(CODECS)} and --{what}-quality in 1..100 "
+                               f"(got {codec!r}, {quality})")
+    if cfg.part_videos < 1 or cfg.part_mb < 1:
+        raise ExtractError(f"--part-videos and --part-mb must be >= 1 (got {cfg.part_videos}, {cfg.part_mb})")
     shard_index, shard_count = cfg.shard or shard_from_env()
     if not 0 <= shard_index < shard_count:
         raise ExtractError(f"shard {shard_index}/{shard_count}: index must be in [0, {shard_count})")
@@ -177,6 +189,9 @@ def _summary_reporter(summary, bar, fps, t0):
     timing to `summary`, and moves the progress bar."""
 
     def report(msg):
+        if "note" in msg:  # a line for the user (the --workers auto choice)
+            summary["notes"].append(msg["note"])
+            return
         if "committed_bytes" in msg:
             summary["bytes_written"] += msg["committed_bytes"]
             return
@@ -203,8 +218,24 @@ def _failed_in_cache(cache, mine):
     return sum(1 for vid, _ in mine if vid in index and index[vid][1]["status"] == "failed")
 
 
+def auto_workers(cores, gpus):
+    """(processes, threads per process) for `--workers auto`, so that processes x threads = the cores.
+    With GPUs the teacher is cheap and decoding + flow bound the job: one process per 2 cores, at most
+    8 per GPU (on an H100 with 16 cores 8 processes ran 411 frames/s and 15 ran 250); on CPU the
+    teacher runs in every process and wants several threads for its convolutions: one per 4 cores."""
+    processes = max(1, min(cores // 2, 8 * gpus) if gpus else cores // 4)
+    return processes, max(1, cores // processes)
+
+
 def _run_workers(todo, cfg, report, stop):
     tag_base = f"s{cfg.shard[0]}of{cfg.shard[1]}"
+    if cfg.workers == 0:  # auto
+        import torch
+        cores, gpus = os.cpu_count() or 1, torch.cuda.device_count() if cfg.device != "cpu" else 0
+        processes, threads = auto_workers(cores, gpus)
+        report({"note": f"--workers auto: {processes} process(es) x {threads} thread(s) "
+                        f"({cores} cores, {gpus or 'no'} GPU{'s' if gpus != 1 else ''})"})
+        cfg = dataclasses.replace(cfg, workers=processes)
     workers = max(1, min(cfg.workers, len(todo)))
     if not todo or stop():
         return

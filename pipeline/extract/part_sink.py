@@ -49,7 +49,7 @@ class PartSink:
         if self.writer is None:
             t = self.teacher
             self.writer = PartWriter(self.cfg.cache, self.tag, self.cfg.height, self.cfg.width, self.with_flow,
-                                     t.num_classes if t else None, t.embed_dim if t else None)
+                                     t.num_classes if t else None, t.embed_dim if t else None, stored_codecs(self.cfg))
         return self.writer
 
     def _wait_write(self, fn=None, *args):
@@ -107,7 +107,8 @@ class PartSink:
         self.n_frames = self.n_teacher = 0
 
     def part_full(self):
-        return len(self.writer.videos) >= self.cfg.part_videos
+        stored = sum(a.stored_bytes for a in self.writer.arrays.values())
+        return len(self.writer.videos) >= self.cfg.part_videos or stored >= self.cfg.part_mb << 20
 
     def commit(self):
         """Commit the open part; returns its size in bytes."""
@@ -122,6 +123,11 @@ class PartSink:
         self.write.shutdown()
         if self.writer is not None:
             self.writer.abandon()
+
+
+def stored_codecs(cfg):
+    """{array: (codec, quality)} of the frames and flow (cache/codecs.py), as the fingerprint records them."""
+    return {"frames": (cfg.frame_codec, cfg.frame_quality), "flow": (cfg.flow_codec, cfg.flow_quality)}
 
 
 def config_dict(cfg):

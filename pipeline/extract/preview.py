@@ -113,7 +113,7 @@ def _record(reader, video_id):
     try:
         rec = reader.record(video_id)
     except KeyError:
-        close = difflib.get_close_matches(video_id, list(reader.index), n=3)
+        close = difflib.get_close_matches(video_id, [v.decode() for v in reader.index.ids], n=3)
         raise PreviewError(f"video {video_id!r} is not in {reader.cache_dir}"
                            + (f"; did you mean {', '.join(map(repr, close))}?" if close else
                               f" ({len(reader.index)} videos; `cli.py cache info {reader.cache_dir}` lists them)")) from None

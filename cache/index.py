@@ -1,0 +1,220 @@
+"""Which videos a cache holds and where: the committed parts' video tables, and one consolidated,
+columnar index over them (CACHE/index.bin) that readers open with one read.
+
+The parts are the truth. index.bin records the parts it was built from; a reader whose listing of
+parts/ differs (a part committed since, or quarantined) rebuilds it from the parts and replaces it
+atomically, so a crash between a part's commit and the index update loses nothing, and a missing or
+damaged index.bin is rebuilt, never trusted.
+
+Why a flat binary of numpy columns and not JSON, Parquet or a Zarr group: a reader maps it (mmap)
+and looks ids up by binary search, so the index costs no Python objects per video. DataLoader workers
+and DDP ranks share its pages through the page cache instead of each holding, and slowly copying
+(copy-on-read of refcounts), a dict of 250,000 dicts; and numpy reads it without another dependency.
+Full records (source path, error, decode details) are JSON inside the same file, parsed one at a time.
+"""
+import json
+import mmap
+import os
+import uuid
+
+import numpy as np
+
+from cache.fingerprint import CacheError
+from cache.writer import PARTS_DIR
+
+INDEX_FILE = "index.bin"
+MAGIC = b"VDISTIDX"
+INDEX_VERSION = 1
+READABLE = ("ok", "partial")  # "partial": decoded as far as the file allowed, with a warning
+STATUSES = ("ok", "partial", "failed")
+COLUMNS = {"part": "<i4", "frame_offset": "<i8", "frame_count": "<i8", "teacher_offset": "<i8",
+           "teacher_count": "<i8", "status": "i1", "record_offset": "<i8", "record_length": "<i8"}
+ALIGN = 64
+
+
+def committed_parts(cache_dir):
+    parts = os.path.join(cache_dir, PARTS_DIR)
+    if not os.path.isdir(parts):
+        return []
+    return sorted(n for n in os.listdir(parts) if n.startswith("part-") and n.endswith(".zarr"))
+
+
+def read_part_attrs(cache_dir, part):
+    """A committed part's attributes (video table, config, fingerprint hash) from its zarr.json."""
+    path = os.path.join(cache_dir, PARTS_DIR, part, "zarr.json")
+    try:
+        with open(path) as f:
+            attrs = json.load(f)["attributes"]
+        attrs["videos"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CacheError(f"{path}: unreadable part metadata ({e}); run `cli.py cache verify`") from None
+    return attrs
+
+
+def read_part_table(cache_dir, part):
+    return read_part_attrs(cache_dir, part)["videos"]
+
+
+def part_time(part):
+    """When a part was started (ns since the epoch), from its name part-<tag>-<ns>-<id>.zarr; 0 if the
+    name does not say. Parts are read in this order, so of two records for one video the later wins."""
+    try:
+        return int(part[:-len(".zarr")].rsplit("-", 2)[1])
+    except (ValueError, IndexError):
+        return 0
+
+
+def same_source(a, b):
+    """Whether two records of one id describe the same source file (size and mtime; unknown = same)."""
+    return (a.get("size"), a.get("mtime")) == (b.get("size"), b.get("mtime"))
+
+
+def load_index(cache_dir, parts=None, tables=None):
+    """id -> (part, record) over all parts (or `parts`), read in the order the parts were written
+    (tables: {part: video table} already read).
+
+    A later record of another source file (size or mtime differ: the video was replaced and
+    re-extracted) supersedes the earlier one. Of two records of the same source, a readable one wins
+    over a failed one whichever part holds it (`extract --retry-failed` adds a new record and leaves
+    the old failure in its part); two readable records of the same source are damage, never normal:
+    the first is kept and the other is returned in duplicates, as (id, part).
+    """
+    index, duplicates = {}, []
+    for part in sorted(committed_parts(cache_dir) if parts is None else parts, key=lambda p: (part_time(p), p)):
+        for rec in (tables or {}).get(part) or read_part_table(cache_dir, part):
+            have = index.get(rec["id"])
+            if have is not None and same_source(have[1], rec):
+                if have[1]["status"] in READABLE and rec["status"] in READABLE:
+                    duplicates.append((rec["id"], part))
+                    continue
+                if have[1]["status"] in READABLE:  # a failed record never hides frames of the same file
+                    continue
+            index[rec["id"]] = (part, rec)
+    return index, duplicates
+
+
+def build_index_bytes(cache_dir, parts):
+    """index.bin's content for these committed parts."""
+    index, _ = load_index(cache_dir, parts)
+    ids = sorted(index)
+    part_number = {p: k for k, p in enumerate(parts)}
+    records = [json.dumps(index[v][1], separators=(",", ":")).encode() for v in ids]
+    lengths = np.array([len(r) for r in records], np.int64)
+    # one JSON array, so `cache info` parses every record in one call; a record's offset points inside it
+    starts = 1 + np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]) if len(ids) else np.zeros(0, np.int64)
+    recs = [index[v][1] for v in ids]
+    columns = {
+        "id": np.array([v.encode() for v in ids], dtype=f"S{max([len(v.encode()) for v in ids] + [1])}"),
+        "part": np.array([part_number[index[v][0]] for v in ids], COLUMNS["part"]),
+        **{k: np.array([r[k] for r in recs], COLUMNS[k]) for k in
+           ("frame_offset", "frame_count", "teacher_offset", "teacher_count")},
+        "status": np.array([STATUSES.index(r["status"]) for r in recs], COLUMNS["status"]),
+        "record_offset": starts.astype(COLUMNS["record_offset"]),
+        "record_length": lengths.astype(COLUMNS["record_length"]),
+    }
+    layout, blobs, offset = {}, [], 0
+    for name, col in columns.items():
+        layout[name] = {"dtype": col.dtype.str, "offset": offset, "count": len(col)}
+        data = col.tobytes()
+        blobs.append(data + b"\0" * (-len(data) % ALIGN))
+        offset += len(blobs[-1])
+    blob = b"[" + b",".join(records) + b"]"
+    layout["records"] = {"offset": offset, "bytes": len(blob)}
+    blobs.append(blob)
+    header = json.dumps({"version": INDEX_VERSION, "parts": parts, "columns": layout}).encode()
+    head = MAGIC + len(header).to_bytes(8, "little") + header
+    head += b"\0" * (-len(head) % ALIGN)
+    return head + b"".join(blobs)
+
+
+class VideoIndex:
+    """The consolidated index, mapped read-only: columns are numpy views of the file's pages (shared by
+    every process that maps it), records are parsed on demand. `ids` are sorted bytes."""
+
+    def __init__(self, data, source):
+        self.source = source
+        if data[:len(MAGIC)] != MAGIC:
+            raise ValueError("not an index file")
+        n = int.from_bytes(data[len(MAGIC):len(MAGIC) + 8], "little")
+        start = len(MAGIC) + 8
+        header = json.loads(bytes(data[start:start + n]))
+        if header.get("version") != INDEX_VERSION:
+            raise ValueError(f"index version {header.get('version')}")
+        base = start + n + (-(start + n) % ALIGN)
+        self.parts = header["parts"]
+        self.columns = {}
+        for name, c in header["columns"].items():
+            if name == "records":
+                self.records_at, self.records_bytes = base + c["offset"], c["bytes"]
+                continue
+            self.columns[name] = np.frombuffer(data, dtype=c["dtype"], count=c["count"], offset=base + c["offset"])
+        self.data = data
+        self.ids = self.columns["id"]
+        if self.records_at + self.records_bytes > len(data):
+            raise ValueError("index file truncated")
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __contains__(self, video_id):
+        return self.row(video_id) >= 0
+
+    def __getitem__(self, name):
+        return self.columns[name]
+
+    def row(self, video_id):
+        """The row of a video id, or -1 when the cache does not hold it."""
+        key = video_id.encode() if isinstance(video_id, str) else video_id
+        i = int(np.searchsorted(self.ids, key))
+        return i if i < len(self.ids) and self.ids[i] == key else -1
+
+    def id(self, row):
+        return self.ids[row].decode()
+
+    def part(self, row):
+        return self.parts[self.columns["part"][row]]
+
+    def record(self, row):
+        """The full record of a row (a dict, as the part's table holds it)."""
+        lo = self.records_at + int(self.columns["record_offset"][row])
+        return json.loads(bytes(self.data[lo:lo + int(self.columns["record_length"][row])]))
+
+    def records(self):
+        """Every row's full record, in row order (one JSON parse: what `cache info` needs)."""
+        return json.loads(bytes(self.data[self.records_at:self.records_at + self.records_bytes]))
+
+    def readable(self):
+        """Rows whose frames can be read (ok or partial, with frames)."""
+        return np.flatnonzero((self.columns["status"] <= STATUSES.index("partial")) & (self.columns["frame_count"] > 0))
+
+
+def _map(path):
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ValueError("empty index file")
+        return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+
+
+def open_index(cache_dir):
+    """The cache's VideoIndex, rebuilt from the parts (and saved, where the cache is writable) when
+    index.bin is missing, damaged or built from other parts than parts/ holds now."""
+    parts = committed_parts(cache_dir)
+    path = os.path.join(cache_dir, INDEX_FILE)
+    try:
+        index = VideoIndex(_map(path), path)
+        if index.parts == parts:
+            return index
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        pass  # missing or damaged: rebuilt below
+    data = build_index_bytes(cache_dir, parts)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # readers see the old index or the new one, never half of one
+        return VideoIndex(_map(path), path)
+    except OSError:  # a read-only cache: the index lives in this process only
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        return VideoIndex(data, "memory")
