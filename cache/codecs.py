@@ -20,6 +20,11 @@ CODECS = ("jpeg", "zstd")
 JPEG_CODEC_NAME = "vidistill.jpeg"
 
 
+def storage_description(codecs):
+    """{array: "jpeg q90" | "zstd"} for {array: (codec, quality)}: what the fingerprint records."""
+    return {name: f"{codec} q{quality}" if codec == "jpeg" else codec for name, (codec, quality) in codecs.items()}
+
+
 def jpeg_encode(chunk, quality):
     """uint8 [1, H, W, C] -> JPEG bytes (C = 3: one colour image; else C grey planes stacked)."""
     frame = chunk[0]

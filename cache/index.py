@@ -196,10 +196,13 @@ def _map(path):
         return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
 
 
-def open_index(cache_dir):
+def open_index(cache_dir, parts=None):
     """The cache's VideoIndex, rebuilt from the parts (and saved, where the cache is writable) when
-    index.bin is missing, damaged or built from other parts than parts/ holds now."""
-    parts = committed_parts(cache_dir)
+    index.bin is missing, damaged or built from other parts than parts/ holds now. parts: the index of
+    exactly these parts instead (a DataLoader worker must see the rows its parent chose, even if a part
+    was committed since); built in memory when index.bin holds other ones."""
+    pinned = parts is not None
+    parts = committed_parts(cache_dir) if parts is None else list(parts)
     path = os.path.join(cache_dir, INDEX_FILE)
     try:
         index = VideoIndex(_map(path), path)
@@ -208,6 +211,8 @@ def open_index(cache_dir):
     except (OSError, ValueError, KeyError, json.JSONDecodeError):
         pass  # missing or damaged: rebuilt below
     data = build_index_bytes(cache_dir, parts)
+    if pinned:
+        return VideoIndex(data, "memory")
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
     try:
         with open(tmp, "wb") as f:

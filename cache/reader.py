@@ -80,13 +80,13 @@ class CacheReader:
         return len(self.rows)
 
     def __getstate__(self):  # a worker maps the index file itself: its pages are shared, not pickled
-        state = dict(self.__dict__, index=None, _groups={}, _pid=None, _ids=None)
+        state = dict(self.__dict__, index=self.index.parts, _groups={}, _pid=None, _ids=None)
         state.pop("_chunks", None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.index = open_index(self.cache_dir)
+        self.index = open_index(self.cache_dir, parts=state["index"])  # the parent's rows mean the same
 
     @property
     def ids(self):

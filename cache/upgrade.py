@@ -14,16 +14,13 @@ import shutil
 import numpy as np
 import zarr
 
+from cache.codecs import storage_description
 from cache.fingerprint import CACHE_FORMAT_VERSION, CacheError, cache_json_path, fingerprint_sha256, read_cache_json
 from cache.index import committed_parts, open_index
-from cache.writer import PARTS_DIR, PartWriter, remove_stale_parts
+from cache.writer import PARTS_DIR, PartWriter, directory_bytes, remove_stale_parts
 
 OLD_PREFIX = ".old-"
 ROWS_PER_COPY = 256  # rows moved per read: bounded memory whatever the part's size
-
-
-def storage(codecs):
-    return {name: f"{codec} q{quality}" if codec == "jpeg" else codec for name, (codec, quality) in codecs.items()}
 
 
 def upgrade_cache(cache_dir, codecs, out=None, progress=lambda done, total, part: None):
@@ -34,7 +31,7 @@ def upgrade_cache(cache_dir, codecs, out=None, progress=lambda done, total, part
         raise CacheError(f"{cache_dir}: already format {CACHE_FORMAT_VERSION}; nothing to upgrade")
     if meta.get("format_version") != 2:
         raise CacheError(f"{cache_dir}: format {meta.get('format_version')}; `cache upgrade` converts format 2")
-    fingerprint = dict(meta["fingerprint"], storage=storage(codecs))
+    fingerprint = dict(meta["fingerprint"], storage=storage_description(codecs))
     target = out or cache_dir
     if out:
         os.makedirs(out, exist_ok=True)
@@ -61,7 +58,7 @@ def upgrade_cache(cache_dir, codecs, out=None, progress=lambda done, total, part
         if name in done or (out is None and _is_upgraded(src)):
             summary["skipped"] += 1
             continue
-        summary["bytes_before"] += _bytes(src)
+        summary["bytes_before"] += directory_bytes(src)
         summary["bytes_after"] += _convert_part(src, target, name, meta["fingerprint"], codecs, attrs_extra,
                                                 in_place=out is None)
         summary["parts"] += 1
@@ -78,10 +75,6 @@ def upgrade_cache(cache_dir, codecs, out=None, progress=lambda done, total, part
 def _is_upgraded(path):
     with open(os.path.join(path, "zarr.json")) as f:
         return json.load(f)["attributes"].get("format_version") == CACHE_FORMAT_VERSION
-
-
-def _bytes(path):
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
 def _convert_part(src, target, name, fingerprint, codecs, attrs_extra, in_place):

@@ -106,7 +106,7 @@ def test_the_index_follows_the_parts_it_is_built_from(tmp_path):
     shutil.move(os.path.join(path, "parts", w.name), tmp_path / "away")
     assert CacheReader(path).ids == ["v0", "v1"]
     # a worker gets the reader by pickling: it maps the file itself and reads the same
-    clone = pickle.loads(pickle.dumps(reader))
+    clone = pickle.loads(pickle.dumps(CacheReader(path)))
     np.testing.assert_array_equal(clone.read("v0", 2, 5)["frames"], CacheReader(path).read("v0", 2, 5)["frames"])
     assert open_index(path).parts == committed_parts(path)
 
@@ -152,3 +152,19 @@ def test_a_format2_cache_is_refused_in_one_line_and_upgraded_without_loss(tmp_pa
     assert upgraded.num_frames("v0") == 20 and verify_cache(str(old))[0] == []
     again = CliRunner().invoke(cli, ["cache", "upgrade", str(old)])
     assert again.exit_code == 2 and "already format 3; nothing to upgrade" in again.output
+
+
+def test_a_worker_sees_the_videos_its_parent_chose_even_after_a_new_part(tmp_path):
+    path = hand_made_cache(tmp_path / "c", lengths=(20, 3))
+    parent = CacheReader(path)
+    w = PartWriter(path, "late", H, W, True, K, D, LOSSLESS)
+    start = w.begin_video()
+    w.append("frames", np.full((4, H, W, 3), 7, np.uint8))
+    w.append("flow", np.full((4, H, W, 2), 128, np.uint8))
+    w.add_record({"id": "a-first", "status": "ok", "error": None, "frame_offset": start["frames"], "frame_count": 4,
+                  "teacher_offset": 0, "teacher_count": 0})  # sorts first: every later row would move by one
+    w.commit({})
+    assert CacheReader(path).ids == ["a-first", "v0", "v1"]  # index.bin now holds three videos
+    worker = pickle.loads(pickle.dumps(parent))  # as a DataLoader worker gets the dataset's reader
+    assert [worker.index.id(r) for r in parent.rows] == ["v0", "v1"]
+    np.testing.assert_array_equal(worker.read("v1")["frames"], parent.read("v1")["frames"])

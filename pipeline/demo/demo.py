@@ -53,8 +53,9 @@ STUDENT = dict(student="r3d_cpu", clip_len=8, stride=2, crop=64, crop_scale=0.6,
 # What MoDist needs on 128 videos and a few hundred steps (the validation ablation in BENCHMARKS.md):
 # the RGB student's cross-modal term weighted 4 (at 1, RGB<->RGB, solved by appearance, outweighs it);
 # the flow<->flow term on, so the motion pathway learns motion from both sides; no colour augmentation
-# (colouring every view cost most of the motion) and keys normalised as one batch (2 sub-batches of 4
-# clips give noisy BatchNorm statistics). distill's own defaults stay the paper's, for real data at scale.
+# (colouring every view cost most of the motion) and keys normalised as one batch (4 sub-batches cost
+# motion, 2 were within noise: one is the previous version's). distill's defaults stay the papers', for
+# real data at scale.
 MOTION = dict(cross_weight=4.0, flow_weight=1.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, shuffle_bn_groups=1)
 RECIPE = {"distinit": {}, "modist": MOTION, "both": MOTION, "distinit+lss": {}}  # what each objective adds
 # distinit keeps learning past 400 steps (bench/learning.py: 52 % object at 300, 80 % at 600) and its

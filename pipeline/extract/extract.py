@@ -17,7 +17,7 @@ import queue
 import signal
 import time
 
-from cache.codecs import CODECS
+from cache.codecs import CODECS, storage_description
 from cache.fingerprint import VIDISTILL_VERSION, CacheError, create_or_check, sha256_file
 from cache.flow_codec import FLOW_BOUND, FLOW_CODEC
 from cache.index import load_index, open_index
@@ -57,8 +57,7 @@ def make_fingerprint(cfg, teacher):
         "flow": {"method": cfg.flow, "params": FLOW_PARAMS[cfg.flow], "bound": FLOW_BOUND, "codec": FLOW_CODEC,
                  "convention": "flow[t] = motion from frame t to t+1 in stored pixels; last frame 0"},
         # how frames and flow are stored: a lossy codec changes the values a student trains on
-        "storage": {name: f"{codec} q{quality}" if codec == "jpeg" else codec
-                    for name, (codec, quality) in stored_codecs(cfg).items()},
+        "storage": storage_description(stored_codecs(cfg)),
         "ffmpeg_version": ffmpeg_version(),
         "vidistill_version": VIDISTILL_VERSION,
     }
