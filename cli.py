@@ -134,8 +134,8 @@ def cli():
 @click.option("--part-mb", default=X.part_mb, show_default=True, type=_COUNT,
               help="Stored MB per committed part at most (large parts: few files per GB).")
 @click.option("--frame-codec", default=X.frame_codec, show_default=True, type=click.Choice(["jpeg", "zstd"]),
-              help="How frames are stored: JPEG (6.7x smaller than lossless at 37.9 dB on real clips, BENCHMARKS.md) "
-                   "or lossless zstd.")
+              help="How frames are stored: JPEG (6.7x smaller than lossless at 37.9 dB on real clips; on the demo, "
+                   "the same motion learnt, a few object points lost: BENCHMARKS.md) or lossless zstd.")
 @click.option("--frame-quality", default=X.frame_quality, show_default=True, type=click.IntRange(1, 100),
               help="JPEG quality of the frames.")
 @click.option("--flow-codec", default=X.flow_codec, show_default=True, type=click.Choice(["jpeg", "zstd"]),

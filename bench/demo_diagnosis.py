@@ -231,6 +231,8 @@ def main():
     ap.add_argument("--generator-seed", type=int, default=0, help="when preparing: the benchmark's seed")
     ap.add_argument("--teacher-crop", type=float, default=None,
                     help="when preparing: the teacher's share of the central square (default: the demo's)")
+    ap.add_argument("--codec", choices=("jpeg", "zstd"), default=None,
+                    help="when preparing: how frames and flow are stored (default: the extract default, JPEG)")
     ap.add_argument("--work", default=None, help="where runs and results go (default: DEMO/diagnosis)")
     ap.add_argument("--steps", type=int, default=SIZES["default"]["steps"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -246,7 +248,9 @@ def main():
                                                progress=False, photos=photos, textures=textures,
                                                generator_seed=args.generator_seed,
                                                frames=dict(FRAMES, **({} if args.teacher_crop is None else
-                                                                      {"teacher_crop": args.teacher_crop})))
+                                                                      {"teacher_crop": args.teacher_crop}),
+                                                           **({} if args.codec is None else
+                                                              {"frame_codec": args.codec, "flow_codec": args.codec})))
     print(f"benchmark: objects {benchmark['objects']}, generator seed {benchmark['seed']}")
     if not args.no_oracle:
         mean, std = flow_oracle(args.demo, work, seeds=3)
