@@ -102,7 +102,8 @@ def cli():
               help="Folder of videos, searched recursively; or a .txt (one path per line) or .csv (a `path` "
                    "column, else `id`, else the first) list of videos, paths relative to the list's folder.")
 @click.option("--cache", default=X.cache, show_default=True, type=click.Path(),
-              help="Cache folder to create or add to (`distill` reads ./cache by default).")
+              help="Cache folder to create or add to (`distill` reads ./cache by default), or an object-store URL "
+                   "(s3://bucket/prefix; credentials and endpoint from AWS_PROFILE, AWS_ENDPOINT_URL, ~/.aws).")
 @click.option("--fps", default=X.fps, show_default=True, type=_POSITIVE, help="Frames per second stored (ffmpeg resamples).")
 @click.option("--height", default=X.height, show_default=True, type=click.IntRange(min=8), help="Stored frame height.")
 @click.option("--width", default=X.width, show_default=True, type=click.IntRange(min=8), help="Stored frame width (centre crop).")
@@ -148,9 +149,12 @@ def cli():
 @click.option("--retry-failed", is_flag=True, help="Try videos recorded as failed again.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache with other settings and start anew.")
+@click.option("--single-writer", is_flag=True,
+              help="On an object store without conditional writes (not local folders or s3://, which have them): "
+                   "no lease can keep two jobs on one shard apart; extract there only if you vouch that one does.")
 def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher_pretrained, teacher_size, teacher_crop,
             teacher_every, flow, shard, workers, device, part_videos, part_mb, frame_codec, frame_quality, flow_codec,
-            flow_quality, stall_timeout, retry_failed, strict, overwrite):
+            flow_quality, stall_timeout, retry_failed, strict, overwrite, single_writer):
     """Stage one: decode videos once, run the teacher and optical flow, write the Zarr cache.
 
     Rerunning the same command resumes: finished and failed videos are skipped.
@@ -165,7 +169,7 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
                         part_videos=part_videos, part_mb=part_mb, frame_codec=frame_codec,
                         frame_quality=frame_quality, flow_codec=flow_codec, flow_quality=flow_quality,
                         stall_timeout=stall_timeout, retry_failed=retry_failed,
-                        strict=strict, overwrite=overwrite)
+                        strict=strict, overwrite=overwrite, single_writer=single_writer)
     try:
         s = run_extract(cfg)
     except ExtractInterrupted as e:
@@ -203,7 +207,8 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
 
 
 @cli.command()
-@click.option("--cache", default=D.cache, show_default=True, type=click.Path(), help="Cache written by `extract`.")
+@click.option("--cache", default=D.cache, show_default=True, type=click.Path(),
+              help="Cache written by `extract`: a folder or an object-store URL (s3://bucket/prefix).")
 @click.option("--out", default=D.out, type=click.Path(),
               help="Run folder: checkpoint.pt, log.jsonl, losses.png. Default: runs/<objective>-<date-time>/, or "
                    "the latest run if it has the same settings (a rerun resumes it); runs/latest points at it.")
@@ -550,13 +555,19 @@ def cache_show_cmd(cache, video_id, out, frames, scale, top):
 @click.argument("cache", type=click.Path())
 @click.option("--quick", is_flag=True, help="Check structure and chunk files only; do not decompress data.")
 @click.option("--repair", is_flag=True,
-              help="Move damaged parts to CACHE/quarantine/ so that rerunning extract redoes their videos.")
+              help="Move damaged parts to CACHE/quarantine/ so that rerunning extract redoes their videos, and "
+                   "delete uncommitted parts that no running extract owns.")
 def cache_verify_cmd(cache, quick, repair):
     """Check every part: chunk files present and readable, tables consistent, no orphans."""
     from cache.fingerprint import CacheError
     from cache.manifest import quarantine_damaged, verify_cache
+    from cache.writer import remove_uncommitted_parts
+    from pipeline.extract.job import free_shard
     try:
         problems, notes, checked = verify_cache(cache, quick=quick)
+        if repair and notes:
+            removed = remove_uncommitted_parts(cache, free_shard(cache))
+            notes = [f"removed {removed} uncommitted part(s) of killed runs"] if removed else notes
     except CacheError as e:
         _fail(str(e))
     for n in notes:

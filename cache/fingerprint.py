@@ -9,42 +9,44 @@ import datetime
 import hashlib
 import json
 import os
-import uuid
+
+from cache.errors import CacheError
+from cache.storage import open_storage
 
 VIDISTILL_VERSION = "0.1.0"
 CACHE_FORMAT = "vidistill-cache"
 # 2: zero-centred flow code (cache/flow_codec.py); 3: sharded arrays, frames/flow in an image codec
-# (cache/codecs.py), the consolidated index (cache/index.py)
-CACHE_FORMAT_VERSION = 3
+# (cache/codecs.py), the consolidated index (cache/index.py); 4: parts committed by a record in
+# commits/ instead of a rename (cache/writer.py), so a cache can live on an object store
+CACHE_FORMAT_VERSION = 4
+UPGRADABLE = (2, 3)  # `cache upgrade` converts these
 CACHE_JSON = "cache.json"
 
 
-class CacheError(Exception):
-    """A cache that is missing, damaged or incompatible; the message says which and what to do."""
-
-
-def cache_json_path(cache_dir):
-    return os.path.join(cache_dir, CACHE_JSON)
-
-
 def read_cache_json(cache_dir, any_version=False):
-    path = cache_json_path(cache_dir)
-    if not os.path.isdir(cache_dir):
-        raise CacheError(f"{cache_dir}: no such cache directory")
+    storage = open_storage(cache_dir)
+    path = storage.url(CACHE_JSON)
     try:
-        with open(path) as f:
-            meta = json.load(f)
+        meta = json.loads(storage.read(CACHE_JSON))
     except FileNotFoundError:
+        if not storage.remote and not os.path.isdir(storage.location):
+            raise CacheError(f"{cache_dir}: no such cache directory") from None
+        if storage.remote:
+            storage.check_access()  # a missing bucket or a refused request says so, not "not a cache"
         raise CacheError(f"{path}: missing; {cache_dir} is not a vidistill cache (run `cli.py extract`)") from None
+    except NotADirectoryError:
+        raise CacheError(f"{cache_dir}: no such cache directory") from None
     except json.JSONDecodeError as e:
         raise CacheError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the cache is damaged") from None
+    except OSError as e:
+        raise CacheError(f"{path}: cannot read ({e})") from None
     if meta.get("format") != CACHE_FORMAT or "fingerprint" not in meta:
         raise CacheError(f"{path}: not a vidistill cache description")
     if any_version:
         return meta
-    if meta.get("format_version") == 2:
-        raise CacheError(f"{cache_dir}: a format-2 cache; convert it once with `cli.py cache upgrade {cache_dir}` "
-                         "(no teacher or flow is rerun)")
+    if meta.get("format_version") in UPGRADABLE:
+        raise CacheError(f"{cache_dir}: a format-{meta['format_version']} cache; convert it once with "
+                         f"`cli.py cache upgrade {cache_dir}` (no teacher or flow is rerun)")
     if meta.get("format_version") != CACHE_FORMAT_VERSION:
         raise CacheError(f"{path}: cache format version {meta.get('format_version')} "
                          f"but this vidistill reads version {CACHE_FORMAT_VERSION}; re-extract")
@@ -91,24 +93,20 @@ def fingerprint_diff(expected, found, prefix=""):
 def create_or_check(cache_dir, fingerprint, config):
     """Create cache.json for a new cache, or check an existing one has this exact fingerprint.
 
-    Several shard jobs may start at once: the file is created with an atomic link, so exactly one
-    wins and the others compare against it.
+    Several shard jobs may start at once: the file is created with an exclusive create, so exactly one
+    wins and the others compare against it (a store without one: the last writer wins, and every
+    writer's description is the same).
     """
-    os.makedirs(cache_dir, exist_ok=True)
-    path = cache_json_path(cache_dir)
-    if not os.path.exists(path):
+    storage = open_storage(cache_dir)
+    if not storage.exists(CACHE_JSON):
         meta = {"format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "fingerprint": fingerprint, "config": config}
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-        try:
-            os.link(tmp, path)  # fails if another job created it first
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
+        data = json.dumps(meta, indent=2, sort_keys=True).encode()
+        if storage.conditional_writes:
+            storage.create(CACHE_JSON, data)  # False: another job created it first
+        else:
+            storage.write(CACHE_JSON, data)
     meta = read_cache_json(cache_dir)
     diffs = fingerprint_diff(fingerprint, meta["fingerprint"])
     if diffs:

@@ -1,10 +1,12 @@
 """Which videos a cache holds and where: the committed parts' video tables, and one consolidated,
 columnar index over them (CACHE/index.bin) that readers open with one read.
 
-The parts are the truth. index.bin records the parts it was built from; a reader whose listing of
-parts/ differs (a part committed since, or quarantined) rebuilds it from the parts and replaces it
-atomically, so a crash between a part's commit and the index update loses nothing, and a missing or
-damaged index.bin is rebuilt, never trusted.
+The parts are the truth: the committed ones are those with a record in commits/ (cache/writer.py).
+index.bin records the parts it was built from; a reader whose listing of commits/ differs (a part
+committed since, or quarantined) rebuilds it from the parts and replaces it whole, so a crash between
+a part's commit and the index update loses nothing, and a missing or damaged index.bin is rebuilt,
+never trusted. On an object store a reader keeps a local copy of index.bin (in the temp folder, named
+by the cache and its parts) and maps that: its DataLoader workers map the same file.
 
 Why a flat binary of numpy columns and not JSON, Parquet or a Zarr group: a reader maps it (mmap)
 and looks ids up by binary search, so the index costs no Python objects per video. DataLoader workers
@@ -12,15 +14,19 @@ and DDP ranks share its pages through the page cache instead of each holding, an
 (copy-on-read of refcounts), a dict of 250,000 dicts; and numpy reads it without another dependency.
 Full records (source path, error, decode details) are JSON inside the same file, parsed one at a time.
 """
+import hashlib
 import json
 import mmap
 import os
+import tempfile
 import uuid
+import warnings
 
 import numpy as np
 
 from cache.fingerprint import CacheError
-from cache.writer import PARTS_DIR
+from cache.storage import open_storage
+from cache.writer import COMMITS_DIR, PARTS_DIR
 
 INDEX_FILE = "index.bin"
 MAGIC = b"VDISTIDX"
@@ -33,22 +39,38 @@ ALIGN = 64
 
 
 def committed_parts(cache_dir):
-    parts = os.path.join(cache_dir, PARTS_DIR)
-    if not os.path.isdir(parts):
-        return []
-    return sorted(n for n in os.listdir(parts) if n.startswith("part-") and n.endswith(".zarr"))
+    """Names of the parts that have a commit record, sorted."""
+    return sorted(n[:-len(".json")] for n in open_storage(cache_dir).list(COMMITS_DIR) if n.endswith(".zarr.json"))
+
+
+def _part_attrs(storage, part, data):
+    """A part's attributes from its zarr.json bytes (or the exception reading them raised)."""
+    where = storage.url(PARTS_DIR, part, "zarr.json")
+    try:
+        if isinstance(data, Exception):
+            raise data
+        attrs = json.loads(data)["attributes"]
+        attrs["videos"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CacheError(f"{where}: unreadable part metadata ({e}); run `cli.py cache verify`") from None
+    return attrs
 
 
 def read_part_attrs(cache_dir, part):
     """A committed part's attributes (video table, config, fingerprint hash) from its zarr.json."""
-    path = os.path.join(cache_dir, PARTS_DIR, part, "zarr.json")
+    storage = open_storage(cache_dir)
     try:
-        with open(path) as f:
-            attrs = json.load(f)["attributes"]
-        attrs["videos"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CacheError(f"{path}: unreadable part metadata ({e}); run `cli.py cache verify`") from None
-    return attrs
+        data = storage.read(PARTS_DIR, part, "zarr.json")
+    except OSError as e:
+        data = e
+    return _part_attrs(storage, part, data)
+
+
+def read_part_tables(cache_dir, parts):
+    """{part: video table} of many parts (on an object store, fetched concurrently)."""
+    storage = open_storage(cache_dir)
+    got = storage.read_many([f"{PARTS_DIR}/{p}/zarr.json" for p in parts])
+    return {p: _part_attrs(storage, p, got[f"{PARTS_DIR}/{p}/zarr.json"])["videos"] for p in parts}
 
 
 def read_part_table(cache_dir, part):
@@ -80,8 +102,11 @@ def load_index(cache_dir, parts=None, tables=None):
     the first is kept and the other is returned in duplicates, as (id, part).
     """
     index, duplicates = {}, []
-    for part in sorted(committed_parts(cache_dir) if parts is None else parts, key=lambda p: (part_time(p), p)):
-        for rec in (tables or {}).get(part) or read_part_table(cache_dir, part):
+    parts = sorted(committed_parts(cache_dir) if parts is None else parts, key=lambda p: (part_time(p), p))
+    tables = dict(tables or {})
+    tables.update(read_part_tables(cache_dir, [p for p in parts if p not in tables]))
+    for part in parts:
+        for rec in tables[part]:
             have = index.get(rec["id"])
             if have is not None and same_source(have[1], rec):
                 if have[1]["status"] in READABLE and rec["status"] in READABLE:
@@ -196,30 +221,66 @@ def _map(path):
         return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
 
 
-def open_index(cache_dir, parts=None):
-    """The cache's VideoIndex, rebuilt from the parts (and saved, where the cache is writable) when
-    index.bin is missing, damaged or built from other parts than parts/ holds now. parts: the index of
-    exactly these parts instead (a DataLoader worker must see the rows its parent chose, even if a part
-    was committed since); built in memory when index.bin holds other ones."""
-    pinned = parts is not None
-    parts = committed_parts(cache_dir) if parts is None else list(parts)
-    path = os.path.join(cache_dir, INDEX_FILE)
-    try:
-        index = VideoIndex(_map(path), path)
-        if index.parts == parts:
-            return index
-    except (OSError, ValueError, KeyError, json.JSONDecodeError):
-        pass  # missing or damaged: rebuilt below
-    data = build_index_bytes(cache_dir, parts)
-    if pinned:
-        return VideoIndex(data, "memory")
+def _save_and_map(path, data):
+    """Write index bytes to a local file whole (readers see the old file or the new one) and map it."""
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)  # readers see the old index or the new one, never half of one
+        os.replace(tmp, path)
         return VideoIndex(_map(path), path)
-    except OSError:  # a read-only cache: the index lives in this process only
+    except OSError:  # a read-only place: the index lives in this process only
         if os.path.exists(tmp):
             os.unlink(tmp)
         return VideoIndex(data, "memory")
+
+
+def _local_copy(storage, parts):
+    """Where a reader of a remote cache keeps its copy of index.bin: named by the cache and its parts."""
+    key = hashlib.sha256(json.dumps([storage.location, parts]).encode()).hexdigest()[:24]
+    return os.path.join(tempfile.gettempdir(), f"vidistill-index-{key}.bin")
+
+
+def open_index(cache_dir, parts=None, warn=True):
+    """The cache's VideoIndex, rebuilt from the parts (and saved, where the cache is writable) when
+    index.bin is missing, damaged or built from other parts than commits/ lists now (with a warning,
+    unless warn=False: extract, which has just committed parts, brings it up to date). parts: the index
+    of exactly these parts instead (a DataLoader worker must see the rows its parent chose, even if a
+    part was committed since); built in memory when index.bin holds other ones."""
+    storage = open_storage(cache_dir)
+    pinned = parts is not None
+    parts = committed_parts(cache_dir) if parts is None else list(parts)
+    local = _local_copy(storage, parts) if storage.remote else storage.path(INDEX_FILE)
+    try:
+        index = VideoIndex(_map(local), local)
+        if index.parts == parts:
+            return index
+        if warn and not pinned and not storage.remote:
+            added, gone = len(set(parts) - set(index.parts)), len(set(index.parts) - set(parts))
+            warnings.warn(f"{local} does not list the committed parts ({added} more, {gone} fewer: a run killed "
+                          "before it updated the index, or an extract running now); rebuilt from the parts",
+                          stacklevel=2)
+    except FileNotFoundError:
+        pass  # not built yet (or a remote cache's first read here): fetched or built below
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        if warn:
+            warnings.warn(f"{local} is damaged ({e}); rebuilt from the parts", stacklevel=2)
+    if storage.remote:
+        try:
+            data = storage.read(INDEX_FILE)
+            if VideoIndex(data, "memory").parts == parts:
+                return _save_and_map(local, data)
+            if warn and not pinned:
+                warnings.warn(f"{storage.url(INDEX_FILE)} does not list the committed parts; rebuilt from the parts",
+                              stacklevel=2)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            pass
+    data = build_index_bytes(cache_dir, parts)
+    if pinned:
+        return VideoIndex(data, "memory")
+    if storage.remote:
+        try:
+            storage.write(INDEX_FILE, data)
+        except (OSError, CacheError):
+            pass  # a read-only store: this reader keeps its own copy
+    return _save_and_map(local, data)

@@ -1,25 +1,22 @@
 """`cache info` and `cache verify`: what a cache holds, and whether every byte of it is intact.
 
-Zarr reads a missing chunk file as fill values without complaint, so verify checks that every chunk
-file exists, then decompresses every chunk (unless quick), then checks the per-video tables against
-the arrays: offsets in range, no overlaps, no orphan rows, teacher rows consistent.
+Zarr reads a missing chunk as fill values without complaint, so verify checks that every shard exists
+and its index lists every chunk, then decodes every chunk (unless quick), then checks the per-video
+tables against the arrays: offsets in range, no overlaps, no orphan rows, teacher rows consistent.
+Damage is reported with the part, the array and the video (and frame) it belongs to.
 """
 import collections
 import json
-import math
-import os
-import shutil
 
-import google_crc32c
 import numpy as np
-import zarr
 
-import cache.codecs  # noqa: F401  (registers the JPEG codec that frame arrays name)
+from cache.codecs import decode_chunk
 from cache.fingerprint import CacheError, fingerprint_sha256, read_cache_json
 from cache.index import READABLE, committed_parts, load_index, open_index, read_part_attrs, read_part_table
 from cache.reader import source_status
-from cache.shards import EMPTY
-from cache.writer import LOCK_SUFFIX, PARTS_DIR, TMP_PREFIX, directory_bytes
+from cache.shards import EMPTY, ArrayLayout, index_bytes, parse_shard_index, shard_key
+from cache.storage import open_storage
+from cache.writer import COMMITS_DIR, PARTS_DIR, uncommitted_parts
 
 QUARANTINE_DIR = "quarantine"
 LARGEST = 5  # `cache info` lists this many of the longest videos
@@ -34,9 +31,7 @@ def cache_info(cache_dir):
     part_of = {r["id"]: index.part(row) for row, r in enumerate(records)}
     status = collections.Counter(r["status"] for r in records)
     reasons = collections.Counter(r["error"] for r in records if r["status"] == "failed")
-    parts_dir = os.path.join(cache_dir, PARTS_DIR)
-    stale = [n for n in os.listdir(parts_dir) if n.startswith(TMP_PREFIX) and not n.endswith(LOCK_SUFFIX)] \
-        if os.path.isdir(parts_dir) else []
+    storage = open_storage(cache_dir)
     fps = meta["fingerprint"]["preprocessing"]["fps"]
     frames = sum(r["frame_count"] for r in records if r["status"] in READABLE)
     source = {r["id"]: source_status(r) for r in records}
@@ -54,8 +49,8 @@ def cache_info(cache_dir):
                            sorted(records, key=lambda r: (-r["frame_count"], r["id"]))[:LARGEST] if r["frame_count"]],
         "failed_videos": [(r["id"], r["error"]) for r in records if r["status"] == "failed"],
         "partial_videos": [(r["id"], r["error"]) for r in records if r["status"] == "partial"],
-        "parts": len(index.parts), "stale_tmp_parts": len(stale),
-        "bytes": directory_bytes(cache_dir),
+        "parts": len(index.parts), "stale_tmp_parts": len(uncommitted_parts(cache_dir)),
+        "bytes": storage.total_bytes(),
         # the files the videos were extracted from: gone (their frames stay usable), or replaced since
         # (another size or mtime: rerunning extract redoes them)
         "vanished_sources": sorted(i for i, s in source.items() if s == "vanished"),
@@ -66,53 +61,57 @@ def cache_info(cache_dir):
     }
 
 
-def _missing_chunks(part_path, name, array):
-    """Chunks a non-empty array must store but does not: its shard files ("c/i/0/..") must all exist, and
-    each shard's index must list every chunk inside the array's length (Zarr would read a missing one
-    as zeros without complaint)."""
-    shard_rows = (array.shards or array.chunks)[0]
-    chunk_rows, tail = array.chunks[0], ["0"] * (array.ndim - 1)
-    count = shard_rows // chunk_rows
-    missing = []
-    for i in range(math.ceil(array.shape[0] / shard_rows)):
-        key = "/".join(["c", str(i), *tail])
-        path = os.path.join(part_path, name, key)
-        if not os.path.isfile(path):
-            missing.append(key)
+def _owner(videos, array, row):
+    """'video ID frame N' for a row of an array of a part (its table says whose rows are where)."""
+    offset, count = ("frame_offset", "frame_count") if array in ("frames", "flow") else ("teacher_offset", "teacher_count")
+    for r in videos:
+        if r[count] and r[offset] <= row < r[offset] + r[count]:
+            return f"video {r['id']!r} {'frame' if count == 'frame_count' else 'teacher row'} {row - r[offset]}"
+    return f"row {row} (no video's)"
+
+
+def _check_array(storage, part, name, layout, videos, quick):
+    """Problems of one array: every shard there with an intact index listing every chunk, and (unless
+    quick) every chunk decodable. Zarr would read a missing chunk as zeros without complaint."""
+    folder = f"{PARTS_DIR}/{part}/{name}"
+    chunk_rows = layout.chunks[0]
+    count = (layout.shards or layout.chunks)[0] // chunk_rows
+    shape = (chunk_rows,) + layout.shape[1:]
+    for i in range(layout.shard_count):
+        key = f"{folder}/{shard_key(i, layout.ndim)}"
+        where = f"{part}/{name}: shard {shard_key(i, layout.ndim)}"
+        try:
+            size = storage.size(key)
+            index = parse_shard_index(storage.read_range(key, max(0, size - index_bytes(count)), size), count)
+        except FileNotFoundError:
+            return [f"{where} is missing (from {_owner(videos, name, i * count * chunk_rows)})"]
+        if index is None:
+            return [f"{where} is damaged: its chunk index fails its checksum "
+                    f"(from {_owner(videos, name, i * count * chunk_rows)})"]
+        stored = min(count, -(-(layout.shape[0] - i * count * chunk_rows) // chunk_rows))
+        empty = np.flatnonzero(index[:stored, 0] == EMPTY)
+        if len(empty):
+            row = (i * count + int(empty[0])) * chunk_rows
+            return [f"{where}: {len(empty)} chunk(s) missing, e.g. {_owner(videos, name, row)}"]
+        if quick:
             continue
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 4 - 16 * count))
-            index_bytes, checksum = f.read(16 * count), f.read(4)
-        if len(checksum) < 4 or google_crc32c.value(index_bytes).to_bytes(4, "little") != checksum:
-            missing.append(f"{key} (damaged: its chunk index fails its checksum)")
-            continue
-        index = np.frombuffer(index_bytes, dtype="<u8").reshape(count, 2)
-        stored = min(count, math.ceil((array.shape[0] - i * shard_rows) / chunk_rows))
-        missing += [f"{key} chunk {k}" for k in np.flatnonzero(index[:stored, 0] == EMPTY)]
-    return missing
-
-
-class ArrayLayout:
-    """An array's shape, chunk and shard shapes, read from its zarr.json alone: the structural checks
-    need no Zarr array object (opening one costs ~5 ms; distill checks every part at start-up)."""
-
-    def __init__(self, path):
-        with open(os.path.join(path, "zarr.json")) as f:
-            meta = json.load(f)
-        self.shape = tuple(meta["shape"])
-        self.ndim = len(self.shape)
-        outer = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-        sharding = [c for c in meta["codecs"] if c["name"] == "sharding_indexed"]
-        self.chunks = tuple(sharding[0]["configuration"]["chunk_shape"]) if sharding else outer
-        self.shards = outer if sharding else None
+        lo, hi = int(index[:stored, 0].min()), int((index[:stored, 0] + index[:stored, 1]).max())
+        data = storage.read_range(key, lo, hi)
+        for k, (off, n) in enumerate(index[:stored]):
+            try:
+                decode_chunk(data[int(off) - lo:int(off + n) - lo], layout.codec, shape, layout.dtype)
+            except Exception as e:
+                row = (i * count + k) * chunk_rows
+                return [f"{part}/{name}: {_owner(videos, name, row)} is unreadable ({type(e).__name__}: {str(e)[:80]})"]
+    return []
 
 
 def verify_part(cache_dir, part, fingerprint, quick=False, attrs=None):
-    """Problems found in one committed part (empty list: intact). attrs: its attributes, if read already."""
-    path = os.path.join(cache_dir, PARTS_DIR, part)
+    """Problems found in one committed part (empty list: intact). attrs: its attributes, if read already,
+    or its commit record (then the video table is not checked, and damage is named by row)."""
     try:
         attrs = attrs or read_part_attrs(cache_dir, part)
-        if not attrs.get("complete"):
+        if "videos" in attrs and not attrs.get("complete"):
             return [f"{part}: not marked complete"]
     except Exception as e:  # any failure to open is damage to report, not to crash on
         return [f"{part}: cannot open ({e})"]
@@ -120,7 +119,8 @@ def verify_part(cache_dir, part, fingerprint, quick=False, attrs=None):
     if attrs.get("fingerprint_sha256") != fingerprint_sha256(fingerprint):
         problems.append(f"{part}: written with other settings than cache.json records "
                         "(cache.json edited, or parts of another cache mixed in)")
-    arrays = _check_arrays(part, path, _expected_rows(fingerprint), quick, problems)
+    videos = attrs.get("videos")
+    arrays = _check_arrays(cache_dir, part, _expected_rows(fingerprint), videos or [], quick, problems)
     if problems:
         return problems
     n_frames = arrays["frames"].shape[0]
@@ -130,7 +130,7 @@ def verify_part(cache_dir, part, fingerprint, quick=False, attrs=None):
     for name in ("teacher_frame", "embed") if "logits" in arrays else ():
         if arrays[name].shape[0] != n_teacher:
             problems.append(f"{part}/{name}: {arrays[name].shape[0]} rows but logits has {n_teacher}")
-    return problems + _check_tables(part, attrs["videos"], n_frames, n_teacher)
+    return problems + (_check_tables(part, videos, n_frames, n_teacher) if videos is not None else [])
 
 
 def _expected_rows(fingerprint):
@@ -145,30 +145,24 @@ def _expected_rows(fingerprint):
     return expect
 
 
-def _check_arrays(part, path, expect, quick, problems):
+def _check_arrays(cache_dir, part, expect, videos, quick, problems):
     """Each expected array: present, the right row shape, every chunk there and (unless quick)
     decodable. Appends to problems; returns {name: ArrayLayout} of those present."""
+    storage = open_storage(cache_dir)
+    metas = storage.read_many([f"{PARTS_DIR}/{part}/{name}/zarr.json" for name in expect])
     arrays = {}
     for name, row in expect.items():
         try:
-            arr = ArrayLayout(os.path.join(path, name))
+            meta = metas[f"{PARTS_DIR}/{part}/{name}/zarr.json"]
+            if isinstance(meta, Exception):
+                raise meta
+            arr = ArrayLayout(json.loads(meta))
         except (OSError, ValueError, KeyError, IndexError):
             problems.append(f"{part}: array {name!r} is missing")
             continue
         if tuple(arr.shape[1:]) != row:
             problems.append(f"{part}/{name}: row shape {tuple(arr.shape[1:])}, expected {row}")
-        missing = _missing_chunks(path, name, arr)
-        if missing:
-            problems.append(f"{part}/{name}: {len(missing)} chunk(s) missing (e.g. {missing[0]})")
-        elif not quick:
-            step = (arr.shards or arr.chunks)[0]
-            data = zarr.open_array(os.path.join(path, name), mode="r")
-            for lo in range(0, arr.shape[0], step):
-                try:
-                    data[lo:lo + step]
-                except Exception as e:
-                    problems.append(f"{part}/{name}: rows {lo}..{lo + step} unreadable ({type(e).__name__}: {e})")
-                    break
+        problems += _check_array(storage, part, name, arr, videos, quick)
         arrays[name] = arr
     return arrays
 
@@ -191,29 +185,42 @@ def _check_tables(part, videos, n_frames, n_teacher):
     return problems
 
 
-def verify_cache(cache_dir, quick=False):
-    """(problems, notes, checked): problems mean damage; notes are harmless (e.g. stale tmp parts)."""
+def verify_cache(cache_dir, quick=False, with_tables=True):
+    """(problems, notes, checked): problems mean damage; notes are harmless (e.g. unfinished parts).
+    with_tables=False (distill's start-up check, cheap at any scale): each part's settings from its commit
+    record and its arrays' structure, without parsing the video tables (index.bin holds them)."""
     meta = read_cache_json(cache_dir)
+    storage = open_storage(cache_dir)
     problems, notes, checked = [], [], {"parts": 0, "videos": 0}
-    parts_dir = os.path.join(cache_dir, PARTS_DIR)
-    for name in sorted(os.listdir(parts_dir)) if os.path.isdir(parts_dir) else []:
-        if name.startswith(TMP_PREFIX) and name.endswith(LOCK_SUFFIX):
-            continue
-        if name.startswith(TMP_PREFIX):
-            notes.append(f"{name}: unfinished part of a killed run; the next extract removes it and redoes its videos")
-        elif not (name.startswith("part-") and name.endswith(".zarr")):
-            problems.append(f"{name}: unexpected entry in {parts_dir} (orphan)")
+    committed = committed_parts(cache_dir)
+    present = set(storage.list(PARTS_DIR))
+    for name in sorted(present - set(committed)):
+        if name.startswith("part-"):
+            notes.append(f"{name}: uncommitted part (being written, or left by a killed run); the next extract of "
+                         "its shard or `cache verify --repair` removes it and its videos are redone")
+        else:
+            problems.append(f"{name}: unexpected entry in {storage.url(PARTS_DIR)} (orphan)")
     tables = {}
-    for part in committed_parts(cache_dir):
+    records = {} if with_tables else storage.read_many([f"{COMMITS_DIR}/{part}.json" for part in committed])
+    for part in committed:
+        checked["parts"] += 1
+        if part not in present:
+            problems.append(f"{part}: committed, but its data is missing")
+            continue
         try:
-            attrs = read_part_attrs(cache_dir, part)
-            tables[part] = attrs["videos"]
-        except CacheError:
+            if records:
+                record = records[f"{COMMITS_DIR}/{part}.json"]
+                attrs = json.loads(record) if isinstance(record, bytes) else None
+            else:
+                attrs = read_part_attrs(cache_dir, part)
+                tables[part] = attrs["videos"]
+        except (CacheError, ValueError):
             attrs = None  # verify_part reports it
         problems += verify_part(cache_dir, part, meta["fingerprint"], quick=quick, attrs=attrs)
-        checked["parts"] += 1
+    if records:
+        return problems, notes, checked
     try:
-        index, duplicates = load_index(cache_dir, tables=tables)
+        index, duplicates = load_index(cache_dir, parts=list(tables), tables=tables)
         checked["videos"] = len(index)
         for vid, part in duplicates:
             problems.append(f"{part}: video {vid!r} is stored twice (ignored copy)")
@@ -223,20 +230,20 @@ def verify_cache(cache_dir, quick=False):
 
 
 def quarantine_damaged(cache_dir, problems):
-    """Move every part named in `problems` to CACHE/quarantine/; a rerun of extract redoes its videos."""
+    """Take every part named in `problems` out of the cache: its commit record goes first (readers stop
+    seeing it), its data moves to CACHE/quarantine/; a rerun of extract redoes its videos."""
+    storage = open_storage(cache_dir)
     damaged = sorted({p.split("/")[0].split(":")[0] for p in problems if p.startswith("part-")})
-    os.makedirs(os.path.join(cache_dir, QUARANTINE_DIR), exist_ok=True)
     moved = []
     for part in damaged:
-        src = os.path.join(cache_dir, PARTS_DIR, part)
-        if os.path.isdir(src):
-            ids = []
-            try:
-                ids = [r["id"] for r in read_part_table(cache_dir, part)]
-            except CacheError:
-                pass
-            shutil.move(src, os.path.join(cache_dir, QUARANTINE_DIR, part))
-            moved.append((part, ids))
+        ids = []
+        try:
+            ids = [r["id"] for r in read_part_table(cache_dir, part)]
+        except CacheError:
+            pass
+        storage.remove(COMMITS_DIR, f"{part}.json")
+        storage.move(f"{PARTS_DIR}/{part}", f"{QUARANTINE_DIR}/{part}")
+        moved.append((part, ids))
     return moved
 
 

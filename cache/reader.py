@@ -1,19 +1,23 @@
 """Read the cache: the consolidated video index (cache/index.py), and clip reads by video id + frames.
 
-Stage two reads through `CacheReader`. Zarr groups are opened lazily and re-opened after a fork,
-because a store touched before a DataLoader forks its workers can deadlock in them.
+Stage two reads through `CacheReader`. A part's arrays are opened lazily and again in every process
+(a DataLoader worker opens its own storage: an object store's client and the event loop it runs in
+do not survive a fork). Chunks are read with one ranged request per shard (cache/shards.py).
 """
 import collections
+import json
 import os
 
 import numpy as np
-import zarr
 
-import cache.codecs  # noqa: F401  (registers the JPEG codec that frame arrays name)
 from cache.fingerprint import CacheError, read_cache_json
 from cache.flow_codec import dequantize_flow
 from cache.index import READABLE, STATUSES, open_index
+from cache.shards import ArrayLayout, ShardReader
+from cache.storage import open_storage
 from cache.writer import PARTS_DIR
+
+ARRAYS = ("frames", "flow", "teacher_frame", "logits", "embed")
 
 # Decompressed frame and flow chunks kept per process: a cache that fits (the demo's pool, ~190 MB) is
 # decompressed once, not at every epoch; on a large cache the least recently used chunks make room.
@@ -122,14 +126,20 @@ class CacheReader:
         return row
 
     def _arrays(self, part):
-        """{name: zarr array} of a part, opened once per process: looking an array up in its group
-        costs a metadata read each time, more than reading a clip's chunk."""
+        """{name: ShardReader} of a part's arrays, opened once per process (their metadata and shard
+        indexes are read once, not at every clip)."""
         if self._pid != os.getpid():  # first use, or we are a freshly forked worker
             self._groups, self._pid = {}, os.getpid()
             self._chunks = ChunkCache(self.chunk_cache_bytes)
         if part not in self._groups:
-            group = zarr.open_group(os.path.join(self.cache_dir, PARTS_DIR, part), mode="r")
-            self._groups[part] = dict(group.arrays())
+            storage = open_storage(self.cache_dir)
+            got = storage.read_many([f"{PARTS_DIR}/{part}/{name}/zarr.json" for name in ARRAYS])
+            self._groups[part] = {
+                name: ShardReader(storage, f"{PARTS_DIR}/{part}/{name}", ArrayLayout(json.loads(data)))
+                for name in ARRAYS if isinstance(data := got[f"{PARTS_DIR}/{part}/{name}/zarr.json"], bytes)}
+            if "frames" not in self._groups[part]:
+                raise CacheError(f"{storage.url(PARTS_DIR, part)}: its frames are missing; "
+                                 "run `cli.py cache verify --repair`")
         return self._groups[part]
 
     def _damage(self, part, video_id, e):
@@ -181,21 +191,14 @@ class CacheReader:
 
     def _take(self, part, name, rows):
         """array[rows] for any row indices of a part's array, through the chunk cache: the chunks not
-        cached yet are read in one Zarr call (its codec pipeline decodes them concurrently; a call
-        costs a round trip through Zarr's event loop, ~1 ms, more than a chunk's read)."""
+        cached yet are read in one ranged request per shard."""
         array = self._arrays(part)[name]
         rows = np.asarray(rows)
         if not len(rows):
-            return np.zeros((0,) + array.shape[1:], array.dtype)
-        per = array.chunks[0]
-
-        def load(keys):
-            starts = [c * per for _, _, c in keys]
-            block = array.get_orthogonal_selection(
-                (np.concatenate([np.arange(s, min(s + per, array.shape[0])) for s in starts]),))
-            bounds = np.cumsum([0] + [min(s + per, array.shape[0]) - s for s in starts])
-            return [block[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
-        chunks = self._chunks.get_many([(part, name, int(c)) for c in np.unique(rows // per)], load)
+            return np.zeros((0,) + array.layout.shape[1:], array.layout.dtype)
+        per = array.chunk_rows
+        chunks = self._chunks.get_many([(part, name, int(c)) for c in np.unique(rows // per)],
+                                       lambda keys: array.read([c for _, _, c in keys]))
         return np.stack([chunks[(part, name, int(r // per))][r % per] for r in rows])
 
     def _read(self, part, row, start, stop, fields):

@@ -1,91 +1,133 @@
-"""`cache upgrade`: convert a format-2 cache (one Zarr chunk per ~1 MB of rows, zstd) to format 3
-(sharded, frames and flow in their codec, the consolidated index) without rerunning teacher or flow.
+"""`cache upgrade`: bring an older cache to the current format without rerunning teacher or flow.
 
-Part by part, each converted part keeps its name and its video table (rows keep their offsets), so
-a killed upgrade resumes at the part it was on. In place: the new part is written as `.tmp-NAME`, the
-old one renamed `.old-NAME`, the new one committed, the old one deleted; cache.json turns to format 3
-last, so until then every other command says to finish the upgrade. To a new folder: the old cache
-is only read.
+Format 3 (sharded, committed by renaming a `.tmp-` folder) differs from format 4 only in how a part is
+committed: its parts get commit records (cache/writer.py) and its debris of killed runs is removed, in
+place, with no data rewritten.
+
+Format 2 (one Zarr chunk per ~1 MB of rows, zstd) is converted part by part; each converted part keeps
+its name and its video table (rows keep their offsets), so a killed upgrade resumes at the part it was
+on. In place: the old part is moved aside to `.old-NAME`, the new one written as NAME and committed,
+the old one deleted. To a new location (--out): the old cache is only read. Either way cache.json
+turns to the new format last, so until then every other command says to finish the upgrade.
 """
 import json
-import os
-import shutil
 
 import numpy as np
 import zarr
 
 from cache.codecs import storage_description
-from cache.fingerprint import CACHE_FORMAT_VERSION, CacheError, cache_json_path, fingerprint_sha256, read_cache_json
+from cache.fingerprint import CACHE_FORMAT_VERSION, UPGRADABLE, CacheError, fingerprint_sha256, read_cache_json
 from cache.index import committed_parts, open_index
-from cache.writer import PARTS_DIR, PartWriter, directory_bytes, remove_stale_parts
+from cache.storage import open_storage
+from cache.writer import PARTS_DIR, PartWriter, write_commit_record
 
 OLD_PREFIX = ".old-"
 ROWS_PER_COPY = 256  # rows moved per read: bounded memory whatever the part's size
 
 
 def upgrade_cache(cache_dir, codecs, out=None, progress=lambda done, total, part: None):
-    """Convert `cache_dir` (format 2) in place, or into `out`. codecs: {"frames"|"flow": (codec, quality)}.
-    Returns {"parts": converted this run, "skipped": already converted, "bytes_before", "bytes_after"}."""
+    """Convert `cache_dir` (format 2 or 3) in place, or (format 2) into `out`. codecs: {"frames"|"flow":
+    (codec, quality)}, for format 2's data. Returns {"parts": converted this run, "skipped": already
+    converted, "bytes_before", "bytes_after"}."""
     meta = read_cache_json(cache_dir, any_version=True)
-    if meta.get("format_version") == CACHE_FORMAT_VERSION and out is None:
+    version = meta.get("format_version")
+    if version == CACHE_FORMAT_VERSION and out is None:
         raise CacheError(f"{cache_dir}: already format {CACHE_FORMAT_VERSION}; nothing to upgrade")
-    if meta.get("format_version") != 2:
-        raise CacheError(f"{cache_dir}: format {meta.get('format_version')}; `cache upgrade` converts format 2")
+    if version not in UPGRADABLE:
+        raise CacheError(f"{cache_dir}: format {version}; `cache upgrade` converts formats "
+                         f"{', '.join(map(str, UPGRADABLE))}")
+    if version == 3:
+        if out is not None:
+            raise CacheError(f"{cache_dir}: a format-3 cache is upgraded in place (its data is kept as it is, "
+                             "only commit records are added); run it without --out")
+        return _commit_records_for_format3(cache_dir, meta, progress)
+    source = open_storage(cache_dir)
     fingerprint = dict(meta["fingerprint"], storage=storage_description(codecs))
-    target = out or cache_dir
+    target = open_storage(out or cache_dir)
     if out:
-        os.makedirs(out, exist_ok=True)
-        if os.path.exists(cache_json_path(out)):
+        if target.exists("cache.json"):
             have = read_cache_json(out, any_version=True)
             if have.get("fingerprint") != fingerprint:
                 raise CacheError(f"{out}: holds another cache (or another upgrade's codecs); choose an empty folder")
-    remove_stale_parts(target)
-    parts_dir = os.path.join(cache_dir, PARTS_DIR)
-    old = sorted({n[len(OLD_PREFIX):] for n in os.listdir(parts_dir) if n.startswith(OLD_PREFIX)} |
-                 set(committed_parts(cache_dir)))
-    done = set(committed_parts(out)) if out else set()
+    names = source.list(PARTS_DIR)
+    old = sorted({n[len(OLD_PREFIX):] for n in names if n.startswith(OLD_PREFIX)} |
+                 {n for n in names if n.startswith("part-") and n.endswith(".zarr")})
+    done = set(committed_parts(target.location))
     summary = {"parts": 0, "skipped": 0, "bytes_before": 0, "bytes_after": 0}
     attrs_extra = {"fingerprint_sha256": fingerprint_sha256(fingerprint)}
     for k, name in enumerate(old):
         progress(k, len(old), name)
-        src = os.path.join(parts_dir, name)
-        if out is None and os.path.isdir(os.path.join(parts_dir, OLD_PREFIX + name)):
-            if os.path.isdir(src):  # killed after the new part was committed: only the old one's removal is left
-                shutil.rmtree(os.path.join(parts_dir, OLD_PREFIX + name))
-                summary["skipped"] += 1
-                continue
-            src = os.path.join(parts_dir, OLD_PREFIX + name)  # killed between the two renames
-        if name in done or (out is None and _is_upgraded(src)):
+        src = f"{PARTS_DIR}/{name}"
+        parked = f"{PARTS_DIR}/{OLD_PREFIX}{name}"
+        if name in done:  # converted; in place, killed before the old copy was deleted
+            if out is None:
+                source.remove(parked, recursive=True)
             summary["skipped"] += 1
             continue
-        summary["bytes_before"] += directory_bytes(src)
-        summary["bytes_after"] += _convert_part(src, target, name, meta["fingerprint"], codecs, attrs_extra,
-                                                in_place=out is None)
+        if out is None:
+            if OLD_PREFIX + name not in names:
+                source.move(src, parked)  # the new part takes the name; the old one stays until it is committed
+            target.remove(src, recursive=True)  # a half-written new part of a killed run
+            src = parked
+        summary["bytes_before"] += source.total_bytes(src)
+        summary["bytes_after"] += _convert_part(source, src, target, name, meta["fingerprint"], codecs, attrs_extra)
+        if out is None:
+            source.remove(parked, recursive=True)
         summary["parts"] += 1
     progress(len(old), len(old), "")
-    new_meta = dict(meta, format_version=CACHE_FORMAT_VERSION, fingerprint=fingerprint)
-    tmp = cache_json_path(target) + ".upgrade.tmp"
-    with open(tmp, "w") as f:
-        json.dump(new_meta, f, indent=2, sort_keys=True)
-    os.replace(tmp, cache_json_path(target))  # the cache turns format 3 only now, every part converted
-    open_index(target)
+    for name in source.list(PARTS_DIR) if out is None else ():  # format 2's debris of killed extracts
+        if name.startswith(".tmp-"):
+            source.remove(PARTS_DIR, name, recursive=True)
+    _finish(target, dict(meta, fingerprint=fingerprint))
     return summary
 
 
-def _is_upgraded(path):
-    with open(os.path.join(path, "zarr.json")) as f:
-        return json.load(f)["attributes"].get("format_version") == CACHE_FORMAT_VERSION
+def _finish(target, meta):
+    """The cache turns to the current format only now, every part converted."""
+    target.write("cache.json", json.dumps(dict(meta, format_version=CACHE_FORMAT_VERSION), indent=2,
+                                          sort_keys=True).encode())
+    open_index(target.location, warn=False)  # the old index lists the old parts
 
 
-def _convert_part(src, target, name, fingerprint, codecs, attrs_extra, in_place):
-    """Write part `src` (format 2) as `name` in `target` (format 3); returns the new part's bytes."""
-    group = zarr.open_group(src, mode="r")
+def _commit_records_for_format3(cache_dir, meta, progress):
+    """Format 3 -> 4: a commit record for each committed (renamed) part; `.tmp-` debris removed."""
+    storage = open_storage(cache_dir)
+    names = storage.list(PARTS_DIR)
+    done = set(committed_parts(cache_dir))
+    size = storage.total_bytes()  # no data is rewritten
+    summary = {"parts": 0, "skipped": 0, "bytes_before": size, "bytes_after": size}
+    parts = [n for n in names if n.startswith("part-") and n.endswith(".zarr")]
+    for k, part in enumerate(parts):
+        progress(k, len(parts), part)
+        if part in done:
+            summary["skipped"] += 1
+            continue
+        group = zarr.open_group(storage.zarr_store(PARTS_DIR, part, read_only=True), mode="r")
+        attrs = dict(group.attrs)
+        if not attrs.get("complete"):
+            raise CacheError(f"{storage.url(PARTS_DIR, part)}: not a complete part; run `cli.py cache verify`")
+        write_commit_record(storage, part, {"video_count": len(attrs["videos"]),
+                                            "rows": {name: a.shape[0] for name, a in group.arrays()},
+                                            "fingerprint_sha256": attrs.get("fingerprint_sha256"),
+                                            "bytes": storage.total_bytes(PARTS_DIR, part)})
+        summary["parts"] += 1
+    progress(len(parts), len(parts), "")
+    for name in names:
+        if name.startswith(".tmp-"):  # parts (and their locks) of killed format-3 writers
+            storage.remove(PARTS_DIR, name, recursive=True)
+    _finish(storage, meta)
+    return summary
+
+
+def _convert_part(source, src, target, name, fingerprint, codecs, attrs_extra):
+    """Write part `src` of `source` (format 2) as `name` in `target`; returns the new part's bytes."""
+    group = zarr.open_group(source.zarr_store(src, read_only=True), mode="r")
     attrs = dict(group.attrs)
+    if not attrs.get("complete"):
+        raise CacheError(f"{source.url(src)}: not a complete part")
     pre, teacher = fingerprint["preprocessing"], fingerprint["teacher"]
-    writer = PartWriter(target, "", pre["height"], pre["width"], "flow" in group, teacher.get("num_classes"),
+    writer = PartWriter(target.location, "", pre["height"], pre["width"], "flow" in group, teacher.get("num_classes"),
                         teacher.get("embed_dim"), codecs, name=name)
-    if not group.attrs.get("complete"):
-        raise CacheError(f"{src}: not a complete part")
     for array_name, appender in writer.arrays.items():
         array = group[array_name]
         for lo in range(0, array.shape[0], ROWS_PER_COPY):
@@ -93,12 +135,5 @@ def _convert_part(src, target, name, fingerprint, codecs, attrs_extra, in_place)
     for rec in attrs["videos"]:
         writer.add_record(rec)
     new_attrs = {k: v for k, v in attrs.items() if k not in ("videos", "complete")}
-    new_attrs.update(attrs_extra, format_version=CACHE_FORMAT_VERSION)
-    if in_place and not os.path.basename(src).startswith(OLD_PREFIX):
-        parked = os.path.join(os.path.dirname(src), OLD_PREFIX + name)
-        os.rename(src, parked)  # the new part takes the name; the old one stays until it is committed
-        src = parked
-    size = writer.commit(new_attrs)
-    if in_place:
-        shutil.rmtree(src)
-    return size
+    new_attrs.update(attrs_extra)
+    return writer.commit(new_attrs)

@@ -1,17 +1,18 @@
-"""Write one shard store (a "part"): a Zarr v3 group filled by exactly one process, committed atomically.
+"""Write one part: a Zarr v3 group filled by exactly one process, committed by writing its record last.
 
-A part lives under CACHE/parts/. While it is written it is named `.tmp-*`, beside a `.tmp-*.lock`
-file that its writer holds an flock on; commit renames it to `part-*.zarr` (an atomic rename on a POSIX file system), so a
-reader or a rerun sees either the whole part or nothing. A killed writer leaves a `.tmp-*` directory
-whose lock nobody holds; the next run on the cache deletes it and redoes its videos.
+A part lives under CACHE/parts/NAME and is written in place; it exists for readers only once
+CACHE/commits/NAME.json does, which the writer writes after every byte of the part (one whole-object
+write: there is no rename on an object store, and a local folder takes the same path). A killed writer
+leaves a part folder with no commit record; the next extract of its shard, or `cache verify --repair`
+when no extract runs, deletes it and its videos are redone.
 
 Every array is sharded (cache/shards.py): frames and flow one frame per chunk in their codec (JPEG or
-zstd), the teacher's fp16 rows ~1 MB per zstd chunk, and tens of MB per file. Memory stays bounded
+zstd), the teacher's fp16 rows ~1 MB per zstd chunk, and tens of MB per object. Memory stays bounded
 however long a video is, and a video that fails midway is rolled back to where it began.
 """
-import fcntl
-import os
-import shutil
+import datetime
+import json
+import re
 import time
 import uuid
 
@@ -20,12 +21,14 @@ import zarr
 
 from cache.codecs import chunk_codecs
 from cache.shards import ShardAppender, shard_chunks
+from cache.storage import open_storage
 
 PARTS_DIR = "parts"
-FORMAT_VERSION = 3  # of the part layout (cache/fingerprint.py's CACHE_FORMAT_VERSION: the cache's)
-TMP_PREFIX = ".tmp-"
-LOCK_SUFFIX = ".lock"  # beside the .tmp- folder, held by its writer
+COMMITS_DIR = "commits"  # NAME.json per committed part: the only thing that makes a part visible
+FORMAT_VERSION = 4  # of the part layout (cache/fingerprint.py's CACHE_FORMAT_VERSION: the cache's)
 CHUNK_BYTES = 1 << 20  # teacher rows: >= 1 MB per chunk (uncompressed), read whole by a clip's few rows
+# part-s<index>of<count>[w<worker>]-<ns>-<id>.zarr: the shard job that writes it (its garbage is that job's)
+SHARD_TAG = re.compile(r"^part-s(\d+)of(\d+)(?:w\d+)?-")
 
 
 def _chunk_rows(row_shape, dtype):
@@ -39,18 +42,14 @@ class PartWriter:
     codecs: {"frames": (codec, quality), "flow": (codec, quality)} (cache/codecs.py)."""
 
     def __init__(self, cache_dir, tag, height, width, with_flow, num_classes, embed_dim, codecs, name=None):
-        parts = os.path.join(cache_dir, PARTS_DIR)
-        os.makedirs(parts, exist_ok=True)
+        self.storage = open_storage(cache_dir)
         # name: a part converted by `cache upgrade` keeps its name (it orders the parts' records)
         self.name = name or f"part-{tag}-{time.time_ns()}-{uuid.uuid4().hex[:8]}.zarr"
-        self.final_path = os.path.join(parts, self.name)
-        self.tmp_path = os.path.join(parts, TMP_PREFIX + self.name)
-        # The lock exists (and is held) before the folder does, so a folder without a held lock is
-        # always debris of a killed writer.
-        self._lock_path = self.tmp_path + LOCK_SUFFIX
-        self._lock = open(self._lock_path, "w")
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
-        self.group = zarr.open_group(self.tmp_path, mode="w", zarr_format=3)
+        self.folder = f"{PARTS_DIR}/{self.name}"
+        # Zarr makes the metadata documents (zarr.json of the group and of each array) in memory; they
+        # reach the store through Storage, like every other byte, with its retries
+        self.metadata = {}
+        self.group = zarr.open_group(zarr.storage.MemoryStore(self.metadata), mode="w", zarr_format=3)
         specs = {"frames": ((height, width, 3), "uint8", codecs["frames"], 1)}
         if with_flow:
             specs["flow"] = ((height, width, 2), "uint8", codecs["flow"], 1)
@@ -67,9 +66,14 @@ class PartWriter:
             arr = self.group.create_array(name, shape=(0,) + row, chunks=(chunk_rows,) + row,
                                           shards=(shard_rows,) + row, dtype=dtype, serializer=serializer,
                                           compressors=compressors, fill_value=0)
-            self.arrays[name] = ShardAppender(arr, os.path.join(self.tmp_path, name), codec, quality)
+            self.arrays[name] = ShardAppender(arr, self.storage, f"{self.folder}/{name}", codec, quality)
         self.videos = []
         self._video_start = None
+        self._write_metadata()  # the part in flight is visible (as uncommitted) from its first moment
+
+    def _write_metadata(self):
+        for key, value in self.metadata.items():
+            self.storage.write(f"{self.folder}/{key}", value.to_bytes())
 
     @property
     def num_frames(self):
@@ -92,58 +96,48 @@ class PartWriter:
         self._video_start = None
 
     def commit(self, attrs):
-        """Flush, write the video table, and atomically publish the part. Returns bytes on disk."""
+        """Write the last shards and the video table, then the commit record. Returns bytes stored."""
         for a in self.arrays.values():
             a.close()
         self.group.attrs.update({**attrs, "videos": self.videos, "complete": True, "format_version": FORMAT_VERSION})
-        os.rename(self.tmp_path, self.final_path)
-        os.unlink(self._lock_path)
-        self._lock.close()
-        return directory_bytes(self.final_path)
+        self._write_metadata()
+        stored = sum(a.stored_bytes for a in self.arrays.values())
+        write_commit_record(self.storage, self.name, {
+            "video_count": len(self.videos), "rows": {k: len(a) for k, a in self.arrays.items()},
+            "fingerprint_sha256": attrs.get("fingerprint_sha256"), "bytes": stored})
+        return stored
 
     def abandon(self):
-        for a in self.arrays.values():
-            a.abandon()
-        shutil.rmtree(self.tmp_path, ignore_errors=True)
-        os.unlink(self._lock_path)
-        self._lock.close()
+        self.storage.remove(self.folder, recursive=True)
 
 
-def directory_bytes(path):
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+def write_commit_record(storage, part, fields):
+    """Make a part visible: its record, written after everything else of the part (the commit point)."""
+    record = {"part": part, "format_version": FORMAT_VERSION, **fields,
+              "committed": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    storage.write(f"{COMMITS_DIR}/{part}.json", json.dumps(record).encode())
 
 
-def remove_stale_parts(cache_dir):
-    """Delete `.tmp-*` parts (and their locks) left by killed writers. Returns how many parts."""
-    parts = os.path.join(cache_dir, PARTS_DIR)
+def part_shard(part):
+    """(index, count) of the shard job that wrote a part, from its name; None when the name does not say."""
+    m = SHARD_TAG.match(part)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def uncommitted_parts(cache_dir):
+    """Part folders without a commit record: being written, or left by a killed writer."""
+    storage = open_storage(cache_dir)
+    committed = {n[:-len(".json")] for n in storage.list(COMMITS_DIR) if n.endswith(".json")}
+    return [n for n in storage.list(PARTS_DIR) if n not in committed]
+
+
+def remove_uncommitted_parts(cache_dir, is_free):
+    """Delete the uncommitted parts whose shard job is gone: is_free((index, count) or None) says so
+    (the caller holds that shard's lock, or no live job holds it). Returns how many parts."""
+    storage = open_storage(cache_dir)
     removed = 0
-    names = sorted(os.listdir(parts)) if os.path.isdir(parts) else []
-    for name in names:
-        if not name.startswith(TMP_PREFIX) or name.endswith(LOCK_SUFFIX):
-            continue
-        path = os.path.join(parts, name)
-        try:
-            lock = open(path + LOCK_SUFFIX, "r+")  # never creates
-        except FileNotFoundError:
-            lock = None  # the lock is made before the folder: no lock means its writer is gone
-        try:
-            if lock is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a live writer holds it
-            shutil.rmtree(path, ignore_errors=True)
-            if lock is not None:
-                os.unlink(path + LOCK_SUFFIX)
+    for part in uncommitted_parts(cache_dir):
+        if is_free(part_shard(part)):
+            storage.remove(PARTS_DIR, part, recursive=True)
             removed += 1
-        except BlockingIOError:
-            pass
-        finally:
-            if lock is not None:
-                lock.close()
-    for name in names:  # locks whose writer died before making its folder
-        if name.startswith(TMP_PREFIX) and name.endswith(LOCK_SUFFIX) and name[:-len(LOCK_SUFFIX)] not in names:
-            try:
-                with open(os.path.join(parts, name), "r+") as lock:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    os.unlink(os.path.join(parts, name))
-            except (BlockingIOError, FileNotFoundError):
-                pass
     return removed

@@ -3,6 +3,7 @@ import os
 import pickle
 import shutil
 
+import google_crc32c
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -60,7 +61,7 @@ def test_a_video_rolled_back_across_shard_files_leaves_the_earlier_rows_exact(tm
     for name in ("flow", "teacher_frame", "logits", "embed"):
         w.arrays[name].truncate(0)
     w.commit({})
-    part = w.final_path
+    part = os.path.join(str(tmp_path / "c"), "parts", w.name)
     assert sorted(os.listdir(os.path.join(part, "frames", "c"))) == ["0", "1", "2"]  # 9 rows, 4 per file
     import zarr
     frames = zarr.open_group(part, mode="r")["frames"][:]
@@ -72,16 +73,17 @@ def test_verify_finds_a_chunk_missing_inside_a_shard_and_a_missing_shard_file(tm
     part = committed_parts(path)[0]
     shard = os.path.join(path, "parts", part, "flow", "c", "0", "0", "0", "0")
     data = bytearray(open(shard, "rb").read())
-    flow = CacheReader(path)._arrays(part)["flow"]
-    count = flow.shards[0] // flow.chunks[0]  # chunks per shard; the index of (offset, length) sits at the end
+    count = CacheReader(path)._arrays(part)["flow"].count  # chunks per shard; their (offset, length) index ends it
     entry = len(data) - 4 - 16 * count + 16 * 2  # chunk 2's entry
     data[entry:entry + 16] = np.array([EMPTY, EMPTY], "<u8").tobytes()
+    data[-4:] = google_crc32c.value(bytes(data[-4 - 16 * count:-4])).to_bytes(4, "little")  # a valid index
     open(shard, "wb").write(bytes(data))
     problems, _, _ = verify_cache(path, quick=True)
-    assert any(f"{part}/flow: 1 chunk(s) missing" in p for p in problems), problems
+    # named with the video and frame it belongs to
+    assert f"{part}/flow: shard c/0/0/0/0: 1 chunk(s) missing, e.g. video 'v0' frame 2" in problems, problems
     os.remove(shard)
     problems, _, _ = verify_cache(path, quick=True)
-    assert any(f"{part}/flow: 1 chunk(s) missing (e.g. c/0/0/0/0)" in p for p in problems), problems
+    assert f"{part}/flow: shard c/0/0/0/0 is missing (from video 'v0' frame 0)" in problems, problems
 
 
 def test_the_index_follows_the_parts_it_is_built_from(tmp_path):
@@ -96,15 +98,18 @@ def test_the_index_follows_the_parts_it_is_built_from(tmp_path):
     w.add_record({"id": "v2", "status": "ok", "error": None, "frame_offset": start["frames"], "frame_count": 4,
                   "teacher_offset": 0, "teacher_count": 0})
     w.commit({})
-    reader = CacheReader(path)
+    with pytest.warns(UserWarning, match=r"does not list the committed parts \(1 more, 0 fewer"):
+        reader = CacheReader(path)
     assert reader.ids == ["v0", "v1", "v2"] and reader.num_frames("v2") == 4 and reader.record("v2")["status"] == "ok"
     # a damaged index file is rebuilt, never trusted
     with open(os.path.join(path, INDEX_FILE), "r+b") as f:
         f.truncate(100)
-    assert CacheReader(path).ids == ["v0", "v1", "v2"]
-    # a part moved away (quarantine): its videos leave the index
-    shutil.move(os.path.join(path, "parts", w.name), tmp_path / "away")
-    assert CacheReader(path).ids == ["v0", "v1"]
+    with pytest.warns(UserWarning, match="is damaged .*; rebuilt from the parts"):
+        assert CacheReader(path).ids == ["v0", "v1", "v2"]
+    # a part whose commit record is gone (quarantine): its videos leave the index
+    os.remove(os.path.join(path, "commits", w.name + ".json"))
+    with pytest.warns(UserWarning, match=r"\(0 more, 1 fewer"):
+        assert CacheReader(path).ids == ["v0", "v1"]
     # a worker gets the reader by pickling: it maps the file itself and reads the same
     clone = pickle.loads(pickle.dumps(CacheReader(path)))
     np.testing.assert_array_equal(clone.read("v0", 2, 5)["frames"], CacheReader(path).read("v0", 2, 5)["frames"])
@@ -120,7 +125,7 @@ def test_a_read_only_cache_is_indexed_in_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(cache.index.os, "replace", refuse)  # as on a read-only mount (root ignores chmod)
     reader = CacheReader(path)
     assert reader.ids == ["v0", "v1"] and reader.index.source == "memory"
-    assert sorted(os.listdir(path)) == ["cache.json", "parts"]  # no index, no temporary file left behind
+    assert sorted(os.listdir(path)) == ["cache.json", "commits", "parts"]  # no index, no temporary file left behind
 
 
 def test_a_format2_cache_is_refused_in_one_line_and_upgraded_without_loss(tmp_path):
@@ -142,7 +147,7 @@ def test_a_format2_cache_is_refused_in_one_line_and_upgraded_without_loss(tmp_pa
     # in place, killed after the old part was parked and before the new one was committed: the rerun
     # converts the parked part and leaves nothing behind
     parts = os.path.join(old, "parts")
-    name = committed_parts(str(old))[0]
+    name = [n for n in os.listdir(parts) if n.startswith("part-")][0]
     os.rename(os.path.join(parts, name), os.path.join(parts, ".old-" + name))
     result = CliRunner().invoke(cli, ["cache", "upgrade", str(old)])
     assert result.exit_code == 0, result.output
@@ -151,7 +156,7 @@ def test_a_format2_cache_is_refused_in_one_line_and_upgraded_without_loss(tmp_pa
     assert upgraded.fingerprint["storage"] == {"frames": "jpeg q90", "flow": "jpeg q95"}
     assert upgraded.num_frames("v0") == 20 and verify_cache(str(old))[0] == []
     again = CliRunner().invoke(cli, ["cache", "upgrade", str(old)])
-    assert again.exit_code == 2 and "already format 3; nothing to upgrade" in again.output
+    assert again.exit_code == 2 and "already format 4; nothing to upgrade" in again.output
 
 
 def test_a_worker_sees_the_videos_its_parent_chose_even_after_a_new_part(tmp_path):

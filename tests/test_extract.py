@@ -173,7 +173,7 @@ def test_verify_reports_a_deleted_chunk_and_repair_redoes_it(tmp_path):
     os.remove(cache / "parts" / part / "frames" / "c" / "0" / "0" / "0" / "0")
     result = CliRunner().invoke(cli, ["cache", "verify", str(cache)])
     assert result.exit_code == 1
-    assert f"DAMAGED: {part}/frames: 1 chunk(s) missing" in result.output
+    assert f"DAMAGED: {part}/frames: shard c/0/0/0/0 is missing (from video 'v01.mp4' frame 0)" in result.output
     result = CliRunner().invoke(cli, ["cache", "verify", "--repair", str(cache)])
     assert "quarantined" in result.output
     s = run_extract(extract_config(videos, cache, part_videos=1))
@@ -267,21 +267,13 @@ def test_a_replaced_source_is_extracted_again_and_a_vanished_one_reported(tmp_pa
         ("v00.mp4", 8, "ok", "same"), ("v01.mp4", 14, "ok", "same"), ("v02.mp4", 10, "ok", "vanished")]
 
 
-def _tmp_part_frames_flushed(cache, at_least=40_000):
-    """Whether a part in flight has written >= 40 KB of frames (a frame is streamed to its shard file
-    as it comes; ~3 KB of JPEG each at 64x80: past the first video, whose 24 frames are ~70 KB)."""
-    parts = cache / "parts"
-    if not parts.is_dir():
+def _parts_committed(cache, more_than):
+    """Whether more than `more_than` parts are committed (a part's finished videos are kept in memory
+    until its commit, so a commit is the first sign on disk that a run is past its first videos)."""
+    try:
+        return len(committed_parts(str(cache))) > more_than
+    except OSError:
         return False
-    for name in os.listdir(parts):
-        shards = parts / name / "frames" / "c"
-        if name.startswith(".tmp-") and shards.is_dir():
-            try:
-                if sum(f.stat().st_size for f in shards.rglob("*") if f.is_file()) >= at_least:
-                    return True
-            except OSError:  # committed (renamed) meanwhile
-                pass
-    return False
 
 
 @pytest.mark.slow
@@ -291,15 +283,15 @@ def test_sigterm_mid_extract_commits_then_a_double_ctrl_c_aborts_and_the_reruns_
         make_video(str(videos / f"v{i:02d}.mp4"), n=24, h=64, w=96, seed=i)
     cache = tmp_path / "c"
     cmd = [sys.executable, "cli.py", "extract", "--videos", str(videos), "--cache", str(cache), "--teacher-every", "8",
-           "--height", "64", "--width", "80"]  # default --part-videos 64: the one part never fills
+           "--height", "64", "--width", "80", "--part-videos", "3"]  # signalled while the second part is in flight
 
     def start():
         return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)  # its own process group, as a terminal's job
     proc = start()
     deadline = time.time() + 240
-    while proc.poll() is None and not _tmp_part_frames_flushed(cache) and time.time() < deadline:
-        time.sleep(0.05)
+    while proc.poll() is None and not _parts_committed(cache, 0) and time.time() < deadline:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)  # what Slurm and Kubernetes send first
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
@@ -310,9 +302,10 @@ def test_sigterm_mid_extract_commits_then_a_double_ctrl_c_aborts_and_the_reruns_
     assert 1 <= len(kept) < 12 and verify_cache(str(cache))[0] == []
     assert last.split("the ")[1].split(" videos")[0] == str(len(kept))
 
+    before = len(committed_parts(str(cache)))
     proc = start()  # the resume, stopped by a Ctrl-C twice: the second aborts at once
-    while proc.poll() is None and not _tmp_part_frames_flushed(cache) and time.time() < deadline:
-        time.sleep(0.05)
+    while proc.poll() is None and not _parts_committed(cache, before) and time.time() < deadline:
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches every process of the job, ffmpeg too
     time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGINT)

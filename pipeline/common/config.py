@@ -78,6 +78,8 @@ class ExtractConfig:
     retry_failed: bool = False
     strict: bool = False
     overwrite: bool = False
+    # an object store without conditional writes: no lease keeps two jobs apart, the user vouches for one
+    single_writer: bool = False
     progress: bool = True
 
 

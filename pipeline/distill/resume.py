@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from cache.fingerprint import VIDISTILL_VERSION, sha256_file
+from cache.storage import is_url
 from models.checkpoint import CheckpointError, load_checkpoint
 from pipeline.common.config import DistillConfig
 from pipeline.common.errors import DistillError
@@ -37,8 +38,10 @@ def video_set(ids):
 
 def settings_changed(ckpt, cfg, fingerprint, world, videos):
     """Why a checkpoint cannot be resumed with these settings and videos (empty: it can)."""
-    old = dict(ckpt["config"], cache=os.path.normpath(ckpt["config"].get("cache", "")))  # cache/ is cache
-    new = dict(dataclasses.asdict(cfg), cache=os.path.normpath(cfg.cache))
+    def same_spelling(cache):  # cache/ is cache; s3://b/c/ is s3://b/c (normpath would break the URL)
+        return cache.rstrip("/") if is_url(cache) else os.path.normpath(cache)
+    old = dict(ckpt["config"], cache=same_spelling(ckpt["config"].get("cache", "")))
+    new = dict(dataclasses.asdict(cfg), cache=same_spelling(cfg.cache))
     # a key newer than the checkpoint: it trained at that key's default
     changed = [k for k in result_keys() if old.get(k, getattr(DistillConfig, k)) != new[k]]
     if ckpt.get("world_size", 1) != world:

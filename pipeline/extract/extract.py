@@ -22,14 +22,15 @@ from cache.fingerprint import VIDISTILL_VERSION, CacheError, create_or_check, sh
 from cache.flow_codec import FLOW_BOUND, FLOW_CODEC
 from cache.index import load_index, open_index
 from cache.reader import source_status
-from cache.writer import remove_stale_parts
+from cache.storage import open_storage
+from cache.writer import remove_uncommitted_parts
 from models.teacher import load_teacher, teacher_fingerprint
 from pipeline.common.config import resolve_device
 from pipeline.common.errors import ExtractError, ExtractInterrupted
 from pipeline.common.progress import progress_bar
 from pipeline.extract.decode import ffmpeg_version
 from pipeline.extract.flow import FLOW_PARAMS, make_flow_fn
-from pipeline.extract.job import ShardLock, StopRequest, held_locks, shard_from_env, sigint_ignored
+from pipeline.extract.job import ShardLock, StopRequest, free_shard, held_locks, shard_from_env, sigint_ignored
 from pipeline.extract.part_sink import config_dict, stored_codecs
 from pipeline.extract.videolist import find_videos
 from pipeline.extract.worker import extract_videos, worker_main
@@ -76,6 +77,10 @@ def run_extract(cfg):
 def _run_extract(cfg, stop):
     t0 = time.time()
     cfg = _validate(cfg)
+    try:  # a missing bucket, no credentials or a refused request: said now, before any decoding
+        open_storage(cfg.cache).check_access()
+    except CacheError as e:
+        raise ExtractError(str(e)) from None
     if cfg.teacher_pretrained:  # fetched once, here: every worker then loads the same local file
         from models.clip import resolve_pretrained
         teacher, weights = resolve_pretrained(cfg.teacher, cfg.teacher_pretrained)
@@ -90,9 +95,10 @@ def _run_extract(cfg, stop):
     del teacher
     _prepare_cache(cfg, fingerprint)
 
-    lock = ShardLock(cfg.cache, shard_index, shard_count)
+    lock = ShardLock(cfg.cache, shard_index, shard_count, cfg.single_writer)
     try:
-        remove_stale_parts(cfg.cache)
+        # what a killed job of this shard (or of one no job holds now) left uncommitted is garbage
+        remove_uncommitted_parts(cfg.cache, free_shard(cfg.cache, (shard_index, shard_count)))
         mine = videos[shard_index::shard_count]
         todo, changed, vanished = _videos_to_do(cfg, mine, videos)
         summary = {"videos_found": len(videos), "unlisted_folders": unlisted, "shard": f"{shard_index}/{shard_count}",
@@ -105,6 +111,9 @@ def _run_extract(cfg, stop):
         except OSError as e:  # e.g. a full disk: committed parts stay valid, the part in flight is dropped
             raise ExtractError(f"{cfg.cache}: cannot write ({e.strerror or e}); the {summary['done'] + summary['failed']}"
                                " videos finished in this run are committed - free space and rerun to resume") from None
+        except CacheError as e:  # an object store that kept failing after the retries: the same
+            raise ExtractError(f"{e}; the {summary['done'] + summary['failed']} videos finished in this run are "
+                               "committed - rerun to resume") from None
         finally:
             bar.close()
         if stop():
@@ -115,7 +124,7 @@ def _run_extract(cfg, stop):
                 "to resume", stop.signum or signal.SIGTERM)
     finally:
         lock.release()
-    open_index(cfg.cache)  # brings index.bin up to date with the parts committed (readers would, later)
+    open_index(cfg.cache, warn=False)  # brings index.bin up to date with the parts committed
     summary["wall_seconds"] = time.time() - t0
     summary["cache"] = cfg.cache
     summary["failed_in_cache"] = _failed_in_cache(cfg.cache, mine)
@@ -277,10 +286,11 @@ def _run_workers(todo, cfg, report, stop):
 
 
 def _remove_cache(cache_dir):
-    import shutil
-    if not os.path.exists(os.path.join(cache_dir, "cache.json")) and os.listdir(cache_dir):
+    storage = open_storage(cache_dir)
+    if not storage.exists("cache.json") and storage.list():
         raise ExtractError(f"{cache_dir}: refusing to --overwrite a non-empty folder that is not a vidistill cache")
     busy = held_locks(cache_dir)
     if busy:
-        raise ExtractError(f"{cache_dir}: refusing to --overwrite while other jobs extract into it ({', '.join(busy)})")
-    shutil.rmtree(cache_dir)
+        raise ExtractError(f"{cache_dir}: refusing to --overwrite while other jobs extract into it "
+                           f"({', '.join(f'{k} by {v}' for k, v in busy.items())})")
+    storage.remove(recursive=True)

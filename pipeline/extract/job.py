@@ -5,6 +5,9 @@ import os
 import signal
 import threading
 
+from cache.errors import CacheError
+from cache.lease import LOCKS_DIR, LeaseBusy, ObjectLease, describe, lease_live, read_lease
+from cache.storage import open_storage
 from pipeline.common.errors import ExtractError
 from pipeline.common.locks import FileLock, LockBusy, is_held, lock_holder
 
@@ -67,34 +70,73 @@ class StopRequest:
                 signal.signal(s, signal.SIG_DFL if h is None else h)
 
 
-class ShardLock:
-    """An flock per shard: two jobs on the same shard of a cache never run at once."""
+def shard_lock_name(index, count):
+    return f"shard-{index}-of-{count}.lock"
 
-    def __init__(self, cache_dir, index, count):
-        locks = os.path.join(cache_dir, "locks")
+
+class ShardLock:
+    """Two jobs on the same shard of a cache never run at once: an flock on a local disk, a lease
+    object on an object store (cache/lease.py). single_writer: the store has no conditional write and
+    the user vouches that one job writes (then nothing is taken)."""
+
+    def __init__(self, cache_dir, index, count, single_writer=False):
+        storage = open_storage(cache_dir)
+        name = shard_lock_name(index, count)
+        self.lease = self.lock = None
         try:
-            self.lock = FileLock(os.path.join(locks, f"shard-{index}-of-{count}.lock"))
-        except LockBusy as e:
+            if not storage.remote:
+                self.lock = FileLock(storage.path(LOCKS_DIR, name))
+            elif not (single_writer and not storage.conditional_writes):
+                self.lease = ObjectLease(storage, name)
+        except (LockBusy, LeaseBusy) as e:
             raise ExtractError(f"{cache_dir}: shard {index}/{count} is being extracted by another process "
                                f"({e.holder}); wait for it to finish or pick another --shard") from None
+        except CacheError as e:
+            raise ExtractError(str(e)) from None
         # jobs that split the videos another way would take some of ours too
-        for other in held_locks(cache_dir):
+        for other, holder in held_locks(cache_dir).items():
             if not other.endswith(f"-of-{count}.lock"):
-                self.lock.release()
-                raise ExtractError(f"{cache_dir}: a job with another shard count is running ({other}, "
-                                   f"{lock_holder(os.path.join(locks, other))}); every job on one cache must use "
-                                   "the same --shard I/N") from None
+                self.release()
+                raise ExtractError(f"{cache_dir}: a job with another shard count is running ({other}, {holder}); "
+                                   "every job on one cache must use the same --shard I/N") from None
+
+    @property
+    def lost(self):
+        """True once another job took the lease over (this one was silent past its expiry)."""
+        return self.lease is not None and self.lease.lost
 
     def release(self):
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
+        if self.lease is not None:
+            self.lease.release()
 
 
-def held_locks(cache_dir):
-    """Names of the shard locks some live process holds (a lock file alone means nothing: flock
-    is released when its holder dies, however it dies)."""
-    locks = os.path.join(cache_dir, "locks")
-    return [name for name in (sorted(os.listdir(locks)) if os.path.isdir(locks) else [])
-            if is_held(os.path.join(locks, name))]
+def held_locks(cache_dir, exclude=None):
+    """{shard lock name ("shard-I-of-N.lock"): who holds it} for the locks some live job holds. A lock
+    file alone means nothing: flock is released when its holder dies, however it dies, and a lease
+    binds only until it expires or its process is gone. exclude: a name to skip."""
+    storage = open_storage(cache_dir)
+    held = {}
+    for name in storage.list(LOCKS_DIR):
+        if name == exclude:
+            continue
+        if not storage.remote:
+            if is_held(storage.path(LOCKS_DIR, name)):
+                held[name] = lock_holder(storage.path(LOCKS_DIR, name))
+        else:
+            record, _ = read_lease(storage, name)
+            if record is not None and lease_live(record):
+                held[name] = describe(record)
+    return held
+
+
+def free_shard(cache_dir, mine=None):
+    """is_free(shard) for remove_uncommitted_parts: our own shard `mine` (we hold its lock), and any
+    shard no live job holds, may have its uncommitted parts deleted; a part whose name names no shard
+    is kept."""
+    busy = held_locks(cache_dir, exclude=shard_lock_name(*mine) if mine else None)
+    return lambda shard: shard is not None and (shard == tuple(mine or ()) or shard_lock_name(*shard) not in busy)
 
 
 @contextlib.contextmanager

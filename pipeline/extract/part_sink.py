@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from cache.fingerprint import VIDISTILL_VERSION, fingerprint_sha256, read_cache_json
+from cache.fingerprint import VIDISTILL_VERSION, CacheError, fingerprint_sha256, read_cache_json
 from cache.writer import PartWriter
 from pipeline.extract.flow import make_flow_fn
 
@@ -122,7 +122,10 @@ class PartSink:
             self.pending.exception()  # let an in-flight write finish before abandoning the part
         self.write.shutdown()
         if self.writer is not None:
-            self.writer.abandon()
+            try:
+                self.writer.abandon()
+            except (OSError, CacheError):  # the store is failing: the next run of this shard deletes it
+                pass
 
 
 def stored_codecs(cfg):
