@@ -562,12 +562,13 @@ def cache_verify_cmd(cache, quick, repair):
     from cache.fingerprint import CacheError
     from cache.manifest import quarantine_damaged, verify_cache
     from cache.writer import remove_uncommitted_parts
-    from pipeline.extract.job import free_shard
+    from pipeline.extract.job import free_shards
     try:
         problems, notes, checked = verify_cache(cache, quick=quick)
         if repair and notes:
-            removed = remove_uncommitted_parts(cache, free_shard(cache))
+            removed = remove_uncommitted_parts(cache, free_shards(cache))
             notes = [f"removed {removed} uncommitted part(s) of killed runs"] if removed else notes
+        quarantined = quarantine_damaged(cache, problems) if repair and problems else []
     except CacheError as e:
         _fail(str(e))
     for n in notes:
@@ -579,7 +580,7 @@ def cache_verify_cmd(cache, quick, repair):
         return
     click.echo(f"{len(problems)} problem(s) in {cache}")
     if repair:
-        for part, ids in quarantine_damaged(cache, problems):
+        for part, ids in quarantined:
             click.echo(f"quarantined {part} ({len(ids)} videos); rerun extract to redo them")
     else:
         click.echo("run `cli.py cache verify --repair` then the same extract command to re-extract damaged videos")

@@ -237,8 +237,22 @@ def _save_and_map(path, data):
 
 def _local_copy(storage, parts):
     """Where a reader of a remote cache keeps its copy of index.bin: named by the cache and its parts."""
-    key = hashlib.sha256(json.dumps([storage.location, parts]).encode()).hexdigest()[:24]
-    return os.path.join(tempfile.gettempdir(), f"vidistill-index-{key}.bin")
+    cache_key = hashlib.sha256(storage.location.encode()).hexdigest()[:12]
+    parts_key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"vidistill-index-{cache_key}-{parts_key}.bin")
+
+
+def _drop_older_copies(local):
+    """Delete this cache's copies of index.bin for other parts (a process still mapping one keeps its
+    pages until it unmaps them)."""
+    folder, name = os.path.split(local)
+    prefix = name.rsplit("-", 1)[0] + "-"
+    for other in os.listdir(folder):
+        if other.startswith(prefix) and other.endswith(".bin") and other != name:
+            try:
+                os.unlink(os.path.join(folder, other))
+            except OSError:
+                pass
 
 
 def open_index(cache_dir, parts=None, warn=True):
@@ -269,6 +283,7 @@ def open_index(cache_dir, parts=None, warn=True):
         try:
             data = storage.read(INDEX_FILE)
             if VideoIndex(data, "memory").parts == parts:
+                _drop_older_copies(local)
                 return _save_and_map(local, data)
             if warn and not pinned:
                 warnings.warn(f"{storage.url(INDEX_FILE)} does not list the committed parts; rebuilt from the parts",
@@ -283,4 +298,5 @@ def open_index(cache_dir, parts=None, warn=True):
             storage.write(INDEX_FILE, data)
         except (OSError, CacheError):
             pass  # a read-only store: this reader keeps its own copy
+        _drop_older_copies(local)
     return _save_and_map(local, data)

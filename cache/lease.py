@@ -5,8 +5,11 @@ kernel when its holder dies. An object store has no locks, so a job takes CACHE/
 creating it with S3's If-None-Match: * (exactly one creator wins), renews it every LEASE_SECONDS / 3
 with If-Match on its own version, and deletes it when done. A lease left by a killed job is taken
 over with If-Match on the version read (two takers: one wins) once it has expired, or at once when
-its holder ran on this machine and its process is gone. A store without conditional writes cannot
-keep two jobs apart: extract refuses to start there unless told that only one job writes.
+its holder ran on this machine (the same host, boot and pid namespace) and its process is gone. A
+job that cannot renew its lease in time, or finds it taken over, commits nothing more
+(`ensure_held`). Expiry compares the holder's clock with the reader's: machines whose clocks differ by
+tens of seconds could take a live lease over. A store without conditional writes cannot keep two jobs
+apart: extract refuses to start there unless told that only one job writes.
 """
 import datetime
 import json
@@ -20,6 +23,7 @@ from cache.errors import CacheError
 LEASE_SECONDS = 60  # a lease not renewed for this long belongs to a dead job
 LOCKS_DIR = "locks"
 _held = set()  # (location, key) of the leases this process holds now
+_lost = threading.Event()  # set when a lease of this process was taken over or could not be renewed in time
 
 
 class LeaseBusy(Exception):
@@ -31,13 +35,15 @@ class LeaseBusy(Exception):
 
 
 def _machine():
-    """This machine, as a lease records it: host name and boot id (two containers may share a name)."""
+    """Where a pid means one process, as a lease records it: host name, boot id (two containers may share
+    a name) and pid namespace (containers on one host, even sharing its network, each have their own)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
+        boot, namespace = "", ""
+    return f"{socket.gethostname()}/{boot}/{namespace}"
 
 
 def _alive(pid):
@@ -85,13 +91,15 @@ class ObjectLease:
                              "jobs on one shard could not be kept apart; pass --single-writer if only one job "
                              "writes this cache")
         self.storage, self.key, self.lost = storage, f"{LOCKS_DIR}/{name}", False
-        if not storage.create(self.key, self._body()):
+        self.renewed = time.monotonic()
+        self.etag = storage.create(self.key, self._body())
+        if not self.etag:
             record, etag = read_lease(storage, name)
             if record is not None and lease_live(record, key=(storage.location, self.key)):
                 raise LeaseBusy(storage.url(self.key), describe(record))
-            if etag is None or not storage.replace_if(self.key, self._body(), etag):
+            self.etag = storage.replace_if(self.key, self._body(), etag) if etag else False
+            if not self.etag:
                 raise LeaseBusy(storage.url(self.key), "another job that took it over just now")
-        self.etag = storage.etag(self.key)
         _held.add((storage.location, self.key))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, daemon=True, name="lease")
@@ -102,21 +110,39 @@ class ObjectLease:
                            "expires": time.time() + LEASE_SECONDS}).encode()
 
     def _renew(self):
-        while not self._stop.wait(LEASE_SECONDS / 3):
+        while not self._stop.wait(LEASE_SECONDS / 6):
+            if time.monotonic() - self.renewed < LEASE_SECONDS / 3:
+                continue
             try:
-                if not self.storage.replace_if(self.key, self._body(), self.etag):
-                    self.lost = True  # taken over: we were silent past the expiry (a long network outage)
-                    return
-                self.etag = self.storage.etag(self.key)
+                etag = self.storage.replace_if(self.key, self._body(), self.etag)
             except (OSError, CacheError):
-                continue  # retried at the next beat; the lease stays ours until it expires
+                etag = None  # retried at the next beat, while the lease is surely still ours
+            if etag:
+                self.etag, self.renewed = etag, time.monotonic()
+            elif etag is False or time.monotonic() - self.renewed > LEASE_SECONDS * 2 / 3:
+                # taken over, or too close to its expiry for another job not to take it: commit nothing more
+                self.lost = True
+                _lost.set()
+                return
 
     def release(self):
+        """Stop renewing and delete the lease (unconditionally: S3 deletes have no If-Match everywhere; a
+        lease lost meanwhile is left to its new holder)."""
         self._stop.set()
         self._thread.join()
         _held.discard((self.storage.location, self.key))
+        _lost.clear()  # the job that lost it is over: the next one in this process starts clean
         if not self.lost:
             try:
                 self.storage.remove(self.key)
             except (OSError, CacheError):  # the store is failing: the lease expires on its own
                 pass
+
+
+def ensure_held():
+    """Raise CacheError when a lease of this process was taken over or could not be renewed in time:
+    another job may own its shard now, so nothing more may be committed."""
+    if _lost.is_set():
+        raise CacheError("this job's lease on its shard was lost (taken over, or not renewed for "
+                         f"{LEASE_SECONDS * 2 // 3} s: a long outage of the store); stopped before committing more, "
+                         "rerun the same command to resume")

@@ -46,13 +46,12 @@ class ChunkCache:
     def get_many(self, keys, load):
         """{key: chunk} for `keys`; load(missing keys) -> their chunks in order, one call for all."""
         missing = [k for k in keys if k not in self.chunks]
-        got = dict(zip(missing, load(missing))) if missing else {}
-        for k in keys:
-            if k in got:
-                self._put(k, got[k])
-            else:
-                self.chunks.move_to_end(k)
-                got[k] = self.chunks[k]
+        got = {k: self.chunks[k] for k in keys if k in self.chunks}  # before any new chunk evicts one
+        for k in got:
+            self.chunks.move_to_end(k)
+        for k, chunk in zip(missing, load(missing) if missing else ()):
+            got[k] = chunk
+            self._put(k, chunk)
         return got
 
     def _put(self, key, chunk):

@@ -46,7 +46,9 @@ def _transient(e):
     text = f"{type(e).__name__} {e}"
     return isinstance(e, (ConnectionError, TimeoutError)) or any(
         s in text for s in ("Timeout", "timed out", "Connection", "connection", "Throttl", "SlowDown",
-                            "ServiceUnavailable", "InternalError", "503", "500", "RequestTimeout"))
+                            "ServiceUnavailable", "InternalError", "503", "500", "RequestTimeout",
+                            # S3's answer to two conditional writes racing on one key: try again
+                            "ConditionalRequestConflict", "409"))
 
 
 def answer(e):
@@ -64,8 +66,10 @@ class Storage:
         if self.remote:
             import fsspec
             self.protocol = self.location.split("://", 1)[0]
-            # one layer of retries, ours (s3fs and botocore would each retry too: 5 x 5 x 5 attempts)
-            options = {"config_kwargs": {"retries": {"max_attempts": 1}}} if self.protocol == "s3" else {}
+            # one layer of retries, ours (s3fs and botocore would each retry too: 5 x 5 x 5 attempts), and
+            # timeouts short enough that a lease is renewed well inside its 60 s even after retries
+            options = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 5, "read_timeout": 20}} \
+                if self.protocol == "s3" else {}
             try:
                 # our own instance: fsspec's shared ones outlive a fork, with a dead event loop inside
                 self.fs, self.root = fsspec.url_to_fs(self.location, skip_instance_cache=True, **options)
@@ -103,9 +107,10 @@ class Storage:
                 if not self.remote:
                     raise
                 if not _transient(e):
-                    if isinstance(e, OSError):  # missing, refused...: the caller decides what that means
-                        raise
-                    # the client's own refusal (no credentials, a bad endpoint): one line, no traceback
+                    if isinstance(e, OSError) and not isinstance(e, PermissionError):
+                        raise  # missing, a failed condition...: the caller decides what that means
+                    # refused (access denied), or the client's own refusal (no credentials, a bad
+                    # endpoint): one line, no traceback
                     raise CacheError(f"{self.url(what)}: {answer(e)}") from None
                 if attempt == RETRIES - 1:
                     raise CacheError(f"{self.url(what)}: {answer(e)} (after {RETRIES} attempts)") from None
@@ -149,9 +154,11 @@ class Storage:
         out = {}
         for n, p in zip(names, paths):
             value = got.get(p, FileNotFoundError(p))
-            out[n] = value
-            if isinstance(value, bytes):
+            if isinstance(value, Exception) and not isinstance(value, FileNotFoundError):
+                value = self.read(n)  # a transient failure of one object: retried alone (raises if it persists)
+            elif isinstance(value, bytes):
                 self.bytes_read += len(value)
+            out[n] = value
         return out
 
     def size(self, name):
@@ -196,8 +203,9 @@ class Storage:
         self._call(name, self.fs.pipe_file, self.path(name), data)
 
     def create(self, name, data):
-        """Write an object only if none exists there: True if this call created it, False if one was
-        there. Atomic against any other writer (O_EXCL, S3's If-None-Match: *)."""
+        """Write an object only if none exists there: its version tag (S3's ETag; True on a local disk)
+        if this call created it, False if one was there. Atomic against any other writer (O_EXCL, S3's
+        If-None-Match: *)."""
         if not self.conditional_writes:
             raise CacheError(f"{self.url(name)}: {self.protocol}:// has no conditional write here")
         if not self.remote:
@@ -207,8 +215,7 @@ class Storage:
             except FileExistsError:
                 return False
         try:
-            self._call(name, self.fs.pipe_file, self.path(name), data, mode="create")
-            return True
+            return self._call(name, self.fs.pipe_file, self.path(name), data, mode="create")["ETag"]
         except (FileExistsError, OSError) as e:
             if _precondition_failed(e):
                 return False
@@ -219,10 +226,10 @@ class Storage:
         return self._call(name, self.fs.info, self.path(name)).get("ETag") if self.remote else None
 
     def replace_if(self, name, data, etag):
-        """Overwrite an object only if it is still the version `etag` (S3's If-Match): True if done."""
+        """Overwrite an object only if it is still the version `etag` (S3's If-Match): the new version's
+        tag if done, False if the object changed meanwhile."""
         try:
-            self._call(name, self.fs.pipe_file, self.path(name), data, IfMatch=etag)
-            return True
+            return self._call(name, self.fs.pipe_file, self.path(name), data, IfMatch=etag)["ETag"]
         except OSError as e:
             if _precondition_failed(e):
                 return False

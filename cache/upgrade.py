@@ -42,6 +42,9 @@ def upgrade_cache(cache_dir, codecs, out=None, progress=lambda done, total, part
                              "only commit records are added); run it without --out")
         return _commit_records_for_format3(cache_dir, meta, progress)
     source = open_storage(cache_dir)
+    if source.remote and out is None:  # parking a part aside is a copy there, and a killed copy is half a part
+        raise CacheError(f"{cache_dir}: a format-2 cache on an object store is upgraded into a new location: "
+                         "pass --out URL")
     fingerprint = dict(meta["fingerprint"], storage=storage_description(codecs))
     target = open_storage(out or cache_dir)
     if out:

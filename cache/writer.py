@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 
 from cache.codecs import chunk_codecs
+from cache.lease import ensure_held
 from cache.shards import ShardAppender, shard_chunks
 from cache.storage import open_storage
 
@@ -102,6 +103,7 @@ class PartWriter:
         self.group.attrs.update({**attrs, "videos": self.videos, "complete": True, "format_version": FORMAT_VERSION})
         self._write_metadata()
         stored = sum(a.stored_bytes for a in self.arrays.values())
+        ensure_held()  # a job whose shard lease was lost commits nothing: another job may own the shard now
         write_commit_record(self.storage, self.name, {
             "video_count": len(self.videos), "rows": {k: len(a) for k, a in self.arrays.items()},
             "fingerprint_sha256": attrs.get("fingerprint_sha256"), "bytes": stored})
@@ -131,12 +133,16 @@ def uncommitted_parts(cache_dir):
     return [n for n in storage.list(PARTS_DIR) if n not in committed]
 
 
-def remove_uncommitted_parts(cache_dir, is_free):
-    """Delete the uncommitted parts whose shard job is gone: is_free((index, count) or None) says so
-    (the caller holds that shard's lock, or no live job holds it). Returns how many parts."""
+def remove_uncommitted_parts(cache_dir, free_shards):
+    """Delete the uncommitted parts whose shard job is gone: free_shards() -> is_free((index, count) or
+    None) says so (the caller holds that shard's lock, or no live job holds it). It is asked after the
+    listing, so a job that starts meanwhile holds its lock before its first part is listed. Returns how
+    many parts."""
     storage = open_storage(cache_dir)
     removed = 0
-    for part in uncommitted_parts(cache_dir):
+    parts = uncommitted_parts(cache_dir)
+    is_free = free_shards() if parts else None
+    for part in parts:
         if is_free(part_shard(part)):
             storage.remove(PARTS_DIR, part, recursive=True)
             removed += 1

@@ -89,7 +89,10 @@ def check_cache(cache_dir, objective):
                            f"this is {VIDISTILL_VERSION}; re-extract it")
     # structure only (every part's settings from its commit record, every shard and chunk present): cheap
     # at any size; a chunk that is present but corrupt is caught when a clip reads it
-    problems, _, _ = verify_cache(cache_dir, quick=True, with_tables=False)
+    try:
+        problems, _, _ = verify_cache(cache_dir, quick=True, with_tables=False)
+    except CacheError as e:  # the store refused or kept failing: its one line
+        raise DistillError(str(e)) from None
     if problems:
         raise DistillError(f"{cache_dir} is damaged ({len(problems)} problem(s), e.g. {problems[0]}); "
                            "run `cli.py cache verify --repair` and extract again")
@@ -262,7 +265,11 @@ def training_clips(cfg, fingerprint):
     fields = ("logits", "embed") if embeds else ("logits",) if teacher else ()
     # a second clip of each video: MoDist's keys, lss self-distillation's EMA view
     two_views = modist or ("lss" in parts and cfg.concept_self_weight > 0)
-    return ClipDataset(CacheReader(cfg.cache, cfg.read_cache_mb), cfg.clip_len, cfg.stride, cfg.crop, with_flow=modist,
+    try:
+        reader = CacheReader(cfg.cache, cfg.read_cache_mb)
+    except CacheError as e:
+        raise DistillError(str(e)) from None
+    return ClipDataset(reader, cfg.clip_len, cfg.stride, cfg.crop, with_flow=modist,
                        teacher_fields=fields, two_views=two_views, seed=cfg.seed, crop_scale=cfg.crop_scale,
                        first_view_in_teacher_square=teacher and cfg.distill_view == "teacher_square")
 

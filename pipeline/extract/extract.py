@@ -30,7 +30,7 @@ from pipeline.common.errors import ExtractError, ExtractInterrupted
 from pipeline.common.progress import progress_bar
 from pipeline.extract.decode import ffmpeg_version
 from pipeline.extract.flow import FLOW_PARAMS, make_flow_fn
-from pipeline.extract.job import ShardLock, StopRequest, free_shard, held_locks, shard_from_env, sigint_ignored
+from pipeline.extract.job import ShardLock, StopRequest, free_shards, held_locks, shard_from_env, sigint_ignored
 from pipeline.extract.part_sink import config_dict, stored_codecs
 from pipeline.extract.videolist import find_videos
 from pipeline.extract.worker import extract_videos, worker_main
@@ -97,8 +97,9 @@ def _run_extract(cfg, stop):
 
     lock = ShardLock(cfg.cache, shard_index, shard_count, cfg.single_writer)
     try:
+        stop.conditions.append(lambda: lock.lost)  # taken over: stop, and its workers with it
         # what a killed job of this shard (or of one no job holds now) left uncommitted is garbage
-        remove_uncommitted_parts(cfg.cache, free_shard(cfg.cache, (shard_index, shard_count)))
+        remove_uncommitted_parts(cfg.cache, free_shards(cfg.cache, (shard_index, shard_count)))
         mine = videos[shard_index::shard_count]
         todo, changed, vanished = _videos_to_do(cfg, mine, videos)
         summary = {"videos_found": len(videos), "unlisted_folders": unlisted, "shard": f"{shard_index}/{shard_count}",
@@ -116,6 +117,9 @@ def _run_extract(cfg, stop):
                                "committed - rerun to resume") from None
         finally:
             bar.close()
+        if lock.lost:
+            raise ExtractError(f"{cfg.cache}: this job's lease on shard {shard_index}/{shard_count} was taken over or "
+                               "could not be renewed; it stopped without committing more - rerun to resume")
         if stop():
             finished = summary["done"] + summary["partial"] + summary["failed"]
             raise ExtractInterrupted(

@@ -37,9 +37,11 @@ class StopRequest:
         self.signum = None
         self.forwarded = forwarded
         self.children = []  # worker processes, killed on a second signal
+        self.conditions = []  # other reasons to stop, asked at every check (a shard lease lost)
 
     def __call__(self):
-        return self.signum is not None or (self.forwarded is not None and self.forwarded.is_set())
+        return self.signum is not None or (self.forwarded is not None and self.forwarded.is_set()) or \
+            any(lost() for lost in self.conditions)
 
     @contextlib.contextmanager
     def on_signals(self, announce=True):
@@ -131,12 +133,14 @@ def held_locks(cache_dir, exclude=None):
     return held
 
 
-def free_shard(cache_dir, mine=None):
-    """is_free(shard) for remove_uncommitted_parts: our own shard `mine` (we hold its lock), and any
-    shard no live job holds, may have its uncommitted parts deleted; a part whose name names no shard
-    is kept."""
-    busy = held_locks(cache_dir, exclude=shard_lock_name(*mine) if mine else None)
-    return lambda shard: shard is not None and (shard == tuple(mine or ()) or shard_lock_name(*shard) not in busy)
+def free_shards(cache_dir, mine=None):
+    """For remove_uncommitted_parts: a function that, called, reads the locks held now and returns
+    is_free(shard): our own shard `mine` (we hold its lock) and any shard no live job holds may have
+    its uncommitted parts deleted; a part whose name names no shard is kept."""
+    def is_free_now():
+        busy = held_locks(cache_dir, exclude=shard_lock_name(*mine) if mine else None)
+        return lambda shard: shard is not None and (shard == tuple(mine or ()) or shard_lock_name(*shard) not in busy)
+    return is_free_now
 
 
 @contextlib.contextmanager
