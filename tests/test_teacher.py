@@ -8,7 +8,7 @@ import torch
 from helpers import center_crop_resize
 from torchvision.models._meta import _IMAGENET_CATEGORIES as IMAGENET_CLASSES
 
-from models.efficientnet_lite import EfficientNetLite0
+from models.efficientnet_lite import EfficientNetLite
 from models.teacher import default_weights_path, load_teacher, teacher_fingerprint
 from pipeline.common.config import ExtractConfig
 from pipeline.extract.extract import make_fingerprint
@@ -46,7 +46,7 @@ def test_shapes_dtypes_and_torch_input(teacher, photos):
 
 
 def test_parameter_count():
-    model = EfficientNetLite0()
+    model = EfficientNetLite()
     assert sum(p.numel() for p in model.parameters()) == 4_652_008  # the 4.65 M of the EfficientNet-Lite0 paper table
 
 

@@ -55,9 +55,10 @@ class ExtractConfig:
     teacher: str = "efficientnet_lite0"
     teacher_weights: str = None
     teacher_pretrained: str = None  # clip:ARCH only: a hub tag, fetched once before any work
-    teacher_size: int = 224
+    teacher_size: int = 0  # 0: the input size the teacher's weights were trained at (224 without a teacher)
+    teacher_classes: str = None  # timm:/torchvision: teachers: a file of their class names, one per line
     # share of the central square the teacher sees (then resized to teacher_size); 0: the teacher's own
-    # evaluation crop (EfficientNet-Lite: 224 of 256, 0.875; CLIP: the whole square)
+    # evaluation crop (EfficientNet-Lite0: 224 of 256, 0.875; CLIP: the whole square)
     teacher_crop: float = 0.0
     teacher_every: int = 1
     flow: str = "dis"

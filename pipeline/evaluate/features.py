@@ -38,7 +38,7 @@ from pipeline.common.progress import progress_bar
 from pipeline.common.runs import checkpoint_path
 from pipeline.distill.clips import clip_span, load_clip, view_boxes, view_starts
 from pipeline.extract.decode import DecodeError, VideoDecode
-from pipeline.extract.extract import run_extract, teacher_identity
+from pipeline.extract.extract import NO_TEACHER_SIZE, run_extract, teacher_identity
 from pipeline.extract.videolist import find_videos
 
 FEATURES_DIR = "features"  # WORK/features/: the feature stores and their index.json
@@ -58,7 +58,7 @@ class Preprocessing:
     stride: int = DistillConfig.stride
     crop: int = DistillConfig.crop
     crop_scale: float = DistillConfig.crop_scale  # fine-tuning cuts clips with the training crops
-    teacher_size: int = ExtractConfig.teacher_size  # the decode size, from which stored frames are downscaled
+    teacher_size: int = NO_TEACHER_SIZE  # the decode size, from which stored frames are downscaled
     teacher_crop: float = 1.0  # the teacher's share of the central square (it sets the decode size too)
     source: str = "defaults"
     fingerprint: dict = field(default_factory=dict)
@@ -76,7 +76,7 @@ def preprocessing_of(checkpoint):
     ckpt = load_checkpoint(checkpoint)
     pre, cfg = ckpt["cache_fingerprint"]["preprocessing"], ckpt["config"]
     return Preprocessing(pre["fps"], pre["height"], pre["width"], cfg["clip_len"], cfg["stride"], cfg["crop"],
-                         cfg["crop_scale"], pre.get("teacher_size", ExtractConfig.teacher_size),
+                         cfg["crop_scale"], pre.get("teacher_size", NO_TEACHER_SIZE),
                          pre.get("teacher_crop", 1.0), source=checkpoint,
                          fingerprint=ckpt["cache_fingerprint"], distill_cache=cfg.get("cache"))
 
@@ -87,7 +87,7 @@ def eval_cache_dir(root, work, pre, teacher=None):
     layout never share one), frames only or with the teacher row's outputs."""
     root_digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:8]
     name = f"cache-{root_digest}-{pre.fps:g}fps-{pre.height}x{pre.width}"
-    if pre.teacher_size != ExtractConfig.teacher_size:
+    if pre.teacher_size != NO_TEACHER_SIZE:
         name += f"-t{pre.teacher_size}"
     if pre.teacher_crop != 1.0:
         name += f"-crop{pre.teacher_crop:.3f}"

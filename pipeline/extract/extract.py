@@ -64,6 +64,9 @@ def make_fingerprint(cfg, teacher):
     }
 
 
+NO_TEACHER_SIZE = 224  # the decode size of a frames-only cache (and of caches that did not record one)
+
+
 def run_extract(cfg):
     """The whole of `cli.py extract`. Returns a summary dict.
 
@@ -88,9 +91,12 @@ def _run_extract(cfg, stop):
     shard_index, shard_count = cfg.shard
     unlisted = []
     videos = find_videos(cfg.videos, unlisted)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device="cpu") if cfg.teacher != "none" else None
-    # 0: the teacher's own evaluation crop; without a teacher the whole square (it sets the decode size)
-    cfg = dataclasses.replace(cfg, teacher_crop=cfg.teacher_crop or (teacher.eval_crop if teacher else 1.0))
+    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device="cpu", classes=cfg.teacher_classes) \
+        if cfg.teacher != "none" else None
+    # 0: the teacher's own input size and evaluation crop; without a teacher 224 and the whole square
+    # (they set the decode size)
+    cfg = dataclasses.replace(cfg, teacher_crop=cfg.teacher_crop or (teacher.eval_crop if teacher else 1.0),
+                              teacher_size=cfg.teacher_size or (teacher.input_size if teacher else NO_TEACHER_SIZE))
     fingerprint = make_fingerprint(cfg, teacher)
     del teacher
     _prepare_cache(cfg, fingerprint)

@@ -122,7 +122,8 @@ def extract_videos(videos, cfg, tag, report, gpu_slot=0, stopping=lambda: False)
     if stopping():
         return
     device = resolve_device(cfg.device, gpu_slot)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device=device) if cfg.teacher != "none" else None
+    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device=device, classes=cfg.teacher_classes) \
+        if cfg.teacher != "none" else None
     # Where the time goes. This thread: "teacher", and "wait_decode" / "wait_write", the parts of the
     # other stages not hidden behind the teacher. The decode thread: "decode" and "flow", busy time.
     seconds = {"teacher": 0.0, "wait_decode": 0.0, "wait_write": 0.0}
