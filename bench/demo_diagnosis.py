@@ -231,6 +231,7 @@ def main():
     ap.add_argument("--generator-seed", type=int, default=0, help="when preparing: the benchmark's seed")
     ap.add_argument("--teacher-crop", type=float, default=None,
                     help="when preparing: the teacher's share of the central square (default: the demo's)")
+    ap.add_argument("--teacher", default=None, help="when preparing: the teacher spec (default: the extract default)")
     ap.add_argument("--codec", choices=("jpeg", "zstd"), default=None,
                     help="when preparing: how frames and flow are stored (default: the extract default, JPEG)")
     ap.add_argument("--work", default=None, help="where runs and results go (default: DEMO/diagnosis)")
@@ -250,7 +251,8 @@ def main():
                                                frames=dict(FRAMES, **({} if args.teacher_crop is None else
                                                                       {"teacher_crop": args.teacher_crop}),
                                                            **({} if args.codec is None else
-                                                              {"frame_codec": args.codec, "flow_codec": args.codec})))
+                                                              {"frame_codec": args.codec, "flow_codec": args.codec}),
+                                                           **({} if args.teacher is None else {"teacher": args.teacher})))
     print(f"benchmark: objects {benchmark['objects']}, generator seed {benchmark['seed']}")
     if not args.no_oracle:
         mean, std = flow_oracle(args.demo, work, seeds=3)
