@@ -14,7 +14,7 @@ from cache.codecs import decode_chunk
 from cache.fingerprint import CacheError, fingerprint_sha256, read_cache_json
 from cache.index import READABLE, committed_parts, load_index, open_index, read_part_attrs, read_part_table
 from cache.reader import source_status
-from cache.shards import EMPTY, ArrayLayout, index_bytes, parse_shard_index, shard_key
+from cache.shards import EMPTY, ArrayLayout, ShardReader, shard_key
 from cache.storage import open_storage
 from cache.writer import COMMITS_DIR, PARTS_DIR, uncommitted_parts
 
@@ -73,19 +73,16 @@ def _owner(videos, array, row):
 def _check_array(storage, part, name, layout, videos, quick):
     """Problems of one array: every shard there with an intact index listing every chunk, and (unless
     quick) every chunk decodable. Zarr would read a missing chunk as zeros without complaint."""
-    folder = f"{PARTS_DIR}/{part}/{name}"
-    chunk_rows = layout.chunks[0]
-    count = (layout.shards or layout.chunks)[0] // chunk_rows
+    reader = ShardReader(storage, f"{PARTS_DIR}/{part}/{name}", layout)
+    count, chunk_rows = reader.count, reader.chunk_rows
     shape = (chunk_rows,) + layout.shape[1:]
     for i in range(layout.shard_count):
-        key = f"{folder}/{shard_key(i, layout.ndim)}"
         where = f"{part}/{name}: shard {shard_key(i, layout.ndim)}"
         try:
-            size = storage.size(key)
-            index = parse_shard_index(storage.read_range(key, max(0, size - index_bytes(count)), size), count)
+            index = reader.shard_index(i)
         except FileNotFoundError:
             return [f"{where} is missing (from {_owner(videos, name, i * count * chunk_rows)})"]
-        if index is None:
+        except ValueError:
             return [f"{where} is damaged: its chunk index fails its checksum "
                     f"(from {_owner(videos, name, i * count * chunk_rows)})"]
         stored = min(count, -(-(layout.shape[0] - i * count * chunk_rows) // chunk_rows))
@@ -96,8 +93,8 @@ def _check_array(storage, part, name, layout, videos, quick):
         if quick:
             continue
         lo, hi = int(index[:stored, 0].min()), int((index[:stored, 0] + index[:stored, 1]).max())
-        data = storage.read_range(key, lo, hi)
-        for k, (off, n) in enumerate(index[:stored]):
+        data = storage.read_range(reader.shard_name(i), lo, hi)
+        for k, (off, n) in enumerate(index[:stored]):  # one by one: a failure names its video and frame
             try:
                 decode_chunk(data[int(off) - lo:int(off + n) - lo], layout.codec, shape, layout.dtype)
             except Exception as e:

@@ -157,9 +157,14 @@ class ShardReader:
         self.count = (layout.shards or layout.chunks)[0] // self.chunk_rows  # chunks per shard
         self.indexes = {}  # shard -> its [count, 2] index
 
+    def shard_name(self, shard):
+        return f"{self.folder}/{shard_key(shard, self.layout.ndim)}"
+
     def shard_index(self, shard):
+        """[count, 2] (offset, length) of a shard's chunks, read once (FileNotFoundError: no shard;
+        ValueError: its index fails its checksum)."""
         if shard not in self.indexes:
-            name = f"{self.folder}/{shard_key(shard, self.layout.ndim)}"
+            name = self.shard_name(shard)
             size = self.storage.size(name)
             index = parse_shard_index(self.storage.read_range(name, max(0, size - index_bytes(self.count)), size),
                                       self.count)
@@ -182,7 +187,7 @@ class ShardReader:
                 missing = members[int(np.flatnonzero(spans[:, 0] == EMPTY)[0])]
                 raise ValueError(f"chunk {missing} is not stored")
             lo, hi = int(spans[:, 0].min()), int((spans[:, 0] + spans[:, 1]).max())
-            data = self.storage.read_range(f"{self.folder}/{shard_key(shard, self.layout.ndim)}", lo, hi)
+            data = self.storage.read_range(self.shard_name(shard), lo, hi)
             for c, (off, n) in zip(members, spans):
                 out[c] = decode_chunk(data[int(off) - lo:int(off + n) - lo], self.codec, shape, self.layout.dtype)
         return [out[c] for c in chunks]

@@ -11,6 +11,7 @@ for a transient reason (connection reset, timeout, throttling, 5xx) is retried w
 backoff; one that persists raises CacheError naming the URL and the store's answer.
 """
 import os
+import shutil
 import time
 import uuid
 
@@ -239,7 +240,6 @@ class Storage:
         """Delete an object (or a folder and everything below it, with recursive); missing is fine."""
         path = self.path(*names)
         if not self.remote:
-            import shutil
             if os.path.isdir(path):
                 if recursive:
                     shutil.rmtree(path, ignore_errors=True)
@@ -287,13 +287,10 @@ class Storage:
         if not self.remote:
             return
         bucket = self.root.split("/", 1)[0]
-        try:
+        try:  # _call already turns refusals and persistent failures into CacheError
             self._call("", self.fs.ls, bucket, detail=False, refresh=True)
-        except CacheError:
-            raise
-        except Exception as e:
-            what = "no such bucket" if isinstance(e, FileNotFoundError) else "refused" \
-                if isinstance(e, PermissionError) else "unreachable"
+        except OSError as e:
+            what = "no such bucket" if isinstance(e, FileNotFoundError) else "unreachable"
             raise CacheError(f"{self.location}: {what} ({answer(e)})") from None
 
 
