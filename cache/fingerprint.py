@@ -73,8 +73,23 @@ def sha256_file(path):
 
 
 def fingerprint_sha256(fingerprint):
-    """Every part records this; a part whose value differs from cache.json's was written otherwise."""
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    """Every part records this; a part whose value differs from cache.json's was written otherwise.
+    Teachers after the first are left out: `extract --add-teacher` adds one to cache.json while the
+    parts stay as they are, and a part holds a later teacher's outputs when it holds its arrays."""
+    base = {k: v for k, v in fingerprint.items() if k != "more_teachers"}
+    return hashlib.sha256(json.dumps(base, sort_keys=True).encode()).hexdigest()
+
+
+def cache_teachers(fingerprint):
+    """The identities of a cache's teachers, in slot order ([] for a frames-only cache)."""
+    first = fingerprint["teacher"]
+    return [] if first.get("name") == "none" else [first, *fingerprint.get("more_teachers", [])]
+
+
+def teacher_array(name, slot):
+    """The array (or batch key, or head) of output `name` ("logits", "embed") of the slot-th teacher:
+    the first teacher's keep the plain names, so a cache of one teacher reads as it always did."""
+    return name if slot == 0 else f"{name}_{slot}"
 
 
 def fingerprint_diff(expected, found, prefix=""):

@@ -11,7 +11,7 @@ import json
 import numpy as np
 
 from cache.codecs import decode_chunk
-from cache.fingerprint import CacheError, fingerprint_sha256, read_cache_json
+from cache.fingerprint import CacheError, cache_teachers, fingerprint_sha256, read_cache_json, teacher_array
 from cache.index import READABLE, committed_parts, load_index, open_index, read_part_attrs, read_part_table
 from cache.reader import source_status
 from cache.shards import EMPTY, ArrayLayout, ShardReader, shard_key
@@ -103,9 +103,11 @@ def _check_array(storage, part, name, layout, videos, quick):
     return []
 
 
-def verify_part(cache_dir, part, fingerprint, quick=False, attrs=None):
+def verify_part(cache_dir, part, fingerprint, quick=False, attrs=None, lacking=None):
     """Problems found in one committed part (empty list: intact). attrs: its attributes, if read already,
-    or its commit record (then the video table is not checked, and damage is named by row)."""
+    or its commit record (then the video table is not checked, and damage is named by row). lacking: a
+    list to which the slots of added teachers (`extract --add-teacher`) the part does not hold yet are
+    appended: unfinished work, not damage."""
     try:
         attrs = attrs or read_part_attrs(cache_dir, part)
         if "videos" in attrs and not attrs.get("complete"):
@@ -117,26 +119,43 @@ def verify_part(cache_dir, part, fingerprint, quick=False, attrs=None):
         problems.append(f"{part}: written with other settings than cache.json records "
                         "(cache.json edited, or parts of another cache mixed in)")
     videos = attrs.get("videos")
-    arrays = _check_arrays(cache_dir, part, _expected_rows(fingerprint), videos or [], quick, problems)
+    expect = _expected_rows(fingerprint)
+    # a teacher added to the cache after this part was written: there once its logits' metadata is
+    # (written last); until then the part lacks it, which `extract --add-teacher` finishes
+    later = [slot for slot in range(1, len(cache_teachers(fingerprint))) if teacher_array("logits", slot) in expect]
+    held = storage_has(cache_dir, [f"{PARTS_DIR}/{part}/{teacher_array('logits', slot)}/zarr.json" for slot in later])
+    for slot, there in zip(later, held):
+        if not there:
+            expect.pop(teacher_array("logits", slot)), expect.pop(teacher_array("embed", slot))
+            if lacking is not None:
+                lacking.append(slot)
+    arrays = _check_arrays(cache_dir, part, expect, videos or [], quick, problems)
     if problems:
         return problems
     n_frames = arrays["frames"].shape[0]
     n_teacher = arrays["logits"].shape[0] if "logits" in arrays else 0
     if "flow" in arrays and arrays["flow"].shape[0] != n_frames:
         problems.append(f"{part}/flow: {arrays['flow'].shape[0]} rows but frames has {n_frames}")
-    for name in ("teacher_frame", "embed") if "logits" in arrays else ():
+    for name in [n for n in arrays if n not in ("frames", "flow", "logits")] if "logits" in arrays else ():
         if arrays[name].shape[0] != n_teacher:
             problems.append(f"{part}/{name}: {arrays[name].shape[0]} rows but logits has {n_teacher}")
     return problems + (_check_tables(part, videos, n_frames, n_teacher) if videos is not None else [])
+
+
+def storage_has(cache_dir, keys):
+    """Whether each of these objects exists, in one concurrent round of reads."""
+    got = open_storage(cache_dir).read_many(keys) if keys else {}
+    return [isinstance(got[k], bytes) for k in keys]
 
 
 def _expected_rows(fingerprint):
     """{array name: shape of one row} that a part written with this fingerprint must hold."""
     pre = fingerprint["preprocessing"]
     expect = {"frames": (pre["height"], pre["width"], 3)}
-    if fingerprint["teacher"]["name"] != "none":
-        expect.update({"teacher_frame": (), "logits": (fingerprint["teacher"]["num_classes"],),
-                       "embed": (fingerprint["teacher"]["embed_dim"],)})
+    for slot, teacher in enumerate(cache_teachers(fingerprint)):
+        expect["teacher_frame"] = ()
+        expect.update({teacher_array("logits", slot): (teacher["num_classes"],),
+                       teacher_array("embed", slot): (teacher["embed_dim"],)})
     if fingerprint["flow"]["method"] != "none":
         expect["flow"] = (pre["height"], pre["width"], 2)
     return expect
@@ -188,7 +207,9 @@ def verify_cache(cache_dir, quick=False, with_tables=True):
     record and its arrays' structure, without parsing the video tables (index.bin holds them)."""
     meta = read_cache_json(cache_dir)
     storage = open_storage(cache_dir)
-    problems, notes, checked = [], [], {"parts": 0, "videos": 0}
+    # lacking_teachers: {teacher name: parts that do not hold it yet (an unfinished --add-teacher)}
+    problems, notes, checked = [], [], {"parts": 0, "videos": 0, "lacking_teachers": {}}
+    names = [t["name"] for t in cache_teachers(meta["fingerprint"])]
     committed = committed_parts(cache_dir)
     present = set(storage.list(PARTS_DIR))
     for name in sorted(present - set(committed)):
@@ -213,7 +234,13 @@ def verify_cache(cache_dir, quick=False, with_tables=True):
                 tables[part] = attrs["videos"]
         except (CacheError, ValueError):
             attrs = None  # verify_part reports it
-        problems += verify_part(cache_dir, part, meta["fingerprint"], quick=quick, attrs=attrs)
+        lacking = []
+        problems += verify_part(cache_dir, part, meta["fingerprint"], quick=quick, attrs=attrs, lacking=lacking)
+        for slot in lacking:
+            checked["lacking_teachers"][names[slot]] = checked["lacking_teachers"].get(names[slot], 0) + 1
+    for name, count in checked["lacking_teachers"].items():
+        notes.append(f"{count} part(s) do not hold teacher {name} yet (its `extract --add-teacher` did not finish); "
+                     "rerun it to finish")
     if records:
         return problems, notes, checked
     try:
@@ -257,6 +284,8 @@ def format_info(info):
         f"(the centre {pre.get('teacher_crop', 1.0):g} of the central square), "
         f"every {pre['teacher_every']} frame(s)",
         f"teacher    {teacher['name']}" + (f" sha256 {teacher['weights_sha256'][:16]}…" if "weights_sha256" in teacher else ""),
+        *[f"  + {t['name']} sha256 {t['weights_sha256'][:16]}… (its own {t['input_size']}px, the centre {t['crop']:g} "
+          "of the central square)" for t in fp.get("more_teachers", [])],
         f"flow       {flow['method']} {json.dumps(flow['params'])} bound ±{flow['bound']}px",
         f"ffmpeg     {fp['ffmpeg_version']}; vidistill {fp['vidistill_version']}",
     ]

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from cache.fingerprint import CacheError, read_cache_json
+from cache.fingerprint import CacheError, cache_teachers, read_cache_json, teacher_array
 from cache.flow_codec import dequantize_flow
 from cache.index import READABLE, STATUSES, open_index
 from cache.shards import ArrayLayout, ShardReader
@@ -77,6 +77,9 @@ class CacheReader:
         self.flow_bound = self.fingerprint["flow"]["bound"]
         self.index = open_index(cache_dir)
         self.rows = self.index.readable()
+        self.teachers = [t["name"] for t in cache_teachers(self.fingerprint)]  # in slot order
+        self.arrays = ARRAYS + tuple(teacher_array(name, slot) for slot in range(1, len(self.teachers))
+                                     for name in ("logits", "embed"))
         self._groups, self._pid, self._ids = {}, None, None
 
     def __len__(self):
@@ -132,10 +135,10 @@ class CacheReader:
             self._chunks = ChunkCache(self.chunk_cache_bytes)
         if part not in self._groups:
             storage = open_storage(self.cache_dir)
-            got = storage.read_many([f"{PARTS_DIR}/{part}/{name}/zarr.json" for name in ARRAYS])
+            got = storage.read_many([f"{PARTS_DIR}/{part}/{name}/zarr.json" for name in self.arrays])
             self._groups[part] = {
                 name: ShardReader(storage, f"{PARTS_DIR}/{part}/{name}", ArrayLayout(json.loads(data)))
-                for name in ARRAYS if isinstance(data := got[f"{PARTS_DIR}/{part}/{name}/zarr.json"], bytes)}
+                for name in self.arrays if isinstance(data := got[f"{PARTS_DIR}/{part}/{name}/zarr.json"], bytes)}
             if "frames" not in self._groups[part]:
                 raise CacheError(f"{storage.url(PARTS_DIR, part)}: its frames are missing; "
                                  "run `cli.py cache verify --repair`")
@@ -150,7 +153,8 @@ class CacheReader:
 
         Returns a dict with any of: frames uint8 [T,H,W,3]; flow float32 [T,H,W,2] px/frame;
         teacher_frame int [M] (video-relative indices of the frames the teacher saw, within the
-        range); logits float16 [M,K]; embed float16 [M,D].
+        range); logits float16 [M,K]; embed float16 [M,D]; logits_<slot>, embed_<slot>: the same of
+        the cache's slot-th teacher (cache.fingerprint.teacher_array).
         """
         row = self._readable_row(video_id)
         n = int(self.index["frame_count"][row])
@@ -209,14 +213,17 @@ class CacheReader:
             if "flow" not in g:
                 raise CacheError(f"{self.cache_dir} was extracted with --flow none; it has no flow")
             out["flow"] = dequantize_flow(self._take(part, "flow", np.arange(off + start, off + stop)), self.flow_bound)
-        if "logits" in fields or "embed" in fields:
+        teacher_fields = [name for name in fields if name.startswith(("logits", "embed"))]
+        if teacher_fields:
             if "logits" not in g:
                 raise CacheError(f"{self.cache_dir} was extracted with --teacher none; it has no teacher outputs")
             t0, tn = int(self.index["teacher_offset"][row]), int(self.index["teacher_count"][row])
             teacher_frame = self._take(part, "teacher_frame", np.arange(t0, t0 + tn)) if tn else np.zeros(0, np.int32)
             lo, hi = np.searchsorted(teacher_frame, [start, stop])  # teacher frames are sorted
             out["teacher_frame"] = teacher_frame[lo:hi]
-            for name in ("logits", "embed"):
-                if name in fields:
-                    out[name] = self._take(part, name, np.arange(t0 + lo, t0 + hi))
+            for name in teacher_fields:
+                if name not in g:
+                    raise CacheError(f"{self.cache_dir}/{PARTS_DIR}/{part} does not hold {name} (a teacher added with "
+                                     "`extract --add-teacher` that did not finish: rerun it)")
+                out[name] = self._take(part, name, np.arange(t0 + lo, t0 + hi))
         return out

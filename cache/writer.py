@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 
 from cache.codecs import chunk_codecs
+from cache.fingerprint import teacher_array
 from cache.lease import ensure_held
 from cache.shards import ShardAppender, shard_chunks
 from cache.storage import open_storage
@@ -40,9 +41,12 @@ def _chunk_rows(row_shape, dtype):
 class PartWriter:
     """One part: arrays frames/flow/teacher_frame/logits/embed plus the per-video table.
 
-    codecs: {"frames": (codec, quality), "flow": (codec, quality)} (cache/codecs.py)."""
+    codecs: {"frames": (codec, quality), "flow": (codec, quality)} (cache/codecs.py); more_teachers:
+    (num_classes, embed_dim) of each teacher after the first, whose logits_<slot>/embed_<slot> rows
+    match the first's (every teacher sees the same frames)."""
 
-    def __init__(self, cache_dir, tag, height, width, with_flow, num_classes, embed_dim, codecs, name=None):
+    def __init__(self, cache_dir, tag, height, width, with_flow, num_classes, embed_dim, codecs, name=None,
+                 more_teachers=()):
         self.storage = open_storage(cache_dir)
         # name: a part converted by `cache upgrade` keeps its name (it orders the parts' records)
         self.name = name or f"part-{tag}-{time.time_ns()}-{uuid.uuid4().hex[:8]}.zarr"
@@ -55,19 +59,9 @@ class PartWriter:
         if with_flow:
             specs["flow"] = ((height, width, 2), "uint8", codecs["flow"], 1)
         if num_classes:  # None: a frames-only cache (--teacher none, e.g. for evaluation data)
-            lossless = ("zstd", 0)  # teacher outputs stay as the teacher gave them (fp16)
-            specs.update({"teacher_frame": ((), "int32", lossless, None),
-                          "logits": ((num_classes,), "float16", lossless, None),
-                          "embed": ((embed_dim,), "float16", lossless, None)})
-        self.arrays = {}
-        for name, (row, dtype, (codec, quality), chunk_rows) in specs.items():
-            chunk_rows = chunk_rows or _chunk_rows(row, dtype)
-            serializer, compressors = chunk_codecs(codec, quality, dtype)
-            shard_rows = chunk_rows * shard_chunks(chunk_rows, int(np.prod(row)) * np.dtype(dtype).itemsize)
-            arr = self.group.create_array(name, shape=(0,) + row, chunks=(chunk_rows,) + row,
-                                          shards=(shard_rows,) + row, dtype=dtype, serializer=serializer,
-                                          compressors=compressors, fill_value=0)
-            self.arrays[name] = ShardAppender(arr, self.storage, f"{self.folder}/{name}", codec, quality)
+            specs["teacher_frame"] = ((), "int32", LOSSLESS, None)
+            specs.update(teacher_specs([(num_classes, embed_dim), *more_teachers]))
+        self.arrays = create_arrays(self.group, self.storage, self.folder, specs)
         self.videos = []
         self._video_start = None
         self._write_metadata()  # the part in flight is visible (as uncommitted) from its first moment
@@ -111,6 +105,32 @@ class PartWriter:
 
     def abandon(self):
         self.storage.remove(self.folder, recursive=True)
+
+
+LOSSLESS = ("zstd", 0)  # teacher outputs stay as the teacher gave them (fp16)
+
+
+def teacher_specs(teachers, first_slot=0):
+    """{array: (row shape, dtype, (codec, quality), chunk rows)} of teachers [(num_classes, embed_dim)]."""
+    specs = {}
+    for slot, (num_classes, embed_dim) in enumerate(teachers, first_slot):
+        specs[teacher_array("logits", slot)] = ((num_classes,), "float16", LOSSLESS, None)
+        specs[teacher_array("embed", slot)] = ((embed_dim,), "float16", LOSSLESS, None)
+    return specs
+
+
+def create_arrays(group, storage, folder, specs):
+    """{name: ShardAppender} of new empty sharded arrays in `group` (their data goes to folder/name)."""
+    arrays = {}
+    for name, (row, dtype, (codec, quality), chunk_rows) in specs.items():
+        chunk_rows = chunk_rows or _chunk_rows(row, dtype)
+        serializer, compressors = chunk_codecs(codec, quality, dtype)
+        shard_rows = chunk_rows * shard_chunks(chunk_rows, int(np.prod(row)) * np.dtype(dtype).itemsize)
+        arr = group.create_array(name, shape=(0,) + row, chunks=(chunk_rows,) + row,
+                                 shards=(shard_rows,) + row, dtype=dtype, serializer=serializer,
+                                 compressors=compressors, fill_value=0)
+        arrays[name] = ShardAppender(arr, storage, f"{folder}/{name}", codec, quality)
+    return arrays
 
 
 def write_commit_record(storage, part, fields):

@@ -10,7 +10,7 @@ def decode_all(path, fps=8, height=128, width=171, teacher_size=224, **kw):
     dec = VideoDecode(str(path), fps=fps, height=height, width=width, teacher_size=teacher_size, **kw)
     batches = list(dec)
     stored = np.concatenate([b[0] for b in batches])
-    teacher = np.concatenate([b[1] for b in batches])
+    teacher = np.concatenate([b[1][0] for b in batches])
     return stored, teacher, dec.info
 
 
@@ -95,3 +95,12 @@ def test_generated_video_frame_count(tmp_path):
     assert len(stored) == 20 and info.fps == 8
     stored4, _, _ = decode_all(path, fps=4)
     assert len(stored4) == 10
+
+
+def test_more_teachers_are_cut_from_the_same_decode_at_their_own_size_and_crop():
+    from pipeline.extract.decode import split_views
+    decoded = np.random.default_rng(0).integers(0, 256, (2, 256, 342, 3), dtype=np.uint8)
+    stored, (first, second, third) = split_views(decoded, 96, 128, 224, 0.875, more_teachers=[(260, 0.89), (128, 0.5)])
+    assert stored.shape == (2, 96, 128, 3)
+    assert first.shape == (2, 224, 224, 3) and second.shape == (2, 260, 260, 3) and third.shape == (2, 128, 128, 3)
+    np.testing.assert_array_equal(third, decoded[:, 64:192, 107:235])  # the centre half of the square, as it is

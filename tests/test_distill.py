@@ -269,7 +269,7 @@ def toy_distiller(**kw):
     cfg = DistillConfig(objective="modist", student="r3d_cpu", queue_size=8, momentum=1.0, jitter_p=0.0,
                         grayscale_p=0.0, blur_p=0.0, shuffle_bn_groups=1, **kw)
     torch.manual_seed(0)
-    model = Distiller(cfg, num_classes=None, embed_dim=None, flow_bound=20.0)
+    model = Distiller(cfg, teachers=[], flow_bound=20.0)
     g = torch.Generator().manual_seed(1)
     batch = {"video": torch.randint(0, 256, (4, 3, 4, 16, 16), generator=g, dtype=torch.uint8),
              "video2": torch.randint(0, 256, (4, 3, 4, 16, 16), generator=g, dtype=torch.uint8),
@@ -438,15 +438,16 @@ def test_lss_self_distillation_follows_an_ema_copy_on_a_second_clip(eight_video_
     from torch.utils.data import default_collate
 
     from pipeline.distill.distiller import Distiller
-    from pipeline.distill.train import check_cache, load_concepts, resolve, teacher_source, training_clips
+    from pipeline.distill.teachers import teacher_sources
+    from pipeline.distill.train import check_cache, load_concepts, resolve, training_clips
     with pytest.raises(DistillError, match="--concept-self-weight is part of lss"):
         resolve(DistillConfig(objective="distinit", concept_self_weight=1.0, device="cpu"))
     with pytest.raises(DistillError, match="--concept-self-weight must be >= 0"):
         resolve(DistillConfig(objective="lss", concepts=concept_bank, concept_self_weight=-1.0, device="cpu"))
     cfg = resolve(tiny(eight_video_cache, tmp_path / "x", objective="lss", concepts=concept_bank, concept_self_weight=1.0))
-    fp = check_cache(cfg.cache, cfg.objective)
-    model = Distiller(cfg, 1000, 1280, fp["flow"]["bound"], momentum=0.9,
-                      concepts=load_concepts(concept_bank, fp["teacher"], teacher_source(cfg.cache, fp)))
+    fp = check_cache(cfg)
+    model = Distiller(cfg, [], fp["flow"]["bound"], momentum=0.9,
+                      concepts=load_concepts(concept_bank, fp["teacher"], teacher_sources(cfg.cache, fp)[0]))
     dataset = training_clips(cfg, fp)
     batch = default_collate([dataset[i] for i in range(4)])
     assert "video2" in batch and "flow" not in batch  # a second clip, no flow: nothing reads it
@@ -477,7 +478,7 @@ def test_a_checkpoint_older_than_a_setting_resumes_at_that_settings_default(eigh
     from pipeline.distill.resume import settings_changed
     from pipeline.distill.train import check_cache, resolve
     cfg = resolve(tiny(eight_video_cache, tmp_path / "run"))
-    fp, videos = check_cache(cfg.cache, cfg.objective), {"count": 8, "sha256": "x"}
+    fp, videos = check_cache(cfg), {"count": 8, "sha256": "x"}
     old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "concept_self_weight"}  # saved before it existed
     ckpt = {"config": old, "cache_fingerprint": fp, "videos": videos, "world_size": 1}
     assert settings_changed(ckpt, cfg, fp, 1, videos) == []

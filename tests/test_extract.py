@@ -85,7 +85,7 @@ def test_cached_teacher_outputs_match_a_fresh_teacher_run(extracted):
     teacher = load_teacher()
     # by default the teacher sees its own evaluation crop: the centre 224 of a 256 square
     assert r.fingerprint["preprocessing"]["teacher_crop"] == teacher.eval_crop == 0.875
-    teacher_in = np.concatenate([t for _, t in VideoDecode(rec["path"], fps=8, height=128, width=171,
+    teacher_in = np.concatenate([t for _, (t,) in VideoDecode(rec["path"], fps=8, height=128, width=171,
                                                            teacher_size=224, teacher_crop=0.875)])
     logits, embed = teacher.predict(teacher_in[::4])
     clip = r.read("sub/carphone.mp4")

@@ -66,7 +66,7 @@ def test_batches_match_single_frames(teacher, photos):
 
 def test_fingerprint_names_the_exact_weights(teacher):
     # the teacher describes itself; the cache fingerprint (stage one) adds the sha256 of its weights file
-    fp = make_fingerprint(ExtractConfig(videos="", cache="", device="cpu"), teacher)["teacher"]
+    fp = make_fingerprint(ExtractConfig(videos="", cache="", device="cpu"), [teacher])["teacher"]
     with open(default_weights_path(), "rb") as f:
         assert fp["weights_sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert fp == {"name": "efficientnet_lite0", "weights_sha256": fp["weights_sha256"], "input_size": 224,

@@ -1,6 +1,8 @@
 """Teachers by spec: EfficientNet-Lite1/2 checked against timm's independent implementation with the
 same weights; any timm or torchvision classifier from a weights file, with the model's own
 preprocessing; the refusals, each in one line."""
+import os
+
 import numpy as np
 import pytest
 import skimage.data
@@ -119,3 +121,14 @@ def test_extract_with_a_timm_teacher_stores_its_classes_at_its_input_size(tmp_pa
     assert fp["preprocessing"]["teacher_size"] == resolve_data_config({}, model=model)["input_size"][-1]
     got = reader.read("v0.mp4")
     assert got["logits"].shape == (2, 7) and got["embed"].shape == (2, model.num_features)
+
+
+def test_a_further_teacher_names_its_files_inline(tmp_path):
+    from pipeline.extract.teachers import parse_teacher, render_teacher
+    spec = "torchvision:resnet50,weights=r50.pth,classes=places.txt"
+    name, weights, classes = parse_teacher(spec)
+    assert (name, weights, classes) == ("torchvision:resnet50", os.path.abspath("r50.pth"), os.path.abspath("places.txt"))
+    assert parse_teacher(render_teacher(name, weights, classes)) == (name, weights, classes)
+    assert parse_teacher("efficientnet_lite2") == ("efficientnet_lite2", None, None)
+    with pytest.raises(ValueError, match=r"'weight=r50.pth' is not weights=FILE or classes=FILE$"):
+        parse_teacher("torchvision:resnet50,weight=r50.pth")

@@ -57,6 +57,9 @@ class ExtractConfig:
     teacher_pretrained: str = None  # clip:ARCH only: a hub tag, fetched once before any work
     teacher_size: int = 0  # 0: the input size the teacher's weights were trained at (224 without a teacher)
     teacher_classes: str = None  # timm:/torchvision: teachers: a file of their class names, one per line
+    # teachers after the first, each "SPEC[,weights=FILE][,classes=FILE]" at its own input size and crop,
+    # labelling the same frames from the same decode (pipeline/extract/teachers.py)
+    more_teachers: tuple = ()
     # share of the central square the teacher sees (then resized to teacher_size); 0: the teacher's own
     # evaluation crop (EfficientNet-Lite0: 224 of 256, 0.875; CLIP: the whole square)
     teacher_crop: float = 0.0
@@ -120,6 +123,9 @@ class DistillConfig:
     target_mode: str = "average"  # teacher target: frame-averaged probabilities, or one random frame
     embed_weight: float = 0.0  # cosine regression onto the teacher embedding
     distinit_weight: float = 1.0
+    # a cache of several teachers: "NAME=W,NAME=W" (relative weights, scaled to sum to 1; a teacher left
+    # out is not distilled); "": every teacher of the cache, equal weights, one head each
+    teacher_weight: str = ""
     modist_weight: float = 1.0
     cross_weight: float = 1.0  # RGB<->flow terms inside MoDist, both directions summed
     flow_weight: float = 0.0  # flow<->flow term inside MoDist (0: off)
@@ -196,6 +202,9 @@ class EvalConfig:
     # efficientnet_lite0
     teacher: str = None
     teacher_weights: str = None
+    # a row "teacher:NAME" for each further teacher the checkpoint distilled from, as SPEC[,weights=][,classes=]
+    # (filled from the checkpoint)
+    more_teachers: tuple = ()
     # zeroshot: the text encoder that embeds the task's class names (and its weights file, for clip);
     # None: the checkpoint's concept bank's encoder, else a CLIP teacher's own text tower, else minilm
     text_encoder: str = None
@@ -206,7 +215,14 @@ class EvalConfig:
     def rows(self):
         """The table's rows: as asked, else the checkpoint (if any) against every baseline."""
         baselines = ("scratch", "teacher") if tuple(self.protocols) == ("zeroshot",) else ("scratch", "inflate", "teacher")
-        return tuple(self.inits) or (("checkpoint",) if self.checkpoint else ()) + baselines  # inflate: no text space
+        rows = tuple(self.inits) or (("checkpoint",) if self.checkpoint else ()) + baselines  # inflate: no text space
+        more = tuple(f"teacher:{spec.split(',')[0]}" for spec in self.more_teachers) if "teacher" in rows else ()
+        return rows + tuple(r for r in more if r not in rows)
+
+
+def is_teacher_row(init):
+    """The 2D teacher rows: "teacher" (the checkpoint's first teacher) and "teacher:NAME" (another)."""
+    return init == "teacher" or init.startswith("teacher:")
 
 
 EXPORT_FORMATS = ("torchvision", "torchscript", "onnx")

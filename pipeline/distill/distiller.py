@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from cache.fingerprint import teacher_array
 from models.students import ProjectionHead, build_motion_pathway, build_student, normalize_video
 from pipeline.common.config import objective_parts
 from pipeline.distill.augment import colour_augment
@@ -25,7 +26,9 @@ from pipeline.distill.losses import (
 class Distiller(nn.Module):
     """The student backbone plus whatever the objective needs: heads, motion pathway, momentum copies."""
 
-    def __init__(self, cfg, num_classes, embed_dim, flow_bound, momentum=0.99, concepts=None):
+    def __init__(self, cfg, teachers, flow_bound, momentum=0.99, concepts=None):
+        """teachers: what distinit distils from, [{slot, name, weight, num_classes, embed_dim}]
+        (train.distilled_teachers): one head per teacher, each on the cache's arrays of its slot."""
         super().__init__()
         self.cfg = cfg
         self.momentum = momentum  # of the key encoders: from the run's plan unless set
@@ -49,9 +52,11 @@ class Distiller(nn.Module):
         # a CLIP teacher's cached embeddings already live in the bank's space; an ImageNet teacher's
         # logits reach it through the bridge
         self.teacher_in_text_space = self.use_lss and concepts["identity"]["teacher_space"] == "joint"
-        if self.use_distinit:
-            self.distill_head = nn.Linear(d, num_classes)  # one head per teacher (the cache has one)
-            self.embed_head = nn.Linear(d, embed_dim) if cfg.embed_weight > 0 else None
+        self.teachers = teachers if self.use_distinit else []
+        for t in self.teachers:  # distill_head (the first teacher's, as in a cache of one), distill_head_<slot>
+            setattr(self, teacher_array("distill_head", t["slot"]), nn.Linear(d, t["num_classes"]))
+            if cfg.embed_weight > 0:
+                setattr(self, teacher_array("embed_head", t["slot"]), nn.Linear(d, t["embed_dim"]))
         if self.use_modist:
             self.proj_rgb = ProjectionHead(d, dim_out=cfg.proj_dim)
             self.motion = build_motion_pathway(d)
@@ -142,16 +147,23 @@ class Distiller(nn.Module):
         self.saved_statistics = [b.clone() for b in self.batchnorm_buffers()]  # a few KB: put back if skipped
         video = self.augment(batch["video"]) if cfg.colour_views == "all" else batch["video"]
         feat = self.backbone(self.video_input(video))  # [B,D]
-        if self.use_distinit:
-            target = teacher_targets(batch["teacher_logits"], batch["teacher_mask"], cfg.tau, cfg.target_mode)
-            losses["distinit"] = distill_kl(self.distill_head(feat), target, cfg.tau)
-            if self.embed_head is not None:
-                losses["embed"] = embed_cosine(self.embed_head(feat), batch["teacher_embed"], batch["teacher_mask"])
+        for t in self.teachers:  # one term per teacher: "distinit" alone, else "distinit/<teacher>"
+            slot, name = t["slot"], self.loss_name("distinit", t)
+            target = teacher_targets(batch[teacher_array("teacher_logits", slot)], batch["teacher_mask"], cfg.tau,
+                                     cfg.target_mode)
+            losses[name] = distill_kl(getattr(self, teacher_array("distill_head", slot))(feat), target, cfg.tau)
+            if cfg.embed_weight > 0:
+                losses[self.loss_name("embed", t)] = embed_cosine(getattr(self, teacher_array("embed_head", slot))(feat),
+                                                                  batch[teacher_array("teacher_embed", slot)],
+                                                                  batch["teacher_mask"])
         if self.use_modist:
             losses.update(self.contrastive_losses(feat, batch))
         if self.use_lss:
             losses.update(self.concept_losses(feat, batch))
         return losses
+
+    def loss_name(self, term, teacher):
+        return term if len(self.teachers) == 1 else f"{term}/{teacher['name']}"
 
     def concept_losses(self, feat, batch):
         """LSS: the student's distributions over the bank's concepts match the teacher's (concept
@@ -202,11 +214,13 @@ class Distiller(nn.Module):
 
     def total(self, losses):
         cfg = self.cfg
-        weights = {"distinit": cfg.distinit_weight, "embed": cfg.embed_weight * cfg.distinit_weight,
-                   "rgb_nce": cfg.modist_weight, "flow_nce": cfg.modist_weight * cfg.flow_weight,
+        weights = {"rgb_nce": cfg.modist_weight, "flow_nce": cfg.modist_weight * cfg.flow_weight,
                    "cross_nce": cfg.modist_weight * cfg.cross_weight,
                    "concept": cfg.lss_weight, "align": cfg.lss_weight * cfg.align_weight,
                    "concept_self": cfg.lss_weight * cfg.concept_self_weight}
+        for t in self.teachers:  # the teachers' weights sum to 1: --distinit-weight keeps its meaning
+            weights[self.loss_name("distinit", t)] = cfg.distinit_weight * t["weight"]
+            weights[self.loss_name("embed", t)] = cfg.embed_weight * cfg.distinit_weight * t["weight"]
         return sum(weights[k] * v for k, v in losses.items())
 
 

@@ -9,20 +9,22 @@ import os
 import torch
 import torch.distributed as dist
 
-from cache.fingerprint import VIDISTILL_VERSION, sha256_file
+from cache.fingerprint import VIDISTILL_VERSION, fingerprint_sha256, sha256_file
 from cache.storage import is_url
 from models.checkpoint import CheckpointError, load_checkpoint
 from pipeline.common.config import DistillConfig
 from pipeline.common.errors import DistillError
 from pipeline.common.locks import FileLock, LockBusy
 from pipeline.common.runs import RUN_LOCK, latest_run, new_run_dir, point_latest
+from pipeline.distill.teachers import distilled_teachers, teachers_changed
 
 # Settings that do not change what a run learns: where it writes, how long it is (a larger --steps or
 # --epochs extends a finished run), how it reports and loads data, and where and how fast it runs (memory
 # layout and compilation change the last float digits, not what is learnt). Every other
 # setting must match for a resume; a setting added later is compared too, so no list can fall behind.
+# teacher_weight is compared as the teachers and weights it resolves to (the cache may have gained one).
 NOT_RESULT_KEYS = ("out", "steps", "epochs", "workers", "read_cache_mb", "save_every", "log_every", "progress",
-                   "device", "channels_last", "compile")
+                   "device", "channels_last", "compile", "teacher_weight")
 
 
 def result_keys():
@@ -46,8 +48,12 @@ def settings_changed(ckpt, cfg, fingerprint, world, videos):
     changed = [k for k in result_keys() if old.get(k, getattr(DistillConfig, k)) != new[k]]
     if ckpt.get("world_size", 1) != world:
         changed.append(f"{ckpt.get('world_size', 1)} -> {world} processes")
-    if ckpt["cache_fingerprint"] != fingerprint:
+    # teachers added to the cache since (extract --add-teacher) change nothing for a run that does not
+    # distil from them: the teachers the run would distil from now are compared instead
+    if fingerprint_sha256(ckpt["cache_fingerprint"]) != fingerprint_sha256(fingerprint):
         changed.append("a cache with another fingerprint")
+    elif teachers_changed(ckpt, distilled_teachers(cfg, fingerprint)):
+        changed.append(teachers_changed(ckpt, distilled_teachers(cfg, fingerprint)))
     elif ckpt.get("videos") != videos:
         was = ckpt.get("videos", {}).get("count", "unrecorded")
         changed.append(f"the cache's videos changed since: {was} then, {videos['count']} now")
@@ -156,7 +162,9 @@ def checkpoint_state(run, step, batches_used):
             "config": dataclasses.asdict(run["cfg"]), "cache_fingerprint": run["fingerprint"], "videos": run["videos"],
             "plan": run["plan"],
             "feature_dim": run["model"].backbone.feature_dim, "vidistill_version": VIDISTILL_VERSION,
-            "concepts": run["model"].bank, "teacher": run["teacher"]}
+            "concepts": run["model"].bank, "teacher": run["teacher"],
+            # what distinit distilled from: {slot, name, weight, num_classes, embed_dim, weights, classes, weights_sha256}
+            "teachers": run["teachers"]}
 
 
 def drop_log_after(log_path, step):

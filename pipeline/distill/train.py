@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cache.fingerprint import VIDISTILL_VERSION, CacheError, read_cache_json, sha256_file
+from cache.fingerprint import VIDISTILL_VERSION, CacheError, read_cache_json, sha256_file, teacher_array
 from cache.manifest import verify_cache
 from cache.reader import CacheReader
 from models.checkpoint import save_checkpoint
@@ -36,6 +36,7 @@ from pipeline.distill.resume import (
     resume,
     video_set,
 )
+from pipeline.distill.teachers import distilled_teachers, teacher_sources
 
 
 def resolve(cfg):
@@ -77,8 +78,10 @@ def lr_lambda(step, warmup, total):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def check_cache(cache_dir, objective):
-    """The cache must be a vidistill cache with what the objective reads. Returns its fingerprint."""
+def check_cache(cfg):
+    """The cache must be a vidistill cache with what the run's objective reads, every teacher it distils
+    from in every part. Returns its fingerprint."""
+    cache_dir, objective = cfg.cache, cfg.objective
     try:
         meta = read_cache_json(cache_dir)
     except CacheError as e:
@@ -90,7 +93,7 @@ def check_cache(cache_dir, objective):
     # structure only (every part's settings from its commit record, every shard and chunk present): cheap
     # at any size; a chunk that is present but corrupt is caught when a clip reads it
     try:
-        problems, _, _ = verify_cache(cache_dir, quick=True, with_tables=False)
+        problems, _, checked = verify_cache(cache_dir, quick=True, with_tables=False)
     except CacheError as e:  # the store refused or kept failing: its one line
         raise DistillError(str(e)) from None
     if problems:
@@ -103,16 +106,21 @@ def check_cache(cache_dir, objective):
     if "modist" in parts and fp["flow"]["method"] == "none":
         raise DistillError(f"{cache_dir} has no optical flow (extracted with --flow none); "
                            f"--objective {objective} needs it")
+    for t in distilled_teachers(cfg, fp):
+        if t["name"] in checked["lacking_teachers"]:
+            raise DistillError(f"{cache_dir}: {checked['lacking_teachers'][t['name']]} part(s) do not hold teacher "
+                               f"{t['name']} yet: rerun its `extract --add-teacher` to finish, or leave it out "
+                               "with --teacher-weight")
     return fp
 
 
 def build_training(cfg, fingerprint, plan):
     """Model (on cfg.device), optimiser and warmup+cosine schedule for a resolved config and plan."""
     tcfg = fingerprint["teacher"]
-    concepts = load_concepts(cfg.concepts, tcfg, teacher_source(cfg.cache, fingerprint)) \
+    concepts = load_concepts(cfg.concepts, tcfg, teacher_sources(cfg.cache, fingerprint)[0]) \
         if "lss" in objective_parts(cfg.objective) else None
     layout = torch.channels_last_3d if cfg.channels_last else torch.preserve_format
-    model = Distiller(cfg, tcfg.get("num_classes"), tcfg.get("embed_dim"), fingerprint["flow"].get("bound"),
+    model = Distiller(cfg, distilled_teachers(cfg, fingerprint), fingerprint["flow"].get("bound"),
                       plan["momentum"], concepts).to(cfg.device, memory_format=layout)
     if cfg.compile:
         model.compile_networks()
@@ -123,14 +131,6 @@ def build_training(cfg, fingerprint, plan):
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, plan["warmup"], plan["total"]))
     return model, opt, sched
-
-
-def teacher_source(cache_dir, fingerprint):
-    """How the cache's teacher was loaded (name as given to extract, weights file, sha256): an evaluation
-    runs the same teacher for its teacher row, without the cache at hand."""
-    extracted = read_cache_json(cache_dir).get("config", {})
-    return {"name": extracted.get("teacher"), "weights": extracted.get("teacher_weights"),
-            "weights_sha256": fingerprint["teacher"].get("weights_sha256")}
 
 
 def teacher_in_text_space(teacher):
@@ -211,7 +211,7 @@ def run_distill(cfg):
 
 def _run_distill(cfg, held):
     cfg = resolve(cfg)
-    fingerprint = check_cache(cfg.cache, cfg.objective)
+    fingerprint = check_cache(cfg)
     cfg, rank, world = init_distributed(cfg)
     dataset = training_clips(cfg, fingerprint)
     cfg, plan = plan_steps(cfg, len(dataset), world, rank)
@@ -229,8 +229,10 @@ def _run_distill(cfg, held):
     model, opt, sched = build_training(cfg, fingerprint, plan)
     step, batches_used = resume(ckpt, log_path, cfg, model, opt, sched, world, rank)
     loader = make_loader(dataset, cfg, rank, world, batches_used, plan["clips_per_video"])
+    sources = teacher_sources(cfg.cache, fingerprint)
     run = dict(model=model, opt=opt, sched=sched, cfg=cfg, fingerprint=fingerprint, videos=videos, world=world, rank=rank,
-               ckpt_path=ckpt_path, log_path=log_path, plan=plan, teacher=teacher_source(cfg.cache, fingerprint))
+               ckpt_path=ckpt_path, log_path=log_path, plan=plan, teacher=sources[0] if sources else {},
+               teachers=[t | sources[t["slot"]] for t in model.teachers])
     first_step, t0 = step, time.time()
     step, clips, bad_steps = train_loop(run, loader, step, batches_used)
     if rank == 0:  # the checkpoint of the last step was saved in the loop
@@ -261,8 +263,10 @@ def training_clips(cfg, fingerprint):
     modist, teacher = "modist" in parts, "distinit" in parts or "lss" in parts
     # the teacher's embedding is read only when a loss uses it (--embed-weight, lss on a CLIP teacher):
     # most runs never do
-    embeds = ("distinit" in parts and cfg.embed_weight > 0) or ("lss" in parts and teacher_in_text_space(fingerprint["teacher"]))
-    fields = ("logits", "embed") if embeds else ("logits",) if teacher else ()
+    lss_field = "embed" if teacher_in_text_space(fingerprint["teacher"]) else "logits"  # the first teacher's
+    fields = [teacher_array(name, t["slot"]) for t in distilled_teachers(cfg, fingerprint)
+              for name in (("logits", "embed") if cfg.embed_weight > 0 else ("logits",))]
+    fields += [lss_field] if "lss" in parts and lss_field not in fields else []
     # a second clip of each video: MoDist's keys, lss self-distillation's EMA view
     two_views = modist or ("lss" in parts and cfg.concept_self_weight > 0)
     try:

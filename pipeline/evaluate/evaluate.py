@@ -17,7 +17,7 @@ import torch
 
 from cache.fingerprint import sha256_file
 from models.checkpoint import load_checkpoint
-from pipeline.common.config import INITS, PROTOCOLS, group_rule, resolve_device
+from pipeline.common.config import INITS, PROTOCOLS, group_rule, is_teacher_row, resolve_device
 from pipeline.common.errors import EvalError
 from pipeline.common.runs import checkpoint_path, latest_run
 from pipeline.evaluate.eval_events import write_eval_events
@@ -33,13 +33,14 @@ from pipeline.evaluate.finetune import finetune
 from pipeline.evaluate.protocols import chance_level, knn_classify, linear_probe, retrieval, wilson_interval, zero_shot
 from pipeline.evaluate.report import NOT_ACCURACY, write_reports
 from pipeline.evaluate.tasks import OFFICIAL, compile_group_pattern, default_root, group_of, load_task
+from pipeline.extract.teachers import render_teacher
 
 SMALL_TEST_SET = 30  # fewer test videos: a 95 % interval wider than about ±17 points, too wide to rank rows
 
 
 def check_options(cfg):
     for init in cfg.rows():
-        if init not in INITS:
+        if init not in INITS and not is_teacher_row(init):
             raise EvalError(f"unknown --init {init!r}; choose from {', '.join(INITS)}")
     for p in cfg.protocols:
         if p not in PROTOCOLS:
@@ -66,8 +67,12 @@ def with_defaults(cfg):
     elif checkpoint:
         checkpoint = checkpoint_path(checkpoint)
     teacher, teacher_weights = cfg.teacher, cfg.teacher_weights
+    ckpt = load_checkpoint(checkpoint) if checkpoint and os.path.isfile(checkpoint) else {}
+    # a row of its own for each further teacher the checkpoint distilled from (their files as distill saw them)
+    more = tuple(render_teacher(t["name"], t.get("weights"), t.get("classes"))
+                 for t in ckpt.get("teachers") or () if t["slot"] > 0)
     if teacher is None:  # the teacher row shows the teacher the checkpoint learnt from
-        source = (load_checkpoint(checkpoint).get("teacher") or {}) if checkpoint and os.path.isfile(checkpoint) else {}
+        source = ckpt.get("teacher") or {}
         if source.get("name") in (None, "none"):  # a checkpoint from a teacher-less cache (modist)
             source = {}
         teacher, teacher_weights = source.get("name") or "efficientnet_lite0", teacher_weights or source.get("weights")
@@ -78,6 +83,7 @@ def with_defaults(cfg):
         if teacher != "efficientnet_lite0":
             notes.append(f"teacher row: {teacher} ({teacher_weights}), the checkpoint's teacher")
     return dataclasses.replace(cfg, root=root, checkpoint=checkpoint, teacher=teacher, teacher_weights=teacher_weights,
+                               more_teachers=cfg.more_teachers or more,
                                group_pattern=group_rule(cfg.task, cfg.group_pattern)), notes
 
 
@@ -258,7 +264,9 @@ def evaluate_row(init, cfg, reader, task, train, test, pre, device, work, notes,
     if "retrieval" in cfg.protocols:
         results["retrieval"] = retrieval(trf, trl, tef, tel)
     if "zeroshot" in cfg.protocols:
-        if init != "teacher" and concept_head_of(init, cfg) is None:
+        if init != "teacher" and is_teacher_row(init):
+            notes.append(f"zeroshot skipped for the {init} row (the first teacher's row has it)")
+        elif init != "teacher" and concept_head_of(init, cfg) is None:
             notes.append(f"zeroshot skipped for the {init} row (its network has no concept head nor ImageNet head)")
         else:
             feats, z_attrs, z_store = row_features(init, cfg, reader, [v for v, _ in test], task.root, pre, device,
@@ -266,8 +274,8 @@ def evaluate_row(init, cfg, reader, task, train, test, pre, device, work, notes,
             results["zeroshot"] = zero_shot(feats, tel, space["classes"])
             attrs, store = attrs or z_attrs, store or z_store
     if "finetune" in cfg.protocols:
-        if init == "teacher":
-            notes.append("finetune skipped for the 2D teacher row (not a video network)")
+        if is_teacher_row(init):
+            notes.append(f"finetune skipped for the 2D {init} row (not a video network)")
         else:
             fresh = load_backbone(init, cfg.checkpoint, cfg.student, cfg.seed)  # features must not see tuned weights
             results["finetune"] = finetune(fresh, reader, train, test, num_classes, pre, cfg, device)

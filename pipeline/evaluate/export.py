@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from cache.fingerprint import teacher_array
 from models.checkpoint import CheckpointError, load_student
 from models.students import (
     SCALED_STUDENTS,
@@ -57,8 +58,8 @@ def run_export(cfg):
     """The whole of `cli.py export`. Returns a summary dict (out, contract, check, build lines, notes)."""
     if cfg.format not in EXPORT_FORMATS:
         raise ExportError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {cfg.format!r}")
-    if cfg.fc not in EXPORT_FC:
-        raise ExportError(f"--fc must be one of {', '.join(EXPORT_FC)}, not {cfg.fc!r}")
+    if cfg.fc not in EXPORT_FC and not cfg.fc.startswith("head:"):
+        raise ExportError(f"--fc must be one of {', '.join(EXPORT_FC)} or head:TEACHER, not {cfg.fc!r}")
     path = _checkpoint(cfg.checkpoint)
     try:
         backbone, ckpt = load_student(path)
@@ -183,15 +184,15 @@ def _torchvision(backbone, ckpt, fc, tmp, out, clips, notes):
         check = {"features": relative_error(ns["net"](clips), backbone(clips))}
         return check, build_lines(arch, out)
     state = {k[len("net."):]: v for k, v in backbone.state_dict().items()}
-    head = {k[len("distill_head."):]: v for k, v in ckpt["model"].items() if k.startswith("distill_head.")}
-    if fc == "head" and not head:
+    teacher, head = distillation_head(ckpt, fc)
+    if fc.startswith("head") and not head:
         raise ExportError(f"this run ({ckpt['config']['objective']}) has no distillation head; use --fc init")
     use_head = bool(head) and fc != "init"
     if use_head:
         layer = nn.Linear(backbone.feature_dim, head["weight"].shape[0])
         layer.load_state_dict(head)
-        notes.append(f"fc = the distillation head: {layer.out_features} outputs, the student's estimate of the "
-                     f"teacher's ImageNet logits (class i is ImageNet-1k class i); trained so that "
+        notes.append(f"fc = the distillation head of teacher {teacher}: {layer.out_features} outputs, the student's "
+                     f"estimate of that teacher's logits (class i is its class i); trained so that "
                      f"softmax(fc/{ckpt['config']['tau']:g}) matches the teacher's. Replace it to fine-tune on "
                      f"other classes")
     else:
@@ -209,6 +210,20 @@ def _torchvision(backbone, ckpt, fc, tmp, out, clips, notes):
     net.fc = nn.Identity()
     check["features"] = relative_error(net(clips), backbone(clips))
     return check, build_lines(arch, out, layer.out_features if use_head else None)
+
+
+def distillation_head(ckpt, fc):
+    """(teacher name, the state dict of its head) that --fc picks: head:NAME names the teacher (a run of
+    several has one head each), otherwise the first the run distilled from; (None, {}) without one."""
+    teachers = ckpt.get("teachers") or [{"slot": 0, "name": (ckpt.get("teacher") or {}).get("name")}]
+    if fc.startswith("head:"):
+        chosen = [t for t in teachers if t["name"] == fc[len("head:"):]]
+        if not chosen:
+            raise ExportError(f"--fc {fc}: this run distilled from {', '.join(str(t['name']) for t in teachers) or 'no teacher'}")
+        teachers = chosen
+    prefix = f"{teacher_array('distill_head', teachers[0]['slot'])}." if teachers else "-"
+    return teachers[0]["name"] if teachers else None, \
+        {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
 
 
 def build_lines(arch, path, num_classes=None):

@@ -31,7 +31,15 @@ from cache.reader import CacheReader, source_status
 from models.checkpoint import load_checkpoint, load_student
 from models.students import ProjectionHead, build_student, inflate_from_teacher, normalize_video
 from models.teacher import default_weights_path, load_teacher
-from pipeline.common.config import DEVICE_DEFAULTS, INITS, DistillConfig, EvalConfig, ExtractConfig, resolve_device
+from pipeline.common.config import (
+    DEVICE_DEFAULTS,
+    INITS,
+    DistillConfig,
+    EvalConfig,
+    ExtractConfig,
+    is_teacher_row,
+    resolve_device,
+)
 from pipeline.common.errors import EvalError
 from pipeline.common.locks import FileLock
 from pipeline.common.progress import progress_bar
@@ -39,6 +47,7 @@ from pipeline.common.runs import checkpoint_path
 from pipeline.distill.clips import clip_span, load_clip, view_boxes, view_starts
 from pipeline.extract.decode import DecodeError, VideoDecode
 from pipeline.extract.extract import NO_TEACHER_SIZE, run_extract, teacher_identity
+from pipeline.extract.teachers import parse_teacher
 from pipeline.extract.videolist import find_videos
 
 FEATURES_DIR = "features"  # WORK/features/: the feature stores and their index.json
@@ -228,12 +237,14 @@ def view_times(n_frames, pre, clips, crops):
 _decoded_teacher = {}  # (cache, every, teacher weights, device) -> {video id: {"embed", "probs"}}, per process
 
 
-def teacher_row(reader, every, device, progress, source=("efficientnet_lite0", None)):
+def teacher_row(reader, every, device, progress, source=("efficientnet_lite0", None, None), own_view=False):
     """(teacher fingerprint, compute(ids, output)) of the 2D teacher row: per video, the average over
     every `every`-th frame of its embedding (output "embed") or of its ImageNet probabilities ("probs"),
     [N,1,D]. From the cache's teacher rows when it has them at a step dividing `every`; else the
-    teacher `source` (name, weights file) runs on each video's own 224 px decode (the stored frames are
-    too small to show it what it saw in distillation). Either way, the frames-only cache is not redone."""
+    teacher `source` (name, weights file, classes file) runs on each video's own decode at the
+    distillation's teacher size (the stored frames are too small to show it what it saw in distillation),
+    or, own_view (a further teacher of the cache), at its own input size and crop, cut from that decode as
+    extract cut it. Either way, the frames-only cache is not redone."""
     def probs(logits):
         return torch.softmax(torch.from_numpy(logits).float(), -1).numpy()
     fp = reader.fingerprint
@@ -250,7 +261,8 @@ def teacher_row(reader, every, device, progress, source=("efficientnet_lite0", N
             return np.stack(out)
         return fp["teacher"], from_cache
     try:
-        teacher = load_teacher(*source, device=device)
+        name, weights, classes = (tuple(source) + (None, None))[:3]
+        teacher = load_teacher(name, weights, device=device, classes=classes)
     except ValueError as e:
         raise EvalError(f"teacher row: {e}") from None
     tfp = teacher_identity(teacher, device)
@@ -265,9 +277,10 @@ def teacher_row(reader, every, device, progress, source=("efficientnet_lite0", N
                               disable=not progress):
             path, embeds, frame_probs, n = reader.record(v)["path"], [], [], 0
             try:
-                for stored, teacher_in in VideoDecode(path, fps=pre["fps"], height=pre["height"], width=pre["width"],
-                                                      teacher_size=pre["teacher_size"],
-                                                      teacher_crop=pre.get("teacher_crop", 1.0)):
+                for stored, views in VideoDecode(path, fps=pre["fps"], height=pre["height"], width=pre["width"],
+                                                 teacher_size=pre["teacher_size"], teacher_crop=pre.get("teacher_crop", 1.0),
+                                                 more_teachers=[(teacher.input_size, teacher.eval_crop)] if own_view else ()):
+                    teacher_in = views[-1]
                     pick = np.flatnonzero((np.arange(n, n + len(stored)) % every) == 0)
                     if len(pick):
                         logits, embed = teacher.predict(teacher_in[pick])
@@ -339,7 +352,7 @@ def concept_model(init, cfg, space):
 
 
 def views_of(init, cfg, pre):
-    if init == "teacher":
+    if is_teacher_row(init):
         return f"teacher embeddings of every {cfg.teacher_every}. frame averaged (2D)"
     return f"{cfg.clips} clips x {cfg.crops} crops, {pre.clip_len}x{pre.crop}^2 stride {pre.stride}"
 
@@ -366,9 +379,11 @@ def row_features(init, cfg, reader, ids, root, pre, device, work, space=None):
     attrs they depend on and the store's path. space: zeroshot's concept space ({"identity", "bridge"}):
     the row's embeddings in that text space instead of its backbone features."""
     teacher = None
-    if init == "teacher":
+    if is_teacher_row(init):
+        more = {f"teacher:{parse_teacher(t)[0]}": parse_teacher(t) for t in cfg.more_teachers}
         teacher, teacher_compute = teacher_row(reader, cfg.teacher_every, device, cfg.progress,
-                                               (cfg.teacher or "efficientnet_lite0", cfg.teacher_weights))
+                                               more.get(init, (cfg.teacher or "efficientnet_lite0", cfg.teacher_weights)),
+                                               own_view=init in more)
 
         def compute(todo):
             if space is None or in_text_space(teacher, space["identity"]):
@@ -384,7 +399,8 @@ def row_features(init, cfg, reader, ids, root, pre, device, work, space=None):
     if space:
         attrs["concept_space"] = space["identity"]
     digest = hashlib.sha1(json.dumps(attrs, sort_keys=True).encode()).hexdigest()[:12]
-    store = os.path.join(work, FEATURES_DIR, f"{init}{'-concepts' if space else ''}-{digest}.h5")
+    name = re.sub(r"[^A-Za-z0-9_.+-]", "_", init)  # teacher:timm:ARCH
+    store = os.path.join(work, FEATURES_DIR, f"{name}{'-concepts' if space else ''}-{digest}.h5")
     return stored_features(store, ids, compute, attrs), attrs, store
 
 

@@ -80,22 +80,28 @@ def cover_size(height, width, teacher_size, teacher_crop=1.0):
     return int(round(short * height / width)), short
 
 
-def split_views(decoded, height, width, teacher_size, teacher_crop=1.0):
-    """Decoded uint8 [B,Hc,Wc,3] -> (stored [B,H,W,3], teacher [B,T,T,3]) from the same pixels. The
-    teacher sees the centre `teacher_crop` of the central square (as its own evaluation crops an image),
-    resized to teacher_size."""
+def split_views(decoded, height, width, teacher_size, teacher_crop=1.0, more_teachers=()):
+    """Decoded uint8 [B,Hc,Wc,3] -> (stored [B,H,W,3], [teacher [B,T,T,3], ...]) from the same pixels.
+    A teacher sees the centre `teacher_crop` of the central square (as its own evaluation crops an
+    image), resized to teacher_size; more_teachers ((size, crop), ...) are cut from the same decode, so
+    several teachers cost one (the decode is sized for the first; a later one may be upsampled a little)."""
     b, hc, wc, _ = decoded.shape
     if (hc, wc) == (height, width):
         stored = decoded
     else:
         stored = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in decoded])
-    side = int(round(min(hc, wc) * teacher_crop))
+    teachers = [_teacher_view(decoded, size, crop) for size, crop in ((teacher_size, teacher_crop), *more_teachers)]
+    return np.ascontiguousarray(stored), teachers
+
+
+def _teacher_view(decoded, size, crop):
+    hc, wc = decoded.shape[1:3]
+    side = int(round(min(hc, wc) * crop))
     top, left = (hc - side) // 2, (wc - side) // 2
     teacher = decoded[:, top:top + side, left:left + side]
-    if side != teacher_size:
-        teacher = np.stack([cv2.resize(f, (teacher_size, teacher_size), interpolation=cv2.INTER_AREA)
-                            for f in teacher])
-    return np.ascontiguousarray(stored), np.ascontiguousarray(teacher)
+    if side != size:
+        teacher = np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in teacher])
+    return np.ascontiguousarray(teacher)
 
 
 def _parse_log(lines):
@@ -241,8 +247,10 @@ class _FfmpegPipe:
         self.proc.stdout.close()
 
 
-def decode_video(path, fps, height, width, teacher_size, teacher_crop=1.0, batch_frames=32, stall_timeout=60.0):
-    """Yield (stored, teacher) uint8 batches for one video; returns SourceInfo via StopIteration.
+def decode_video(path, fps, height, width, teacher_size, teacher_crop=1.0, batch_frames=32, stall_timeout=60.0,
+                 more_teachers=()):
+    """Yield (stored, [teacher, ...]) uint8 batches for one video (split_views); returns SourceInfo via
+    StopIteration.
 
     Use through `VideoDecode`, which keeps the SourceInfo. Raises DecodeError with a specific reason
     when nothing can be decoded; a video that breaks midway yields what decoded and records a warning.
@@ -259,7 +267,7 @@ def decode_video(path, fps, height, width, teacher_size, teacher_crop=1.0, batch
             if n:
                 decoded = np.frombuffer(buf, np.uint8, n * frame_bytes).reshape(n, hc, wc, 3)
                 n_frames += n
-                views = split_views(decoded, height, width, teacher_size, teacher_crop)
+                views = split_views(decoded, height, width, teacher_size, teacher_crop, more_teachers)
                 pipe.pause_watchdog()  # the consumer's time (teacher, flow, a full queue) is no stall
                 yield views
                 pipe.resume_watchdog()
@@ -299,7 +307,7 @@ def _finish_info(log, returncode, n_frames, timed_out, stall_timeout, path):
 
 
 class VideoDecode:
-    """Iterate (stored, teacher) batches of one video; `.info` holds the SourceInfo afterwards."""
+    """Iterate (stored, [teacher, ...]) batches of one video; `.info` holds the SourceInfo afterwards."""
 
     def __init__(self, path, **kwargs):
         self._gen = decode_video(path, **kwargs)

@@ -18,13 +18,21 @@ import signal
 import time
 
 from cache.codecs import CODECS, storage_description
-from cache.fingerprint import VIDISTILL_VERSION, CacheError, create_or_check, sha256_file
+from cache.fingerprint import (
+    VIDISTILL_VERSION,
+    CacheError,
+    cache_teachers,
+    create_or_check,
+    fingerprint_sha256,
+    read_cache_json,
+    sha256_file,
+)
 from cache.flow_codec import FLOW_BOUND, FLOW_CODEC
 from cache.index import load_index, open_index
 from cache.reader import source_status
 from cache.storage import open_storage
 from cache.writer import remove_uncommitted_parts
-from models.teacher import load_teacher, teacher_fingerprint
+from models.teacher import teacher_fingerprint
 from pipeline.common.config import resolve_device
 from pipeline.common.errors import ExtractError, ExtractInterrupted
 from pipeline.common.progress import progress_bar
@@ -32,6 +40,7 @@ from pipeline.extract.decode import ffmpeg_version
 from pipeline.extract.flow import FLOW_PARAMS, make_flow_fn
 from pipeline.extract.job import ShardLock, StopRequest, free_shards, held_locks, shard_from_env, sigint_ignored
 from pipeline.extract.part_sink import config_dict, stored_codecs
+from pipeline.extract.teachers import load_teachers, parse_teacher, render_teacher
 from pipeline.extract.videolist import find_videos
 from pipeline.extract.worker import extract_videos, worker_main
 
@@ -42,10 +51,18 @@ def teacher_identity(teacher, device):
     return teacher_fingerprint(teacher, device) | {"weights_sha256": sha256_file(teacher.weights_path)}
 
 
-def make_fingerprint(cfg, teacher):
-    return {
-        # where the teacher will run, not where it was loaded to be fingerprinted
-        "teacher": teacher_identity(teacher, resolve_device(cfg.device)) if teacher else {"name": "none"},
+def more_teacher_identity(teacher, device):
+    """A teacher after the first: its identity, and the crop of the central square it sees (the first's
+    crop and size are the cache's preprocessing; a later one always takes its own)."""
+    return teacher_identity(teacher, device) | {"crop": round(teacher.eval_crop, 4)}
+
+
+def make_fingerprint(cfg, teachers):
+    device = resolve_device(cfg.device)  # where the teachers will run, not where they were loaded to be fingerprinted
+    teacher = teachers[0] if teachers else None
+    more = {"more_teachers": [more_teacher_identity(t, device) for t in teachers[1:]]} if teachers[1:] else {}
+    return more | {
+        "teacher": teacher_identity(teacher, device) if teacher else {"name": "none"},
         "preprocessing": {"fps": cfg.fps, "height": cfg.height, "width": cfg.width,
                           "resize": "cover-scale + centre crop, SAR and rotation applied",
                           # the stored frames are downscaled from a decode at the teacher's size, so it
@@ -91,14 +108,14 @@ def _run_extract(cfg, stop):
     shard_index, shard_count = cfg.shard
     unlisted = []
     videos = find_videos(cfg.videos, unlisted)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device="cpu", classes=cfg.teacher_classes) \
-        if cfg.teacher != "none" else None
-    # 0: the teacher's own input size and evaluation crop; without a teacher 224 and the whole square
-    # (they set the decode size)
+    teachers = load_teachers(cfg, "cpu")
+    teacher = teachers[0] if teachers else None
+    # 0: the first teacher's own input size and evaluation crop; without a teacher 224 and the whole
+    # square (they set the decode size)
     cfg = dataclasses.replace(cfg, teacher_crop=cfg.teacher_crop or (teacher.eval_crop if teacher else 1.0),
                               teacher_size=cfg.teacher_size or (teacher.input_size if teacher else NO_TEACHER_SIZE))
-    fingerprint = make_fingerprint(cfg, teacher)
-    del teacher
+    fingerprint = make_fingerprint(cfg, teachers)
+    del teacher, teachers
     _prepare_cache(cfg, fingerprint)
 
     lock = ShardLock(cfg.cache, shard_index, shard_count, cfg.single_writer)
@@ -170,7 +187,13 @@ def _validate(cfg):
             cfg = dataclasses.replace(cfg, teacher=absolute_spec(cfg.teacher))
         except ValueError as e:
             raise ExtractError(str(e)) from None
-    return dataclasses.replace(cfg, shard=(shard_index, shard_count), teacher_weights=weights)
+    more = tuple(render_teacher(*parse_teacher(text)) for text in cfg.more_teachers)  # their files' paths absolute
+    if more and cfg.teacher == "none":
+        raise ExtractError("--teacher none cannot be combined with other teachers")
+    specs = [cfg.teacher] + [parse_teacher(text)[0] for text in more]
+    if len(set(specs)) < len(specs):  # distill and eval name a teacher by its spec
+        raise ExtractError(f"--teacher: each teacher once ({', '.join(specs)})")
+    return dataclasses.replace(cfg, shard=(shard_index, shard_count), teacher_weights=weights, more_teachers=more)
 
 
 def _prepare_cache(cfg, fingerprint):
@@ -179,9 +202,21 @@ def _prepare_cache(cfg, fingerprint):
         create_or_check(cfg.cache, fingerprint, config_dict(cfg))
     except CacheError as e:
         if not cfg.overwrite:
-            raise ExtractError(str(e)) from None
+            raise ExtractError(_teachers_differ(cfg, fingerprint) or str(e)) from None
         _remove_cache(cfg.cache)  # other settings and --overwrite: start anew
         create_or_check(cfg.cache, fingerprint, config_dict(cfg))
+
+
+def _teachers_differ(cfg, fingerprint):
+    """When a cache differs from this run in its teachers alone (one was added with --add-teacher):
+    which ones to name, in one line."""
+    meta = read_cache_json(cfg.cache)
+    if fingerprint_sha256(meta["fingerprint"]) != fingerprint_sha256(fingerprint):  # more than the teachers differ
+        return None
+    names = [t["name"] for t in cache_teachers(meta["fingerprint"])]
+    more = " ".join(f"--teacher {t}" for t in meta["config"].get("more_teachers", []))
+    return (f"{cfg.cache} has teachers {', '.join(names)}; extract into it with all of them, in that order "
+            f"(after the first: {more or 'none'})")
 
 
 def _videos_to_do(cfg, mine, found):

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from cache.fingerprint import VIDISTILL_VERSION, CacheError, fingerprint_sha256, read_cache_json
+from cache.fingerprint import VIDISTILL_VERSION, CacheError, fingerprint_sha256, read_cache_json, teacher_array
 from cache.writer import PartWriter
 from pipeline.extract.flow import make_flow_fn
 
@@ -28,14 +28,14 @@ def _append_rows(part, rows):  # runs on the write thread
 
 
 class PartSink:
-    """Labels decoded batches with the teacher and writes them, with each video's record, into parts.
+    """Labels decoded batches with the teachers and writes them, with each video's record, into parts.
 
     Writes go through one thread, so parts are still written by exactly one writer, in order; a batch's
     write overlaps the teacher's work on the next, and at most one write is in flight.
     """
 
-    def __init__(self, cfg, tag, teacher, seconds):
-        self.cfg, self.tag, self.teacher, self.seconds = cfg, tag, teacher, seconds
+    def __init__(self, cfg, tag, teachers, seconds):
+        self.cfg, self.tag, self.teachers, self.seconds = cfg, tag, teachers, seconds
         self.with_flow = make_flow_fn(cfg.flow) is not None
         self.attrs = {"vidistill_version": VIDISTILL_VERSION, "config": config_dict(cfg),
                       "fingerprint_sha256": fingerprint_sha256(read_cache_json(cfg.cache)["fingerprint"])}
@@ -47,9 +47,9 @@ class PartSink:
 
     def _part(self):
         if self.writer is None:
-            t = self.teacher
+            dims = [(t.num_classes, t.embed_dim) for t in self.teachers] or [(None, None)]
             self.writer = PartWriter(self.cfg.cache, self.tag, self.cfg.height, self.cfg.width, self.with_flow,
-                                     t.num_classes if t else None, t.embed_dim if t else None, stored_codecs(self.cfg))
+                                     *dims[0], stored_codecs(self.cfg), more_teachers=dims[1:])
         return self.writer
 
     def _wait_write(self, fn=None, *args):
@@ -67,13 +67,15 @@ class PartSink:
         if self.n_frames == 0:
             self.start = self._wait_write(part.begin_video)
         pick = np.arange(self.n_frames, self.n_frames + len(msg.stored))
-        pick = pick[pick % self.cfg.teacher_every == 0] if self.teacher else pick[:0]
+        pick = pick[pick % self.cfg.teacher_every == 0] if self.teachers else pick[:0]
         rows = [("frames", msg.stored)] + ([("flow", msg.flow_rows)] if self.with_flow else [])
         if len(pick):
-            t = time.perf_counter()
-            logits, embed = self.teacher.predict(msg.teacher_in[pick - self.n_frames])
-            self.seconds["teacher"] += time.perf_counter() - t
-            rows += [("teacher_frame", pick.astype(np.int32)), ("logits", logits), ("embed", embed)]
+            rows.append(("teacher_frame", pick.astype(np.int32)))
+            for slot, (teacher, teacher_in) in enumerate(zip(self.teachers, msg.teacher_in)):
+                t = time.perf_counter()
+                logits, embed = teacher.predict(teacher_in[pick - self.n_frames])
+                self.seconds["teacher"] += time.perf_counter() - t
+                rows += [(teacher_array("logits", slot), logits), (teacher_array("embed", slot), embed)]
         self._wait_write()  # only now: the teacher ran while the previous batch was being written
         self.pending = self.write.submit(_append_rows, part, rows)
         self.n_frames += len(msg.stored)

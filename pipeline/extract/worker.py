@@ -10,12 +10,12 @@ import traceback
 import numpy as np
 import torch
 
-from models.teacher import load_teacher
 from pipeline.common.config import resolve_device
 from pipeline.extract.decode import DecodeError, VideoDecode
 from pipeline.extract.flow import FlowStream
 from pipeline.extract.job import StopRequest
 from pipeline.extract.part_sink import PartSink, source_record
+from pipeline.extract.teachers import load_teachers
 
 
 # What the decode thread sends, in order: each video's batches, then its end or failure; done last.
@@ -23,7 +23,7 @@ from pipeline.extract.part_sink import PartSink, source_record
 class DecodedBatch:
     idx: int  # into `videos`
     stored: np.ndarray  # uint8 [B,H,W,3]
-    teacher_in: np.ndarray  # uint8 [B,T,T,3]
+    teacher_in: list  # uint8 [B,T,T,3] per teacher, each at its own size
     flow_rows: np.ndarray  # quantised flow of the frames whose successor is known; None without flow
 
 
@@ -46,17 +46,19 @@ class DecodeDone:
     busy_seconds: dict  # {"decode": s, "flow": s}
 
 
-def _decode_ahead(videos, cfg, out_queue, stop):
+def _decode_ahead(videos, cfg, more_views, out_queue, stop):
     """Producer thread: decode videos in order and compute their flow, a bounded queue ahead of the
     teacher. Flow runs here because OpenCV releases the GIL: it overlaps with the teacher's work.
-    The final message carries this thread's busy seconds: decoding (ffmpeg pipe + resize) and flow."""
+    The final message carries this thread's busy seconds: decoding (ffmpeg pipe + resize) and flow.
+    more_views: (input size, crop) of each teacher after the first, cut from the same decode."""
     busy = {"decode": 0.0, "flow": 0.0}
     clock = time.perf_counter
+
     for idx, (vid, path) in enumerate(videos):
         try:
             dec = VideoDecode(path, fps=cfg.fps, height=cfg.height, width=cfg.width,
                               teacher_size=cfg.teacher_size, teacher_crop=cfg.teacher_crop, batch_frames=cfg.batch_frames,
-                              stall_timeout=cfg.stall_timeout)
+                              stall_timeout=cfg.stall_timeout, more_teachers=more_views)
             flow = FlowStream(cfg.flow) if cfg.flow != "none" else None
             batches, t = iter(dec), clock()
             for stored, teacher_in in batches:
@@ -122,15 +124,15 @@ def extract_videos(videos, cfg, tag, report, gpu_slot=0, stopping=lambda: False)
     if stopping():
         return
     device = resolve_device(cfg.device, gpu_slot)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, device=device, classes=cfg.teacher_classes) \
-        if cfg.teacher != "none" else None
+    teachers = load_teachers(cfg, device)
     # Where the time goes. This thread: "teacher", and "wait_decode" / "wait_write", the parts of the
     # other stages not hidden behind the teacher. The decode thread: "decode" and "flow", busy time.
     seconds = {"teacher": 0.0, "wait_decode": 0.0, "wait_write": 0.0}
-    sink = PartSink(cfg, tag, teacher, seconds)
+    sink = PartSink(cfg, tag, teachers, seconds)
     items = queue.Queue(maxsize=8)  # ~8 decode batches ahead: overlap without unbounded memory
     stop = threading.Event()
-    producer = threading.Thread(target=_decode_ahead, args=(videos, cfg, items, stop), daemon=True)
+    more_views = [(t.input_size, t.eval_crop) for t in teachers[1:]]
+    producer = threading.Thread(target=_decode_ahead, args=(videos, cfg, more_views, items, stop), daemon=True)
     producer.start()
     try:
         _consume(items, videos, sink, report, seconds, stopping)
