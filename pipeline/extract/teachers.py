@@ -3,8 +3,6 @@
 the same frames of the same decode; the cache keeps each one's outputs in its own arrays (slot order)."""
 import os
 
-from models.teacher import load_teacher
-
 OPTION_KEYS = ("weights", "classes")
 
 
@@ -36,4 +34,5 @@ def teacher_args(cfg):
 
 
 def load_teachers(cfg, device):
+    from models.teacher import load_teacher  # here: distill parses specs and must never import the teacher
     return [load_teacher(spec, weights, device=device, classes=classes) for spec, weights, classes in teacher_args(cfg)]
