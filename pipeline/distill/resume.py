@@ -52,8 +52,8 @@ def settings_changed(ckpt, cfg, fingerprint, world, videos):
     # distil from them: the teachers the run would distil from now are compared instead
     if fingerprint_sha256(ckpt["cache_fingerprint"]) != fingerprint_sha256(fingerprint):
         changed.append("a cache with another fingerprint")
-    elif teachers_changed(ckpt, distilled_teachers(cfg, fingerprint)):
-        changed.append(teachers_changed(ckpt, distilled_teachers(cfg, fingerprint)))
+    elif other_teachers := teachers_changed(ckpt, distilled_teachers(cfg, fingerprint)):
+        changed.append(other_teachers)
     elif ckpt.get("videos") != videos:
         was = ckpt.get("videos", {}).get("count", "unrecorded")
         changed.append(f"the cache's videos changed since: {was} then, {videos['count']} now")

@@ -261,7 +261,7 @@ def teacher_row(reader, every, device, progress, source=("efficientnet_lite0", N
             return np.stack(out)
         return fp["teacher"], from_cache
     try:
-        name, weights, classes = (tuple(source) + (None, None))[:3]
+        name, weights, classes = source
         teacher = load_teacher(name, weights, device=device, classes=classes)
     except ValueError as e:
         raise EvalError(f"teacher row: {e}") from None
@@ -382,7 +382,7 @@ def row_features(init, cfg, reader, ids, root, pre, device, work, space=None):
     if is_teacher_row(init):
         more = {f"teacher:{parse_teacher(t)[0]}": parse_teacher(t) for t in cfg.more_teachers}
         teacher, teacher_compute = teacher_row(reader, cfg.teacher_every, device, cfg.progress,
-                                               more.get(init, (cfg.teacher or "efficientnet_lite0", cfg.teacher_weights)),
+                                               more.get(init, (cfg.teacher or "efficientnet_lite0", cfg.teacher_weights, None)),
                                                own_view=init in more)
 
         def compute(todo):

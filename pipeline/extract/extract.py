@@ -187,10 +187,11 @@ def _validate(cfg):
             cfg = dataclasses.replace(cfg, teacher=absolute_spec(cfg.teacher))
         except ValueError as e:
             raise ExtractError(str(e)) from None
-    more = tuple(render_teacher(*parse_teacher(text)) for text in cfg.more_teachers)  # their files' paths absolute
+    parsed = [parse_teacher(text) for text in cfg.more_teachers]
+    more = tuple(render_teacher(*p) for p in parsed)  # their files' paths absolute
     if more and cfg.teacher == "none":
         raise ExtractError("--teacher none cannot be combined with other teachers")
-    specs = [cfg.teacher] + [parse_teacher(text)[0] for text in more]
+    specs = [cfg.teacher] + [spec for spec, _, _ in parsed]
     if len(set(specs)) < len(specs):  # distill and eval name a teacher by its spec
         raise ExtractError(f"--teacher: each teacher once ({', '.join(specs)})")
     return dataclasses.replace(cfg, shard=(shard_index, shard_count), teacher_weights=weights, more_teachers=more)
