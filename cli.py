@@ -533,8 +533,9 @@ def export(checkpoint, format, out, fc, opset, tolerance):
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(), help="Data, cache, runs, report.")
 @click.option("--quick", is_flag=True, help="A ~1-minute smoke version (tiny data, a few steps).")
 @click.option("--seeds", default=1, show_default=True, help="Repeat distill + eval with this many seeds (mean ± std).")
-@click.option("--steps", default=0, help="Distillation steps per student (0: 300, or 3 with --quick). "
-              "More steps learn more (BENCHMARKS.md) at proportionally more distillation time.")
+@click.option("--steps", default=0, help="Distillation steps of modist and both (0: 400, or 3 with --quick); the distinit "
+              "students train twice as many (their steps cost half). More steps learn more (BENCHMARKS.md) at "
+              "proportionally more distillation time.")
 @click.option("--workers", default=0, show_default=True, help="DataLoader workers (0 is fastest on 2 cores).")
 def demo(out, quick, seeds, steps, workers):
     """The whole pipeline on a generated benchmark, on CPU: generate, extract, distill four students

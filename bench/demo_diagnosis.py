@@ -247,16 +247,16 @@ def main():
     work = args.work or os.path.join(args.demo, "diagnosis")
     os.makedirs(work, exist_ok=True)
     photos, textures = pictures(args.pictures)
-    cache, bank, benchmark = prepare_benchmark(args.demo, SIZES["default"], lambda text: print(text, flush=True),
-                                               progress=False, photos=photos, textures=textures,
-                                               generator_seed=args.generator_seed,
-                                               frames=dict(FRAMES, **({} if args.teacher_crop is None else
-                                                                      {"teacher_crop": args.teacher_crop}),
-                                                           **({} if args.codec is None else
-                                                              {"frame_codec": args.codec, "flow_codec": args.codec}),
-                                                           **({} if args.teacher is None else
-                                                              {"teacher": args.teacher[0],
-                                                               "more_teachers": tuple(args.teacher[1:])})))
+    frames = dict(FRAMES, **({} if args.teacher_crop is None else {"teacher_crop": args.teacher_crop}),
+                  **({} if args.codec is None else {"frame_codec": args.codec, "flow_codec": args.codec}),
+                  **({} if args.teacher is None else {"teacher": args.teacher[0],
+                                                      "more_teachers": tuple(args.teacher[1:])}))
+    try:
+        cache, bank, benchmark = prepare_benchmark(args.demo, SIZES["default"], lambda text: print(text, flush=True),
+                                                   progress=False, photos=photos, textures=textures,
+                                                   generator_seed=args.generator_seed, frames=frames)
+    except ValueError as e:  # the folder holds another benchmark
+        sys.exit(str(e))
     print(f"benchmark: objects {benchmark['objects']}, generator seed {benchmark['seed']}")
     if not args.no_oracle:
         mean, std = flow_oracle(args.demo, work, seeds=3)

@@ -33,3 +33,35 @@ def test_demo_quick_runs_end_to_end_and_reports_its_own_numbers(tmp_path):
                           and r["metric"] == "video_top1")
     assert f"{100 * teacher_object['value']:.1f}" in report
     assert "chosen on a validation split" in report and not (out / "eval" / "validation").exists()  # test only
+
+
+def test_demo_goals_are_checked_on_the_means_and_name_each_miss():
+    from bench.demo_tables import goals
+    means = {  # row: (object linear, object kNN, object zero-shot, motion linear, motion kNN), %
+        "scratch": (40, 30, 26, 12, 12), "inflate": (75, 65, None, 30, 28), "teacher": (100, 99, 31, 30, 22),
+        "distinit": (80, 70, 30, 15, 10), "modist": (55, 40, None, 60, 40), "both": (78, 60, 29, 58, 38),
+        "distinit+lss": (81, 71, 29, 16, 11)}
+    columns = [("object", "linear", "video_top1"), ("object", "knn", "k20_top1"), ("object", "zeroshot", "video_top1"),
+               ("motion", "linear", "video_top1"), ("motion", "knn", "k20_top1")]
+    summary = {f"{row}|{ls}|{p}|{m}": (v / 100, 0.01, 3) for row, values in means.items()
+               for (ls, p, m), v in zip(columns, values) if v is not None}
+    assert all(met for *_, met in goals(summary))
+    summary["both|object|linear|video_top1"] = (0.70, 0.01, 3)  # 11 below distinit+lss, the best student on objects
+    summary["distinit+lss|object|knn|k20_top1"] = (0.69, 0.01, 3)
+    missed = {goal: measured for goal, measured, met in goals(summary) if not met}
+    assert missed == {"both within 3 of the best student on object linear": "-11.0 vs distinit+lss",
+                      "distinit+lss linear and kNN not below distinit":
+                      "object linear +1.0, object knn -1.0, motion linear +1.0, motion knn +1.0"}
+
+
+def test_a_folder_holding_another_benchmark_is_refused_before_anything_is_rewritten(tmp_path):
+    from pipeline.demo.demo import SIZES, prepare_benchmark
+    data = tmp_path / "data"
+    data.mkdir()
+    marker = {"objects": ["motorcycle", "galaxy", "retina", "clock"], "seed": 1}
+    (data / "benchmark.json").write_text(json.dumps(marker))
+    (data / "pool").mkdir()  # what regenerating would delete
+    with pytest.raises(ValueError, match=r"benchmark.json: this folder holds another benchmark \(objects "
+                                         r"\['motorcycle', 'galaxy', 'retina', 'clock'\], generator seed 1\)"):
+        prepare_benchmark(str(tmp_path), SIZES["quick"], print)  # the demo's own pictures, seed 0
+    assert (data / "pool").exists() and json.loads((data / "benchmark.json").read_text()) == marker

@@ -23,7 +23,7 @@ from pipeline.common.config import (
     objective_parts,
 )
 from pipeline.common.progress import progress_bar
-from pipeline.demo.synthetic import MOTIONS, generate_benchmark
+from pipeline.demo.synthetic import MOTIONS, PHOTOS, generate_benchmark
 from pipeline.distill.concepts import run_concepts
 from pipeline.distill.train import run_distill
 from pipeline.evaluate.evaluate import run_eval
@@ -134,6 +134,7 @@ def prepare_benchmark(out, size, stage, progress=True, log=print, photos=None, t
     """Generate the benchmark, extract its unlabelled pool and build lss's concept bank (each step a no-op
     when already done). Returns (cache, bank, the benchmark's parameters)."""
     data, cache = os.path.join(out, "data"), os.path.join(out, "cache")
+    refuse_another_benchmark(data, list(photos or PHOTOS), generator_seed)
     stage("generating the benchmark (real photos on real textures, 8 motions)")
     bar = progress_bar(total=size["n_pool"] + size["n_labelled"], desc="generate", unit="clip", disable=not progress)
     benchmark = generate_benchmark(data, size["n_pool"], size["n_labelled"], size["n_frames"], seed=generator_seed,
@@ -152,6 +153,20 @@ def prepare_benchmark(out, size, stage, progress=True, log=print, photos=None, t
     if not os.path.exists(bank):
         run_concepts(ConceptsConfig(out=bank, **CONCEPTS))
     return cache, bank, benchmark
+
+
+def refuse_another_benchmark(data, objects, generator_seed):
+    """A folder keeps the benchmark it was made with: other pictures or another seed would regenerate it
+    under the runs and results already there, which would then describe a benchmark that is gone.
+    (Another size, as --quick then the default, is regenerated: its runs carry their step counts.)"""
+    marker = os.path.join(data, "benchmark.json")
+    if not os.path.exists(marker):
+        return
+    held = json.load(open(marker))
+    if (held["objects"], held["seed"]) != (objects, generator_seed):
+        raise ValueError(f"{marker}: this folder holds another benchmark (objects {held['objects']}, generator "
+                         f"seed {held['seed']}), not objects {objects}, seed {generator_seed}; name that "
+                         f"benchmark's pictures and seed, or use another folder")
 
 
 def evaluate_runs(out, runs, label_set, seed, clips, progress=True, validation=False, baselines=BASELINES,
