@@ -55,13 +55,13 @@ def _add_teacher(cache, text, device, batch_frames, stall_timeout, progress, sto
     if meta["fingerprint"]["ffmpeg_version"] != ffmpeg_version():  # another decoder: other pixels than the cache's
         raise ExtractError(f"{cache} was decoded with ffmpeg {meta['fingerprint']['ffmpeg_version']}, this machine has "
                            f"{ffmpeg_version()}; add the teacher where the cache was extracted, or extract it again")
-    spec, weights, classes = parse_teacher(text)
-    device = resolve_device(device)
-    teacher = load_teacher(spec, weights, device=device, classes=classes)
-    busy = held_locks(cache)
+    busy = held_locks(cache)  # before loading the teacher: a refusal should not wait for its weights
     if busy:
         raise ExtractError(f"{cache}: extract jobs are writing into it ({', '.join(f'{k} by {v}' for k, v in busy.items())}); "
                            "add the teacher once they have finished")
+    spec, weights, classes = parse_teacher(text)
+    device = resolve_device(device)
+    teacher = load_teacher(spec, weights, device=device, classes=classes)
     lock = ShardLock(cache, 0, 1, meta["config"].get("single_writer", False))  # no extract starts meanwhile
     try:
         stop.conditions.append(lambda: lock.lost)
