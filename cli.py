@@ -405,6 +405,11 @@ def concepts(**kw):
                    "splits 1-3, several label columns, `embed --work`): each video is decoded and embedded once.")
 @click.option("--teacher-every", default=E.teacher_every, show_default=True, type=_COUNT,
               help="teacher row: average the 2D teacher's embeddings of every k-th frame (k>1 is faster on CPU).")
+@click.option("--decode-workers", default=str(E.decode_workers), show_default=True,
+              callback=lambda ctx, param, v: _workers(v),
+              help="Processes decoding the videos (once; later evals with the same --work reuse them), as extract's "
+                   "--workers; auto picks extract's rule. With --teacher-every 8 or no teacher row, one per core is "
+                   "fastest (2 on 2 cores: 1.7x).")
 @click.option("--student", default=E.student, show_default=True, help="Architecture of the scratch row without a checkpoint.")
 @click.option("--finetune-epochs", default=E.finetune_epochs, show_default=True)
 @click.option("--finetune-lr", default=E.finetune_lr, show_default=True)
@@ -424,7 +429,7 @@ def concepts(**kw):
 @click.option("--seed", default=E.seed, show_default=True)
 @click.option("--device", default=E.device, show_default=True)
 def eval_cmd(task, root, checkpoint, inits, protocols, text_encoder, text_weights, teacher, teacher_weights, split,
-             splits, clips, crops, out, work, teacher_every,
+             splits, clips, crops, out, work, teacher_every, decode_workers,
              student, finetune_epochs, finetune_lr, batch_size, labels, label_column, id_column, test_fraction,
              group_pattern, train_list, test_list, seed, device):
     """Linear probe, kNN, retrieval and fine-tuning, with baselines in the same table.
@@ -444,7 +449,7 @@ def eval_cmd(task, root, checkpoint, inits, protocols, text_encoder, text_weight
                      finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, test_fraction=test_fraction,
                      train_list=train_list, test_list=test_list, labels=labels, label_column=label_column,
                      id_column=id_column, group_pattern=group_pattern, work=work, teacher_every=teacher_every,
-                     text_encoder=text_encoder, text_weights=text_weights, teacher=teacher,
+                     decode_workers=decode_workers, text_encoder=text_encoder, text_weights=text_weights, teacher=teacher,
                      teacher_weights=teacher_weights, device=device)
     try:
         rows, _, notes = run_eval(cfg)
@@ -533,9 +538,9 @@ def export(checkpoint, format, out, fc, opset, tolerance):
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(), help="Data, cache, runs, report.")
 @click.option("--quick", is_flag=True, help="A ~1-minute smoke version (tiny data, a few steps).")
 @click.option("--seeds", default=1, show_default=True, help="Repeat distill + eval with this many seeds (mean ± std).")
-@click.option("--steps", default=0, help="Distillation steps of modist and both (0: 400, or 3 with --quick); the distinit "
-              "students train twice as many (their steps cost half). More steps learn more (BENCHMARKS.md) at "
-              "proportionally more distillation time.")
+@click.option("--steps", default=0, help="Distillation steps of every student (0: the demo's, modist and both 600, the "
+              "distinit students 800, whose steps cost 0.4 of modist's; 3 and 6 with --quick). More steps learn more "
+              "(BENCHMARKS.md) at proportionally more distillation time.")
 @click.option("--workers", default=0, show_default=True, help="DataLoader workers (0 is fastest on 2 cores).")
 def demo(out, quick, seeds, steps, workers):
     """The whole pipeline on a generated benchmark, on CPU: generate, extract, distill four students

@@ -14,8 +14,9 @@ def test_demo_quick_runs_end_to_end_and_reports_its_own_numbers(tmp_path):
     result = CliRunner().invoke(cli, ["demo", "--quick", "--steps", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = open(out / "report.md").read()
-    assert "2 steps" in report and (out / "runs" / "modist-seed0-2steps" / "checkpoint.pt").exists()
-    assert (out / "runs" / "distinit-seed0-4steps" / "checkpoint.pt").exists()  # its steps cost half: twice as many
+    assert "steps distinit 2, modist 2, both 2, distinit+lss 2" in report
+    assert (out / "runs" / "modist-seed0-2steps" / "checkpoint.pt").exists()
+    assert (out / "runs" / "distinit-seed0-2steps" / "checkpoint.pt").exists()  # --steps: every student's
     assert "| distinit |" in report and "| teacher |" in report and "motion linear video_top1" in report
     assert os.path.getsize(out / "report.png") > 5000
     saved = json.load(open(out / "report.json"))

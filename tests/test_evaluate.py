@@ -290,3 +290,18 @@ def test_pretrained_on_finds_the_test_videos_a_distillation_cache_holds(tiny_fol
               ("right/r0.mp4", str(tiny_folder_task / "right" / "r0.mp4"))]
     assert pretrained_on(Preprocessing(distill_cache=str(cache)), videos) == ["left/l0.mp4", "l1.mp4"]
     assert pretrained_on(Preprocessing(distill_cache=str(tmp_path / "gone")), videos) is None
+
+
+@pytest.mark.slow
+def test_decode_workers_share_out_the_one_decode_and_change_no_number(tiny_folder_task, tmp_path):
+    results, caches = {}, {}
+    for workers in (1, 2):
+        out = tmp_path / f"workers{workers}"
+        results[workers], _, _ = run_eval(EvalConfig(task="folder", root=str(tiny_folder_task), out=str(out),
+                                                     inits=("scratch",), protocols=("knn",), clips=1, crops=1,
+                                                     decode_workers=workers, progress=False))
+        caches[workers] = next(out.glob("cache-*"))
+    # two processes each committed a part of the one cache, and every number is what one process gives
+    assert len(list((caches[2] / "commits").glob("part-*w0-*"))) == len(list((caches[2] / "commits").glob("part-*w1-*"))) == 1
+    assert [(r["metric"], r["value"], r["train_videos"]) for r in results[2]] == \
+        [(r["metric"], r["value"], r["train_videos"]) for r in results[1]]

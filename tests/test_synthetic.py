@@ -77,6 +77,17 @@ def test_generator_writes_labels_layout_and_real_videos(tmp_path):
     assert list(csv.DictReader(open(other / "labelled" / "labels.csv"))) == rows  # seeded: reproducible
 
 
+def test_clips_rendered_side_by_side_are_the_files_one_at_a_time_writes(tmp_path, monkeypatch):
+    files = {}
+    for cores in (1, 4):
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        root = tmp_path / f"cores{cores}"
+        generate_benchmark(str(root), n_pool=2, n_labelled=4, n_frames=4, seed=2)
+        files[cores] = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                        if p.is_file() and not p.is_symlink()}
+    assert len(files[1]) == 2 + 4 + 2 and files[4] == files[1]  # videos, labels.csv, benchmark.json
+
+
 def test_other_pictures_make_another_benchmark_in_the_same_folder(tmp_path):
     from skimage import data
     params = generate_benchmark(str(tmp_path), n_pool=2, n_labelled=12, n_frames=4, seed=1)

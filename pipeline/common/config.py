@@ -198,6 +198,9 @@ class EvalConfig:
     id_column: str = "id"
     work: str = None  # where the decoded-frames cache lives (default: out); share it between runs
     teacher_every: int = 1  # teacher row: embeddings of every k-th frame are averaged
+    # processes for the one decode of the task's videos (extract's --workers; 0: its auto rule): with the
+    # teacher on every k-th frame only, decoding is the work, and one process per core does it fastest
+    decode_workers: int = 1
     # the teacher row's teacher (and its weights file); None: the one the checkpoint distilled from, else
     # efficientnet_lite0
     teacher: str = None

@@ -163,7 +163,7 @@ def labelled_frames(cfg, task, pre, work):
     teacher = (cfg.teacher, cfg.teacher_weights, cfg.teacher_every) \
         if "teacher" in cfg.rows() and set(cfg.protocols) - {"finetune"} else None
     return frames_source(task.root, [(vid, path) for vid, path, _ in task.train + task.test], work, pre,
-                         cfg.progress, teacher)
+                         cfg.progress, teacher, cfg.decode_workers)
 
 
 def scored_sides(cfg, task, usable=None, failed=None):

@@ -115,17 +115,18 @@ def weights_sha256(weights):
     return sha256_file(path)
 
 
-def build_eval_cache(root, work, pre, progress, teacher=None):
+def build_eval_cache(root, work, pre, progress, teacher=None, workers=1):
     """Decode the videos under root once into a cache in `work` (resumable; a rerun or another eval
     over the same root only adds what is missing or changed), with the teacher (name, weights, every)
-    run inside that one decode when the teacher row is asked for. Returns its reader."""
+    run inside that one decode when the teacher row is asked for, in `workers` processes. Returns its
+    reader."""
     cache = eval_cache_dir(root, work, pre, teacher)
     name, weights, every = teacher or ("none", None, 1)
     try:
         run_extract(ExtractConfig(videos=root, cache=cache, fps=pre.fps, height=pre.height, width=pre.width,
                                   teacher_size=pre.teacher_size, teacher_crop=pre.teacher_crop, flow="none",
                                   teacher=name, teacher_weights=weights,
-                                  teacher_every=every, shard=(0, 1), progress=progress))
+                                  teacher_every=every, shard=(0, 1), workers=workers, progress=progress))
     except ValueError as e:  # the teacher cannot be loaded
         raise EvalError(f"teacher row: {e}") from None
     return CacheReader(cache)
@@ -170,12 +171,13 @@ def pretrained_on(pre, videos):
     return seen
 
 
-def frames_source(root, videos, work, pre, progress, teacher=None):
+def frames_source(root, videos, work, pre, progress, teacher=None, workers=1):
     """(reader, note) for the frames of `videos` [(id, path)] under root: the distillation cache the
     checkpoint learnt from when it already holds all of them unchanged (nothing is decoded); else a
     cache in `work` that does (with or without teacher outputs: the frames are the same); else one
     decoded now, once, shared by every later eval and embed over this root: with the teacher's
-    outputs when `teacher` (name, weights, every) is given, so its row needs no decode of its own."""
+    outputs when `teacher` (name, weights, every) is given, so its row needs no decode of its own, in
+    `workers` processes."""
     reader = holds_videos(pre.distill_cache, videos, pre.fingerprint.get("preprocessing")) \
         if pre.distill_cache and videos else None
     if reader is not None:
@@ -186,7 +188,7 @@ def frames_source(root, videos, work, pre, progress, teacher=None):
         reader = holds_videos(cache, videos) if os.path.isdir(cache) else None
         if reader is not None:
             return reader, None
-    return build_eval_cache(root, work, pre, progress, teacher), None
+    return build_eval_cache(root, work, pre, progress, teacher, workers), None
 
 
 def load_backbone(init, checkpoint=None, student="r3d_cpu", seed=0):
