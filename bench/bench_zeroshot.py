@@ -47,7 +47,8 @@ def zeroshot_rows(task_kw, checkpoint, out, seed, inits):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", required=True, help="output folder of `cli.py demo` (default sizes)")
-    ap.add_argument("--steps", type=int, default=SIZES["default"]["steps"])
+    ap.add_argument("--steps", type=int, default=SIZES["default"]["distinit_steps"],
+                    help="every student's steps (default: the demo's distinit+lss)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     work = os.path.join(args.demo, "zeroshot")

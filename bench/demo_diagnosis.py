@@ -237,7 +237,9 @@ def main():
     ap.add_argument("--codec", choices=("jpeg", "zstd"), default=None,
                     help="when preparing: how frames and flow are stored (default: the extract default, JPEG)")
     ap.add_argument("--work", default=None, help="where runs and results go (default: DEMO/diagnosis)")
-    ap.add_argument("--steps", type=int, default=SIZES["default"]["steps"])
+    ap.add_argument("--steps", type=int, default=SIZES["default"]["steps"],
+                    help="every variant's steps (default: the demo's modist and both; its distinit students train "
+                         f"{SIZES['default']['distinit_steps']})")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variant", action="append", default=None,
                     help="'OBJECTIVE knob=value ...' instead of the built-in variants (repeatable)")

@@ -102,7 +102,8 @@ def main():
     seeds = report["seeds"]
     text = table(report["summary"])
     command = ("python bench/demo_tables.py other_out --other" if args.other else "python cli.py demo") + f" --seeds {seeds}"
-    steps = ", ".join(f"{student} {n}" for student, n in report["steps"].items())
+    steps = report["steps"]  # per student; one number in the reports before that
+    steps = ", ".join(f"{student} {n}" for student, n in steps.items()) if isinstance(steps, dict) else steps
     note = (f"`{command}`, steps {steps}, {seeds} seed(s), test split, "
             f"{report['wall_seconds'] / 60:.1f} min in all ({datetime.date.today()}):\n\n")
     block = note + text + "\n\n" + goals_text(report["summary"])

@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench.demo_diagnosis import evaluate, pictures  # the validation split and the other pictures
-from pipeline.demo.demo import BASELINES, COLUMNS, RUNS, SIZES, distill_config, prepare_benchmark
+from pipeline.demo.demo import BASELINES, COLUMNS, RUNS, SIZES, distill_config, prepare_benchmark, student_steps
 from pipeline.distill.train import run_distill
 
 CURVES = [c for c in COLUMNS if c[1] == "linear"] + [("object", "knn", "k20_top1")]  # what the plot shows
@@ -47,11 +47,12 @@ def plot(path, points, baselines, steps, demo_steps):
         for row, style in zip(BASELINES, (":", "--", "-.")):
             if key in baselines.get(row, {}):
                 ax.axhline(100 * baselines[row][key], color="gray", ls=style, lw=1, label=row)
-        ax.axvline(demo_steps, color="black", lw=0.5, alpha=0.5)
+        for s in demo_steps:
+            ax.axvline(s, color="black", lw=0.5, alpha=0.5)
         ax.set_xscale("log", base=2)
         ax.set_xticks(steps, [str(s) for s in steps])
         ax.set_title(key)
-        ax.set_xlabel("training steps (thin line: the demo's)")
+        ax.set_xlabel("training steps (thin lines: the demo's, modist/both and distinit)")
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -122,7 +123,8 @@ def main():
         baselines[key] = {row: got[row] for row in BASELINES}
         save()
     mine = {p.split("|")[0]: v for p, v in points.items() if p.endswith(f"|{key}") and p.split("|")[0] in args.objectives}
-    plot(os.path.join(work, "learning.png"), mine, baselines[key], args.steps, SIZES["default"]["steps"])
+    plot(os.path.join(work, "learning.png"), mine, baselines[key], args.steps,
+         sorted(set(student_steps(SIZES["default"]).values())))
     print(f"\nvalidation accuracy (%) against steps, seed {args.seed}, {(time.time() - t0) / 60:.1f} min this run; "
           f"plot: {os.path.join(work, 'learning.png')}")
     print(table(mine, baselines[key], args.steps))

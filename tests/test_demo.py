@@ -20,6 +20,7 @@ def test_demo_quick_runs_end_to_end_and_reports_its_own_numbers(tmp_path):
     assert "| distinit |" in report and "| teacher |" in report and "motion linear video_top1" in report
     assert os.path.getsize(out / "report.png") > 5000
     saved = json.load(open(out / "report.json"))
+    assert saved["steps"] == {"distinit": 2, "modist": 2, "both": 2, "distinit+lss": 2}
     rows = {r["row"] for r in saved["rows"]}
     assert rows == {"distinit", "modist", "both", "distinit+lss", "scratch", "inflate", "teacher"}
     zeroshot = {r["row"] for r in saved["rows"] if r["protocol"] == "zeroshot"}

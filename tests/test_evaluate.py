@@ -293,15 +293,25 @@ def test_pretrained_on_finds_the_test_videos_a_distillation_cache_holds(tiny_fol
 
 
 @pytest.mark.slow
-def test_decode_workers_share_out_the_one_decode_and_change_no_number(tiny_folder_task, tmp_path):
-    results, caches = {}, {}
+def test_decode_workers_share_out_the_one_decode_and_keep_its_frames(tiny_folder_task, tmp_path):
+    results, outs = {}, {}
     for workers in (1, 2):
-        out = tmp_path / f"workers{workers}"
-        results[workers], _, _ = run_eval(EvalConfig(task="folder", root=str(tiny_folder_task), out=str(out),
-                                                     inits=("scratch",), protocols=("knn",), clips=1, crops=1,
-                                                     decode_workers=workers, progress=False))
-        caches[workers] = next(out.glob("cache-*"))
-    # two processes each committed a part of the one cache, and every number is what one process gives
-    assert len(list((caches[2] / "commits").glob("part-*w0-*"))) == len(list((caches[2] / "commits").glob("part-*w1-*"))) == 1
-    assert [(r["metric"], r["value"], r["train_videos"]) for r in results[2]] == \
-        [(r["metric"], r["value"], r["train_videos"]) for r in results[1]]
+        outs[workers] = tmp_path / f"workers{workers}"
+        results[workers], _, _ = run_eval(EvalConfig(task="folder", root=str(tiny_folder_task), out=str(outs[workers]),
+                                                     inits=("scratch", "teacher"), protocols=("knn",), clips=1,
+                                                     crops=1, teacher_every=2, decode_workers=workers,
+                                                     progress=False))
+    # two processes each committed a part of the one cache (the teacher running inside the decode) ...
+    commits = next(outs[2].glob("cache-*-teacher-*")) / "commits"
+    assert len(list(commits.glob("part-*w0-*"))) == len(list(commits.glob("part-*w1-*"))) == 1
+    # ... with the same frames: the scratch row's numbers are one process's
+    scratch = {w: [(r["metric"], r["value"], r["train_videos"]) for r in results[w] if r["init"] == "scratch"]
+               for w in (1, 2)}
+    assert scratch[2] == scratch[1] and scratch[1]
+    # the teacher's features agree to float rounding (its frames reach it in other batches)
+    feats = {}
+    for w in (1, 2):
+        with h5py.File(next((outs[w] / "features").glob("teacher-*.h5"))) as f:
+            feats[w] = dict(zip([i.decode() for i in f["ids"][()]], f["features"][()]))
+    assert feats[2].keys() == feats[1].keys()
+    assert all(np.allclose(feats[2][v], feats[1][v], rtol=1e-3, atol=1e-4) for v in feats[1])

@@ -83,9 +83,10 @@ def test_clips_rendered_side_by_side_are_the_files_one_at_a_time_writes(tmp_path
         monkeypatch.setattr(os, "cpu_count", lambda: cores)
         root = tmp_path / f"cores{cores}"
         generate_benchmark(str(root), n_pool=2, n_labelled=4, n_frames=4, seed=2)
-        files[cores] = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-                        if p.is_file() and not p.is_symlink()}
-    assert len(files[1]) == 2 + 4 + 2 and files[4] == files[1]  # videos, labels.csv, benchmark.json
+        files[cores] = {str(p.relative_to(root)): os.readlink(p) if p.is_symlink() else p.read_bytes()
+                        for p in sorted(root.rglob("*")) if p.is_file()}
+    # videos, labels.csv, benchmark.json and a link per labelled clip and label set
+    assert len(files[1]) == 2 + 4 + 2 + 2 * 4 and files[4] == files[1]
 
 
 def test_other_pictures_make_another_benchmark_in_the_same_folder(tmp_path):

@@ -43,7 +43,8 @@ CONCEPTS = dict(classes="k400")
 # Steps: the contrastive students (modist, both) `steps`, the distinit ones `distinit_steps`. Both keep
 # learning past 400 (bench/learning.py), so each gets what fits in the 10 minutes: a distinit step costs
 # 0.4 of a modist step, and 600 modist steps fit once generating the benchmark and decoding its labelled
-# clips used both cores (BENCHMARKS.md: the validation runs at 400, 600 and 800 steps).
+# clips used both cores. On both benchmarks' validation splits 600 matched or beat 400 on motion
+# (BENCHMARKS.md, fourth session of 2026-12-03).
 SIZES = {
     "default": dict(n_pool=128, n_labelled=256, n_frames=24, steps=600, distinit_steps=800, eval_clips=2),
     "quick": dict(n_pool=16, n_labelled=32, n_frames=16, steps=3, distinit_steps=6, eval_clips=1),

@@ -182,19 +182,23 @@ def generate_benchmark(root, n_pool=160, n_labelled=160, n_frames=24, seed=0, pr
     rows = []
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         futures = [pool.submit(write_clip, kind, i, *label) for (kind, i), label in zip(todo, labels)]
-        for k, ((kind, i), (obj, motion), future) in enumerate(zip(todo, labels, futures)):
-            path, rate = future.result()
-            name = f"clip_{i:05d}.mp4"
-            if kind == "labelled":
-                rows.append({"id": name, "object": obj, "motion": motion, "speed": round(rate, 4),
-                             "start_x": round(float(path[0, 0]), 2), "start_y": round(float(path[0, 1]), 2)})
-                for label_set, label in (("object", obj), ("motion", motion)):
-                    link = os.path.join(root, "labelled", label_set, label, name)
-                    os.makedirs(os.path.dirname(link), exist_ok=True)
-                    if not os.path.lexists(link):
-                        os.symlink(os.path.join("..", "..", "videos", name), link)
-            if progress:
-                progress(k + 1, len(todo))
+        try:
+            for k, ((kind, i), (obj, motion), future) in enumerate(zip(todo, labels, futures)):
+                path, rate = future.result()
+                name = f"clip_{i:05d}.mp4"
+                if kind == "labelled":
+                    rows.append({"id": name, "object": obj, "motion": motion, "speed": round(rate, 4),
+                                 "start_x": round(float(path[0, 0]), 2), "start_y": round(float(path[0, 1]), 2)})
+                    for label_set, label in (("object", obj), ("motion", motion)):
+                        link = os.path.join(root, "labelled", label_set, label, name)
+                        os.makedirs(os.path.dirname(link), exist_ok=True)
+                        if not os.path.lexists(link):
+                            os.symlink(os.path.join("..", "..", "videos", name), link)
+                if progress:
+                    progress(k + 1, len(todo))
+        except BaseException:  # Ctrl-C or a failed clip: stop now, not after every queued clip
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     with open(os.path.join(root, "labelled", "labels.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
