@@ -85,10 +85,9 @@ def run_demo(out="demo_out", quick=False, seeds=1, steps=None, workers=0, progre
     stage = _stages(log, t0)
     cache, bank, benchmark = prepare_benchmark(out, size, stage, progress, log, photos, textures, generator_seed)
 
-    rows = []
+    rows, steps = [], student_steps(size)
     for seed in range(seeds):
         stage(f"distill {', '.join(RUNS)} (seed {seed}), {PARALLEL} at a time")
-        steps = student_steps(size)
         runs = {objective: os.path.join(out, "runs", f"{objective}-seed{seed}-{steps[objective]}steps")
                 for objective in RUNS}  # a rerun resumes each
         train_students({objective: distill_config(cache, run, objective, steps[objective], seed, bank, workers)

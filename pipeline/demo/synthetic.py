@@ -165,27 +165,27 @@ def generate_benchmark(root, n_pool=160, n_labelled=160, n_frames=24, seed=0, pr
         shutil.rmtree(os.path.join(root, folder), ignore_errors=True)
     textures = list(textures.values())
     rng = np.random.default_rng(seed)
-    todo = [("pool", i) for i in range(n_pool)] + [("labelled", i) for i in range(n_labelled)]
+    todo = [(kind, i, f"clip_{i:05d}.mp4") for kind, n in (("pool", n_pool), ("labelled", n_labelled))
+            for i in range(n)]
     # every clip's labels come from one generator, in order, and its pixels from its own: the clips are
     # rendered and encoded side by side (one thread per core; OpenCV and ffmpeg leave the GIL) and the
     # files are the same as one at a time
     labels = [(objects[rng.integers(len(objects))], MOTIONS[rng.integers(len(MOTIONS))]) for _ in todo]
 
-    def write_clip(kind, i, obj, motion):
+    def write_clip(kind, i, name, obj, motion):
         clip_rng = np.random.default_rng([seed, 0 if kind == "pool" else 1, i])
         frames, path, rate = render_clip(photos[obj], motion, clip_rng, textures, n_frames)
-        out = os.path.join(root, "pool" if kind == "pool" else os.path.join("labelled", "videos"), f"clip_{i:05d}.mp4")
+        out = os.path.join(root, "pool" if kind == "pool" else os.path.join("labelled", "videos"), name)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         write_video(out, frames, FPS)
         return path, rate
 
     rows = []
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        futures = [pool.submit(write_clip, kind, i, *label) for (kind, i), label in zip(todo, labels)]
+        futures = [pool.submit(write_clip, *clip, *label) for clip, label in zip(todo, labels)]
         try:
-            for k, ((kind, i), (obj, motion), future) in enumerate(zip(todo, labels, futures)):
+            for k, ((kind, _, name), (obj, motion), future) in enumerate(zip(todo, labels, futures)):
                 path, rate = future.result()
-                name = f"clip_{i:05d}.mp4"
                 if kind == "labelled":
                     rows.append({"id": name, "object": obj, "motion": motion, "speed": round(rate, 4),
                                  "start_x": round(float(path[0, 0]), 2), "start_y": round(float(path[0, 1]), 2)})
