@@ -236,14 +236,14 @@ def test_zeroshot_alone_scores_every_video_of_a_folder_task(tiny_folder_task, co
 
 @pytest.mark.slow
 def test_teacher_row_decodes_each_video_once_for_probes_and_zeroshot(tiny_folder_task, tmp_path, monkeypatch):
-    import pipeline.evaluate.features as features
+    import pipeline.evaluate.teacher_row as teacher_row
     opened = []
 
-    class CountingDecode(features.VideoDecode):
+    class CountingDecode(teacher_row.VideoDecode):
         def __init__(self, path, **kw):
             opened.append(path)
             super().__init__(path, **kw)
-    monkeypatch.setattr(features, "VideoDecode", CountingDecode)
+    monkeypatch.setattr(teacher_row, "VideoDecode", CountingDecode)
     base = dict(task="folder", root=str(tiny_folder_task), teacher_every=4, progress=False)
     # first eval over this root: the teacher runs inside the one decode of the labelled videos
     rows, _, _ = run_eval(EvalConfig(**base, out=str(tmp_path / "a"), protocols=("knn", "zeroshot"), inits=("teacher",)))
@@ -279,7 +279,7 @@ def test_the_teacher_row_defaults_to_the_checkpoints_teacher(tiny_folder_task, t
 
 
 def test_pretrained_on_finds_the_test_videos_a_distillation_cache_holds(tiny_folder_task, tmp_path):
-    from pipeline.evaluate.features import Preprocessing, pretrained_on
+    from pipeline.evaluate.frames import Preprocessing, pretrained_on
     from pipeline.extract.extract import run_extract
     cache = tmp_path / "cache"
     run_extract(extract_config(tiny_folder_task / "left", cache, height=64, width=80, teacher="none", flow="none"))

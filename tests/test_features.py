@@ -2,7 +2,7 @@
 import h5py
 import numpy as np
 
-from pipeline.evaluate.features import read_index, stored_features
+from pipeline.evaluate.feature_store import read_index, stored_features
 
 
 def test_feature_store_computes_each_video_once_across_tasks(tmp_path):

@@ -1,9 +1,9 @@
 """`cli.py eval`: measure a student the way the literature does, baselines in the same table.
 
-For each row (the checkpoint, scratch, inflate, teacher) the features of the task's videos come from
-features.py, the frozen protocols from protocols.py and fine-tuning from finetune.py (all in
-pipeline/evaluate/); this module runs them and writes results.json and results.md, every number
-with its task, split, protocol, views, checkpoint and seed.
+For each row (the checkpoint, scratch, inflate, teacher) the frames come from frames.py and the
+features from rows.py (which keeps them in feature_store.py), the frozen protocols from protocols.py
+and fine-tuning from finetune.py (all in pipeline/evaluate/); this module runs them and writes
+results.json and results.md, every number with its task, split, protocol, views, checkpoint and seed.
 """
 
 import collections
@@ -17,21 +17,17 @@ import torch
 
 from cache.fingerprint import sha256_file
 from models.checkpoint import load_checkpoint
+from models.start import record_label
 from pipeline.common.config import INITS, PROTOCOLS, group_rule, is_teacher_row, resolve_device
 from pipeline.common.errors import EvalError
 from pipeline.common.runs import checkpoint_path, latest_run
+from pipeline.evaluate.backbones import concept_head_of, load_backbone
 from pipeline.evaluate.eval_events import write_eval_events
-from pipeline.evaluate.features import (
-    concept_head_of,
-    frames_source,
-    load_backbone,
-    preprocessing_of,
-    pretrained_on,
-    row_features,
-)
 from pipeline.evaluate.finetune import finetune
+from pipeline.evaluate.frames import frames_source, preprocessing_of, pretrained_on
 from pipeline.evaluate.protocols import chance_level, knn_classify, linear_probe, retrieval, wilson_interval, zero_shot
 from pipeline.evaluate.report import NOT_ACCURACY, write_reports
+from pipeline.evaluate.rows import row_features
 from pipeline.evaluate.tasks import OFFICIAL, compile_group_pattern, default_root, group_of, load_task
 from pipeline.extract.teachers import render_teacher
 
@@ -112,7 +108,7 @@ def run_eval(cfg):
     seen = transductive_check(cfg, pre, task, test, notes)
     space = concept_space(cfg, task.classes, notes) if "zeroshot" in cfg.protocols else None
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    rows = []
+    rows, start = [], record_label(load_checkpoint(cfg.checkpoint).get("start")) if cfg.checkpoint else None
     for init in cfg.rows():
         results, attrs, store = evaluate_row(init, cfg, reader, task, train, test, pre, device, work, notes, space)
         for protocol, metrics in results.items():
@@ -125,6 +121,8 @@ def run_eval(cfg):
                              "chance": chance_level(metric, trl, len(task.classes), tel) if accuracy else None,
                              "views": attrs["views"] if protocol != "finetune" else f"{cfg.clips} clips x {cfg.crops} crops",
                              "checkpoint": attrs["checkpoint"], "features": os.path.abspath(store),
+                             # where the checkpoint's student started (scratch, inflate, from-RUN): the table says
+                             "start": start if init == "checkpoint" else None,
                              # the distillation cache the checkpoint learnt from; baselines learnt nothing from it
                              "cache_fingerprint": pre.fingerprint if init == "checkpoint" else None,
                              # test videos the checkpoint pre-trained on (unlabelled); None: unknown

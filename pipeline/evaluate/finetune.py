@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from models.students import normalize_video
 from pipeline.common.progress import progress_bar
 from pipeline.distill.clips import ClipDataset
-from pipeline.evaluate.features import video_features
+from pipeline.evaluate.backbones import video_features
 from pipeline.evaluate.protocols import view_accuracies
 
 
