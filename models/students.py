@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from models.efficientnet_lite import EfficientNetLite, inflate_state_dict
+from models.efficientnet_lite import EfficientNetLite
 
 # What every student sees: Kinetics statistics, as torchvision's video models use them.
 VIDEO_MEAN = (0.43216, 0.394666, 0.37645)
@@ -26,7 +26,9 @@ SCALED_STUDENTS = {
     "r3d_cpu": (16, (1, 1, 1, 1)),
     "r3d_10_half": (32, (1, 1, 1, 1)),
 }
-STUDENTS = TORCHVISION_STUDENTS + tuple(SCALED_STUDENTS) + ("efficientnet3d_lite0",)
+# the image teachers' topologies in 3D: efficientnet3d_liteN is EfficientNet-LiteN's twin
+EFFICIENTNET_STUDENTS = ("efficientnet3d_lite0", "efficientnet3d_lite1", "efficientnet3d_lite2")
+STUDENTS = TORCHVISION_STUDENTS + tuple(SCALED_STUDENTS) + EFFICIENTNET_STUDENTS
 
 
 class _TorchvisionBackbone(nn.Module):
@@ -88,7 +90,7 @@ class ResNet3d(nn.Module):
 
 
 class EfficientNet3dBackbone(nn.Module):
-    """The teacher's topology in 3D (EfficientNet-Lite0 twin), on student-normalised clips.
+    """An EfficientNet-Lite teacher's topology in 3D, on student-normalised clips.
 
     Students take Kinetics-normalised input (normalize_video); the EfficientNet-Lite
     weights expect (x - 127) / 128 on 0..255. A fixed per-channel affine converts one into the other,
@@ -96,9 +98,10 @@ class EfficientNet3dBackbone(nn.Module):
     """
     feature_dim = 1280
 
-    def __init__(self):
+    def __init__(self, variant="efficientnet_lite0"):
         super().__init__()
-        self.net = EfficientNetLite(video=True)
+        self.variant = variant
+        self.net = EfficientNetLite(variant, video=True)
         # the ImageNet classifier is not part of the backbone (only logits() uses it): frozen, so
         # DDP does not wait for gradients it never gets
         self.net._fc.requires_grad_(False)
@@ -113,23 +116,14 @@ class EfficientNet3dBackbone(nn.Module):
         return self.net.forward_head(self(x))
 
 
-def inflate_from_teacher(backbone, weights=None):
-    """Initialise an EfficientNet3dBackbone from the 2D ImageNet weights (the baseline DistInit beats)."""
-    from models.teacher import default_weights_path
-    path = weights or default_weights_path()
-    state_2d = torch.load(path, map_location="cpu", weights_only=True)
-    backbone.net.load_state_dict(inflate_state_dict(state_2d, backbone.net))
-    return backbone
-
-
 def build_student(arch):
     if arch in TORCHVISION_STUDENTS:
         return _TorchvisionBackbone(arch)
     if arch in SCALED_STUDENTS:
         width, blocks = SCALED_STUDENTS[arch]
         return ResNet3d(width, blocks)
-    if arch == "efficientnet3d_lite0":
-        return EfficientNet3dBackbone()
+    if arch in EFFICIENTNET_STUDENTS:
+        return EfficientNet3dBackbone(arch.replace("3d", ""))
     raise ValueError(f"unknown student {arch!r}; choose from {', '.join(STUDENTS)}")
 
 

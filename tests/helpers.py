@@ -120,8 +120,8 @@ def tiny_checkpoint(path, student="r3d_cpu", objective="distinit", cache="no-suc
     torch.manual_seed(seed)
     backbone = build_student(student)
     if student == "efficientnet3d_lite0":  # random init all but zeroes its output; start where eval's inflate row does
-        from models.students import inflate_from_teacher
-        inflate_from_teacher(backbone)
+        from models.inflate import inflate_student
+        inflate_student(backbone, student)
     for m in backbone.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.running_mean.uniform_(-0.1, 0.1)

@@ -552,3 +552,48 @@ def test_channels_last_and_compile_give_the_default_paths_numbers(compiled):
     for name, g in ref_grads.items():  # float32 sums in another order: equal to ~1e-4 of each gradient's norm
         assert float((grads[name] - g).norm()) <= 1e-3 * float(g.norm()) + 1e-7, name
     assert make(channels_last=True).backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_inflate_starts_every_copy_and_the_teachers_head_as_the_image_network(eight_video_cache, tmp_path, monkeypatch):
+    """--init inflate: the backbone, MoDist's key encoder and (the teacher being the very network inflated)
+    the distillation head start as EfficientNet-Lite0; lr 0 keeps them there for the check."""
+    from models.inflate import inflate_student
+    from models.students import build_student
+    monkeypatch.chdir(tmp_path)  # runs/ lands here
+    cfg = tiny(eight_video_cache, "", steps=1, lr=0.0, objective="both", student="efficientnet3d_lite0", init="auto",
+               warmup_steps=1)
+    s = run_distill(cfg)
+    assert s["start"] == "inflate" and "both-inflate-" in s["out"]  # auto: the image weights ship
+    ckpt = load_checkpoint(s["checkpoint"])
+    start = ckpt["start"]
+    assert start["init"] == "inflate" and start["from"].startswith("EfficientNet-Lite0")
+    assert start["weights_sha256"] == ckpt["cache_fingerprint"]["teacher"]["weights_sha256"]
+    assert start["heads_from_classifier"] == ["efficientnet_lite0"]
+    model = ckpt["model"]
+    want, _ = inflate_student(build_student("efficientnet3d_lite0"), "efficientnet3d_lite0")
+    for key, value in want.state_dict().items():
+        if key.endswith("weight") and "_bn" not in key:  # BatchNorm statistics moved in the forward pass
+            assert torch.equal(model[f"backbone.{key}"], value), key
+            assert torch.allclose(model[f"key_rgb.0.{key}"], value, atol=1e-6), key  # after one momentum update
+    assert torch.equal(model["distill_head.weight"], want.net._fc.weight)
+
+
+def test_inflating_a_student_without_an_image_network_is_one_line(eight_video_cache, tmp_path):
+    r = CliRunner().invoke(cli, ["distill", "--cache", eight_video_cache, "--out", str(tmp_path / "r"),
+                                 "--student", "r3d_cpu", "--init", "inflate", "--steps", "1"])
+    assert r.exit_code != 0
+    line = r.output.strip()
+    assert "\n" not in line and "r3d_cpu cannot start from an image network" in line and "efficientnet3d_lite0" in line
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_a_run_goes_on_from_another_runs_checkpoint(eight_video_cache, tmp_path):
+    first = tmp_path / "first"
+    run_distill(tiny(eight_video_cache, first, steps=2))
+    s = run_distill(tiny(eight_video_cache, tmp_path / "second", steps=1, lr=0.0, student="auto",
+                         init=str(first), warmup_steps=1))
+    assert s["student"] == "r3d_cpu" and s["start"] == "path"  # the checkpoint's architecture
+    a = load_checkpoint(str(first / "checkpoint.pt"))["model"]
+    b = load_checkpoint(s["checkpoint"])
+    assert b["start"]["weights"] == str(first / "checkpoint.pt")
+    assert torch.equal(a["backbone.stem.0.weight"], b["model"]["backbone.stem.0.weight"])

@@ -93,6 +93,11 @@ class DistillConfig:
     out: str = ""  # "": runs/<objective>-<date-time>/, or the latest run with these settings (resumed)
     objective: str = "distinit"
     student: str = "auto"  # r2plus1d_18 on CUDA, r3d_cpu on CPU
+    # where the student starts: "scratch" (random weights), "inflate" (its image network made temporal,
+    # models/inflate.py), or a PATH (RUN/, RUN/checkpoint.pt, a torchvision-format export); "auto":
+    # inflate where the image weights ship (efficientnet3d_lite0/1/2), else scratch (models/start.py)
+    init: str = "auto"
+    init_weights: str = ""  # inflate: the 2D network's weights file ("": the shipped ones, EfficientNet-Lite only)
     clip_len: int = 0  # 0: 16 on CUDA, 8 on CPU
     stride: int = 2
     crop: int = 112

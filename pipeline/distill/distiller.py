@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cache.fingerprint import teacher_array
+from cache.fingerprint import sha256_file, teacher_array
+from models.start import start_backbone
 from models.students import ProjectionHead, build_motion_pathway, build_student, normalize_video
 from pipeline.common.config import objective_parts
 from pipeline.distill.augment import colour_augment
@@ -70,6 +71,29 @@ class Distiller(nn.Module):
             self.register_buffer("queue_flow", nn.functional.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
             self.register_buffer("queue_ids", torch.full((cfg.queue_size,), -1, dtype=torch.long))  # video of each key
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def start(self):
+        """Set the backbone where cfg.init says (models/start.py), then everything copied from it (the
+        key encoders, lss's EMA teacher) to match. A teacher head whose teacher is the very image network
+        the backbone was inflated from starts as that network's classifier: the student then predicts its
+        teacher from the first step, and distillation's first gradients refine the features instead of
+        pulling them towards a random head (LP-FT's argument). Returns the start record."""
+        record = start_backbone(self.backbone, self.cfg.student, self.cfg.init, self.cfg.init_weights)
+        if "weights" in record:
+            record["weights_sha256"] = sha256_file(record["weights"])
+        for copy_ in (self.key_rgb, self.ema_concepts) if self.use_modist else (self.ema_concepts,):
+            if copy_ is not None:
+                copy_[0].load_state_dict(self.backbone.state_dict())
+        classifier = getattr(getattr(self.backbone, "net", None), "_fc", None)
+        for t in self.teachers:
+            same = record["init"] == "inflate" and t.get("weights_sha256") == record["weights_sha256"] \
+                and classifier is not None and classifier.out_features == t["num_classes"]
+            if same:
+                getattr(self, teacher_array("distill_head", t["slot"])).load_state_dict(classifier.state_dict())
+                record.setdefault("heads_from_classifier", []).append(t["name"])
+        self.start_record = record
+        return record
 
     @torch.no_grad()
     def after_step(self):

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from cache.fingerprint import VIDISTILL_VERSION, fingerprint_sha256, sha256_file
 from cache.storage import is_url
 from models.checkpoint import CheckpointError, load_checkpoint
+from models.start import start_label
 from pipeline.common.config import DistillConfig
 from pipeline.common.errors import DistillError
 from pipeline.common.locks import FileLock, LockBusy
@@ -79,7 +80,7 @@ def choose_run_folder(cfg, fingerprint, world, rank, videos):
         except CheckpointError:
             pass  # an unreadable latest run is left alone; this run gets a folder of its own
     if rank == 0:
-        out = out or new_run_dir(cfg.objective)
+        out = out or new_run_dir(f"{cfg.objective}-{start_label(cfg.init)}")
         os.makedirs(out, exist_ok=True)
         point_latest(out)
     if world > 1:  # every rank writes into the folder rank 0 chose
@@ -163,6 +164,8 @@ def checkpoint_state(run, step, batches_used):
             "plan": run["plan"],
             "feature_dim": run["model"].backbone.feature_dim, "vidistill_version": VIDISTILL_VERSION,
             "concepts": run["model"].bank, "teacher": run["teacher"],
+            # where the student started: {"init": scratch|inflate|path, "weights", "weights_sha256", ...}
+            "start": run["model"].start_record,
             # what distinit distilled from: {slot, name, weight, num_classes, embed_dim, weights, classes, weights_sha256}
             "teachers": run["teachers"]}
 

@@ -17,7 +17,7 @@ def teacher_sources(cache_dir, fingerprint):
 
 
 def distilled_teachers(cfg, fingerprint):
-    """[{slot, name, weight, num_classes, embed_dim}] of the teachers distinit distils from: those
+    """[{slot, name, weight, num_classes, embed_dim, weights_sha256}] of the teachers distinit distils from: those
     --teacher-weight names, their weights scaled to sum to 1, or every teacher of the cache equally."""
     if "distinit" not in objective_parts(cfg.objective):
         return []
@@ -39,7 +39,7 @@ def distilled_teachers(cfg, fingerprint):
     if total <= 0:
         raise DistillError(f"--teacher-weight {cfg.teacher_weight!r}: give at least one teacher a weight above 0")
     return [{"slot": slot, "name": name, "weight": weights[name] / total, "num_classes": t["num_classes"],
-             "embed_dim": t["embed_dim"]} for slot, (name, t) in enumerate(zip(names, teachers)) if weights.get(name, 0) > 0]
+             "embed_dim": t["embed_dim"], "weights_sha256": t.get("weights_sha256")} for slot, (name, t) in enumerate(zip(names, teachers)) if weights.get(name, 0) > 0]
 
 
 def teachers_changed(ckpt, teachers):

@@ -20,6 +20,8 @@ from cache.fingerprint import VIDISTILL_VERSION, CacheError, read_cache_json, sh
 from cache.manifest import verify_cache
 from cache.reader import CacheReader
 from models.checkpoint import save_checkpoint
+from models.inflate import IMAGE_COUNTERPARTS, inflatable, refusal
+from models.start import INIT_WORDS, StartError, auto_init, checkpoint_student
 from pipeline.common.config import DEVICE_DEFAULTS, objective_parts, resolve_device
 from pipeline.common.errors import ConceptError, DistillError
 from pipeline.common.progress import progress_bar
@@ -63,10 +65,19 @@ def resolve(cfg):
     auto = DEVICE_DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
     if cfg.optimizer not in ("adamw", "sgd"):
         raise DistillError(f"--optimizer must be adamw or sgd, not {cfg.optimizer!r}")
+    student, init = cfg.student, cfg.init
+    try:
+        if student == "auto" and init not in INIT_WORDS:  # continuing a run: its architecture
+            student = checkpoint_student(init) or "auto"
+    except StartError as e:
+        raise DistillError(str(e)) from None
+    student = student if student != "auto" else auto["student"]
+    init = auto_init(student) if init == "auto" else init
+    if init == "inflate" and not inflatable(student):
+        raise DistillError(refusal(student))
     return dataclasses.replace(
-        cfg, device=device, objective=objective,
+        cfg, device=device, objective=objective, student=student, init=init,
         weight_decay=cfg.weight_decay if cfg.weight_decay >= 0 else (0.05 if cfg.optimizer == "adamw" else 5e-4),
-        student=cfg.student if cfg.student != "auto" else auto["student"],
         clip_len=cfg.clip_len or auto["clip_len"],
         batch_size=cfg.batch_size or auto["batch_size"])
 
@@ -114,14 +125,19 @@ def check_cache(cfg):
     return fp
 
 
-def build_training(cfg, fingerprint, plan):
-    """Model (on cfg.device), optimiser and warmup+cosine schedule for a resolved config and plan."""
+def build_training(cfg, fingerprint, plan, ckpt=None):
+    """Model (on cfg.device), optimiser and warmup+cosine schedule for a resolved config and plan; the
+    model starts where cfg.init says, or, resuming (`ckpt`), keeps the checkpoint's start record."""
     tcfg = fingerprint["teacher"]
     concepts = load_concepts(cfg.concepts, tcfg, teacher_sources(cfg.cache, fingerprint)[0]) \
         if "lss" in objective_parts(cfg.objective) else None
     layout = torch.channels_last_3d if cfg.channels_last else torch.preserve_format
     model = Distiller(cfg, distilled_teachers(cfg, fingerprint), fingerprint["flow"].get("bound"),
                       plan["momentum"], concepts).to(cfg.device, memory_format=layout)
+    try:
+        model.start_record = ckpt.get("start", {"init": "scratch"}) if ckpt else model.start()
+    except StartError as e:
+        raise DistillError(str(e)) from None
     if cfg.compile:
         model.compile_networks()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -226,7 +242,7 @@ def _run_distill(cfg, held):
         for line in describe_plan(cfg, plan, dataset.shorter_than_a_clip(), world):
             print(line)
     torch.manual_seed(cfg.seed + rank)
-    model, opt, sched = build_training(cfg, fingerprint, plan)
+    model, opt, sched = build_training(cfg, fingerprint, plan, ckpt)
     step, batches_used = resume(ckpt, log_path, cfg, model, opt, sched, world, rank)
     loader = make_loader(dataset, cfg, rank, world, batches_used, plan["clips_per_video"])
     sources = teacher_sources(cfg.cache, fingerprint)
@@ -242,7 +258,7 @@ def _run_distill(cfg, held):
     wall = time.time() - t0
     return {"steps": step, "total_steps": plan["total"], "steps_this_run": step - first_step, "wall_seconds": wall,
             "out": cfg.out, "clips_per_s": clips / max(wall, 1e-9), "checkpoint": ckpt_path, "videos": len(dataset),
-            "skipped_steps": bad_steps, "student": cfg.student, "device": cfg.device}
+            "skipped_steps": bad_steps, "student": cfg.student, "start": model.start_record["init"], "device": cfg.device}
 
 
 def init_distributed(cfg):
@@ -311,7 +327,8 @@ def describe_plan(cfg, plan, short_videos, world):
     lines = [f"plan: {p['videos']} videos x {p['clips_per_video']} clip(s) each per epoch = {p['per_epoch']} steps "
              f"of {cfg.batch_size} x {world} clips; {p['total']} steps = {p['total'] / p['per_epoch']:.1f} epochs; "
              f"warm-up {p['warmup']} steps, peak lr {cfg.lr:g}"
-             + (f", key momentum {p['momentum']:.3f}" if "modist" in objective_parts(cfg.objective) else "")]
+             + (f", key momentum {p['momentum']:.3f}" if "modist" in objective_parts(cfg.objective) else ""),
+             f"student: {cfg.student}, starting from {describe_start(cfg)}"]
     if short_videos:
         lines.append(f"note: {short_videos} of {p['videos']} videos are shorter than a clip "
                      f"({clip_span(cfg.clip_len, cfg.stride)} frames); their clips repeat the last frame")
@@ -319,6 +336,12 @@ def describe_plan(cfg, plan, short_videos, world):
         lines.append(f"warning: {p['total']} steps are too few to learn much (on the demo's videos 150 steps "
                      f"taught almost nothing, 400-600 did); e.g. `cli.py distill --cache {cfg.cache} --steps 400`")
     return lines
+
+
+def describe_start(cfg):
+    if cfg.init == "inflate":
+        return f"its image network made temporal ({IMAGE_COUNTERPARTS[cfg.student]}{', ' + cfg.init_weights if cfg.init_weights else ''})"
+    return "random weights" if cfg.init == "scratch" else cfg.init
 
 
 def train_loop(run, loader, step, batches_used):

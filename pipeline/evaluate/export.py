@@ -239,7 +239,8 @@ def build_lines(arch, path, num_classes=None):
         width, blocks = SCALED_STUDENTS[arch]
         build = ["from models.students import ResNet3d", f"net = ResNet3d(width={width}, blocks={blocks})"]
     else:
-        build = ["from models.students import EfficientNet3dBackbone", "net = EfficientNet3dBackbone()"]
+        build = ["from models.students import EfficientNet3dBackbone",
+                 f"net = EfficientNet3dBackbone({arch.replace('3d', '')!r})"]
     return ["import sys, torch",
             f"sys.path.insert(0, {REPO!r})  # vidistill's models/ (needs only torch + torchvision)",
             *build, load, "net.eval()  # net(video) -> [B, feature_dim] features"]

@@ -37,8 +37,10 @@ def format_table(rows, intervals=False):
         return f"{100 * r['value']:.1f}" + (f" ({100 * ci[0]:.1f}–{100 * ci[1]:.1f})" if intervals and ci else "")
     lines = ["| init | " + " | ".join(f"{p} {m}" for p, m in cols) + " |", "|" + "---|" * (len(cols) + 1)]
     marked = {r["init"] for r in rows if r.get("transductive")}  # pre-trained on test videos
+    starts = {r["init"]: r["start"] for r in rows if r.get("start")}  # the checkpoint row: where it started
     for init in inits:
-        label = f"{init} †" if init in marked else init
+        label = f"{init} ← {starts[init]}" if init in starts else init
+        label = f"{label} †" if init in marked else label
         lines.append(f"| {label} | " + " | ".join(cell(found.get((init, p, m))) for p, m in cols) + " |")
     if any(chance.get(c) is not None for c in cols):
         lines.append("| chance | " + " | ".join("–" if chance.get(c) is None else f"{100 * chance[c]:.1f}"
