@@ -12,6 +12,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = {"cache": 0, "models": 0, "pipeline.common": 1, "pipeline.extract": 2, "pipeline.distill": 3,
           "pipeline.evaluate": 4, "pipeline.demo": 5}
 PACKAGES = ("cache", "models", "pipeline")
+# Stages that meet only in the cache and in common/: distill reads what extract wrote, never its code.
+# (Evaluation does import extract: it decodes its labelled videos through stage one.)
+APART = [("pipeline.distill", "pipeline.extract")]
 
 
 def module_files():
@@ -106,6 +109,14 @@ def test_no_module_imports_a_higher_layer():
     assert upward == []
 
 
+def test_stages_that_meet_only_in_the_cache_import_nothing_of_each_other():
+    crossing = [f"{module} -> {target}" for module, imports in import_graph().items() for target in imports
+                for low, high in APART
+                for a, b in ((low, high), (high, low))
+                if layer_of(module)[0] == a and layer_of(target)[0] == b]
+    assert crossing == []
+
+
 def test_no_import_circles():
     assert cycles(import_graph()) == []
 
@@ -124,3 +135,10 @@ def test_an_upward_import_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), "import_graph", lambda: fake)
     with pytest.raises(AssertionError, match="cache.reader -> pipeline.common.config"):
         test_no_module_imports_a_higher_layer()
+
+
+def test_a_crossing_between_stages_is_named(monkeypatch):
+    fake = {"pipeline.distill.teachers": {"pipeline.extract.teachers"}, "pipeline.extract.teachers": set()}
+    monkeypatch.setattr(__import__(__name__), "import_graph", lambda: fake)
+    with pytest.raises(AssertionError, match="pipeline.distill.teachers -> pipeline.extract.teachers"):
+        test_stages_that_meet_only_in_the_cache_import_nothing_of_each_other()

@@ -124,7 +124,7 @@ def test_extract_with_a_timm_teacher_stores_its_classes_at_its_input_size(tmp_pa
 
 
 def test_a_further_teacher_names_its_files_inline(tmp_path):
-    from pipeline.extract.teachers import parse_teacher, render_teacher
+    from pipeline.common.teacher_spec import parse_teacher, render_teacher
     spec = "torchvision:resnet50,weights=r50.pth,classes=places.txt"
     name, weights, classes = parse_teacher(spec)
     assert (name, weights, classes) == ("torchvision:resnet50", os.path.abspath("r50.pth"), os.path.abspath("places.txt"))

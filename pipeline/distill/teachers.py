@@ -3,7 +3,7 @@
 from cache.fingerprint import cache_teachers, read_cache_json
 from pipeline.common.config import objective_parts
 from pipeline.common.errors import DistillError
-from pipeline.extract.teachers import parse_teacher
+from pipeline.common.teacher_spec import parse_teacher
 
 
 def teacher_sources(cache_dir, fingerprint):

@@ -21,6 +21,7 @@ from models.start import record_label
 from pipeline.common.config import INITS, PROTOCOLS, group_rule, is_teacher_row, resolve_device
 from pipeline.common.errors import EvalError
 from pipeline.common.runs import checkpoint_path, latest_run
+from pipeline.common.teacher_spec import render_teacher
 from pipeline.evaluate.backbones import concept_head_of, load_backbone
 from pipeline.evaluate.eval_events import write_eval_events
 from pipeline.evaluate.finetune import finetune
@@ -29,7 +30,6 @@ from pipeline.evaluate.protocols import chance_level, knn_classify, linear_probe
 from pipeline.evaluate.report import NOT_ACCURACY, write_reports
 from pipeline.evaluate.rows import row_features
 from pipeline.evaluate.tasks import OFFICIAL, compile_group_pattern, default_root, group_of, load_task
-from pipeline.extract.teachers import render_teacher
 
 SMALL_TEST_SET = 30  # fewer test videos: a 95 % interval wider than about ±17 points, too wide to rank rows
 

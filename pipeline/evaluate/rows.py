@@ -7,10 +7,10 @@ import re
 
 from cache.fingerprint import sha256_file
 from pipeline.common.config import is_teacher_row
+from pipeline.common.teacher_spec import parse_teacher
 from pipeline.evaluate.backbones import concept_model, load_backbone, video_features
 from pipeline.evaluate.feature_store import FEATURES_DIR, stored_features
 from pipeline.evaluate.teacher_row import in_text_space, teacher_row
-from pipeline.extract.teachers import parse_teacher
 
 
 def views_of(init, cfg, pre):

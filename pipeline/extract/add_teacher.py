@@ -29,10 +29,10 @@ from models.teacher import load_teacher
 from pipeline.common.config import resolve_device
 from pipeline.common.errors import ExtractError, ExtractInterrupted
 from pipeline.common.progress import progress_bar
+from pipeline.common.teacher_spec import parse_teacher, render_teacher
 from pipeline.extract.decode import DecodeError, VideoDecode, ffmpeg_version
 from pipeline.extract.extract import more_teacher_identity
 from pipeline.extract.job import ShardLock, StopRequest, held_locks
-from pipeline.extract.teachers import parse_teacher, render_teacher
 
 
 def run_add_teacher(cache, teacher, device="auto", batch_frames=32, stall_timeout=60.0, progress=True):

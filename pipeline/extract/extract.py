@@ -36,11 +36,12 @@ from models.teacher import teacher_fingerprint
 from pipeline.common.config import resolve_device
 from pipeline.common.errors import ExtractError, ExtractInterrupted
 from pipeline.common.progress import progress_bar
+from pipeline.common.teacher_spec import parse_teacher, render_teacher
 from pipeline.extract.decode import ffmpeg_version
 from pipeline.extract.flow import FLOW_PARAMS, make_flow_fn
 from pipeline.extract.job import ShardLock, StopRequest, free_shards, held_locks, shard_from_env, sigint_ignored
 from pipeline.extract.part_sink import config_dict, stored_codecs
-from pipeline.extract.teachers import load_teachers, parse_teacher, render_teacher
+from pipeline.extract.teachers import load_teachers
 from pipeline.extract.videolist import find_videos
 from pipeline.extract.worker import extract_videos, worker_main
 
