@@ -1,8 +1,11 @@
 """Evaluation protocols on known answers: linear probe, weighted kNN, retrieval recall."""
+import warnings
+
 import numpy as np
+import pytest
 import torch
 
-from pipeline.evaluate.protocols import knn_classify, linear_probe, retrieval
+from pipeline.evaluate.protocols import class_log_probs, fit_logreg, knn_classify, linear_probe, retrieval
 
 
 def clusters(centres, n_per_class, views, spread, seed):
@@ -98,6 +101,44 @@ def test_the_weight_decay_hold_out_keeps_groups_together():
     fit, hold = grouped_holdout(30, groups, 0.2, seed=0)
     assert len(hold) == 6 and set(groups[fit]).isdisjoint(groups[hold])
     assert sorted(np.concatenate([fit, hold])) == list(range(30))
+
+
+def far_test_videos(c=4, per_class=4, d=16, seed=0):
+    """Training videos of which one per class barely shows a feature that its class's test video shows
+    strongly: standardised by the tiny training spread, that test video's class scores lie hundreds
+    apart, and the other classes' probabilities underflow to 0 (what the demo's inflate row met)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(c, d))
+    labels, test_labels = np.repeat(np.arange(c), per_class), np.arange(c)
+    train = (centres[labels] + 0.3 * rng.normal(size=(len(labels), d)))[:, None, :]
+    test = (centres[test_labels] + 0.3 * rng.normal(size=(c, d)))[:, None, :]
+    train[:, 0, -c:], test[:, 0, -c:] = 0, 0
+    train[np.arange(c) * per_class, 0, d - c + np.arange(c)] = 1e-4
+    test[np.arange(c), 0, d - c + np.arange(c)] = 1.0
+    return train.astype(np.float32), labels, test.astype(np.float32), test_labels
+
+
+def test_the_probe_warns_of_nothing_when_probabilities_underflow():
+    train, labels, test, test_labels = far_test_videos()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scikit-learn's "divide by zero encountered in log" would raise
+        out = linear_probe(train, labels, test, test_labels, 4)
+    assert out["video_top1"] == 1.0
+
+
+@pytest.mark.parametrize("classes", [2, 5])
+def test_class_log_probs_are_sklearns_where_those_are_finite(classes):
+    rng = np.random.default_rng(classes)
+    x, y = rng.normal(size=(40, 6)), np.arange(40) % classes
+    model = fit_logreg(x, y, 1e-3)
+    test = rng.normal(size=(10, 6)) * np.r_[1, 1, 1, 1, 1, 100]  # some scores far apart
+    ours, theirs = class_log_probs(model, test, classes + 1), np.full((10, classes + 1), -np.inf)
+    with np.errstate(divide="ignore"):
+        theirs[:, :classes] = model.predict_log_proba(test)
+    finite = np.isfinite(theirs)
+    assert np.allclose(ours[finite], theirs[finite], atol=1e-9)
+    assert np.isfinite(ours[:, :classes]).all() and (ours[:, classes] == -np.inf).all()  # an absent class: -inf
+    assert np.allclose(np.exp(ours).sum(1), 1)
 
 
 def test_wilson_interval_matches_known_values_and_stays_in_range():

@@ -29,9 +29,16 @@ def fit_logreg(x, y, wd):
 
 
 def class_log_probs(model, x, num_classes):
-    """[N, num_classes] log-probabilities; classes absent from the training set get -inf."""
+    """[N, num_classes] log-probabilities; classes absent from the training set get -inf.
+
+    Log-softmax of the decision scores, in float64: not sklearn's predict_log_proba, which takes the
+    log of probabilities that underflow to 0 (a test video far outside the training features gives
+    scores 100+ apart) and warns "divide by zero encountered in log"."""
+    scores = torch.from_numpy(np.asarray(model.decision_function(x), np.float64))
+    if scores.ndim == 1:  # two classes: sklearn's one score d is softmax([0, d])
+        scores = torch.stack([torch.zeros_like(scores), scores], 1)
     out = np.full((len(x), num_classes), -np.inf, np.float64)
-    out[:, model.classes_] = model.predict_log_proba(x)
+    out[:, model.classes_] = scores.log_softmax(1).numpy()
     return out
 
 
