@@ -118,7 +118,7 @@ def create_or_check(cache_dir, fingerprint, config):
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "fingerprint": fingerprint, "config": config}
         data = json.dumps(meta, indent=2, sort_keys=True).encode()
-        if storage.conditional_writes:
+        if storage.conditional_writes and not config.get("single_writer"):
             storage.create(CACHE_JSON, data)  # False: another job created it first
         else:
             storage.write(CACHE_JSON, data)

@@ -30,7 +30,8 @@ from cache.writer import COMMITS_DIR, PARTS_DIR
 
 INDEX_FILE = "index.bin"
 MAGIC = b"VDISTIDX"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: a sha256 of the rest ends the file
+CHECKSUM_BYTES = 32
 READABLE = ("ok", "partial")  # "partial": decoded as far as the file allowed, with a warning
 STATUSES = ("ok", "partial", "failed")
 COLUMNS = {"part": "<i4", "frame_offset": "<i8", "frame_count": "<i8", "teacher_offset": "<i8",
@@ -118,9 +119,9 @@ def load_index(cache_dir, parts=None, tables=None):
     return index, duplicates
 
 
-def build_index_bytes(cache_dir, parts):
-    """index.bin's content for these committed parts."""
-    index, _ = load_index(cache_dir, parts)
+def build_index_bytes(cache_dir, parts, tables=None):
+    """index.bin's content for these committed parts (tables: their video tables, if read already)."""
+    index, _ = load_index(cache_dir, parts, tables)
     ids = sorted(index)
     part_number = {p: k for k, p in enumerate(parts)}
     records = [json.dumps(index[v][1], separators=(",", ":")).encode() for v in ids]
@@ -149,7 +150,8 @@ def build_index_bytes(cache_dir, parts):
     header = json.dumps({"version": INDEX_VERSION, "parts": parts, "columns": layout}).encode()
     head = MAGIC + len(header).to_bytes(8, "little") + header
     head += b"\0" * (-len(head) % ALIGN)
-    return head + b"".join(blobs)
+    data = head + b"".join(blobs)
+    return data + hashlib.sha256(data).digest()  # one changed byte anywhere: the file is rebuilt, never trusted
 
 
 class VideoIndex:
@@ -165,6 +167,11 @@ class VideoIndex:
         header = json.loads(bytes(data[start:start + n]))
         if header.get("version") != INDEX_VERSION:
             raise ValueError(f"index version {header.get('version')}")
+        body = memoryview(data)[:max(0, len(data) - CHECKSUM_BYTES)]
+        digest = hashlib.sha256(body).digest()
+        body.release()  # a mapped file can be closed again
+        if digest != bytes(data[len(data) - CHECKSUM_BYTES:]):
+            raise ValueError("it fails its checksum")
         base = start + n + (-(start + n) % ALIGN)
         self.parts = header["parts"]
         self.columns = {}

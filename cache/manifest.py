@@ -7,15 +7,27 @@ Damage is reported with the part, the array and the video (and frame) it belongs
 """
 import collections
 import json
+import os
+import time
 
 import numpy as np
 
 from cache.codecs import decode_chunk
 from cache.fingerprint import CacheError, cache_teachers, fingerprint_sha256, read_cache_json, teacher_array
-from cache.index import READABLE, committed_parts, load_index, open_index, read_part_attrs, read_part_table
+from cache.index import (
+    INDEX_FILE,
+    READABLE,
+    VideoIndex,
+    build_index_bytes,
+    committed_parts,
+    load_index,
+    open_index,
+    read_part_attrs,
+    read_part_table,
+)
 from cache.reader import source_status
 from cache.shards import EMPTY, ArrayLayout, ShardReader, shard_key
-from cache.storage import open_storage
+from cache.storage import TMP_SUFFIX, open_storage
 from cache.writer import COMMITS_DIR, PARTS_DIR, uncommitted_parts
 
 QUARANTINE_DIR = "quarantine"
@@ -248,9 +260,72 @@ def verify_cache(cache_dir, quick=False, with_tables=True):
         checked["videos"] = len(index)
         for vid, part in duplicates:
             problems.append(f"{part}: video {vid!r} is stored twice (ignored copy)")
+        problems += _check_index(storage, cache_dir, committed, tables, notes)
     except CacheError as e:
         problems.append(str(e))
+    leftovers = leftover_tmp_files(cache_dir)
+    if leftovers:
+        notes.append(f"{len(leftovers)} temporary file(s) (*{TMP_SUFFIX}) left by killed writes, e.g. {leftovers[0]}; "
+                     "`cache verify --repair` removes them")
     return problems, notes, checked
+
+
+INDEX_PROBLEM = "the consolidated index"  # how verify's problems with index.bin begin (--repair rebuilds it)
+
+
+def _check_index(storage, cache_dir, committed, tables, notes):
+    """index.bin against its checksum and against the parts' tables it was built from: a reader trusts
+    its offsets, so one changed byte would serve one video's frames as another's."""
+    where = f"{INDEX_PROBLEM} {storage.url(INDEX_FILE)}"
+    try:
+        data = storage.read(INDEX_FILE)
+        if VideoIndex(data, "memory").parts != committed:
+            notes.append(f"{storage.url(INDEX_FILE)} lists other parts than commits/ (a part committed since); "
+                         "the next reader rebuilds it")
+            return []
+    except FileNotFoundError:
+        return []  # not built yet: the next reader builds it
+    except (OSError, ValueError, KeyError) as e:
+        return [f"{where} is damaged ({e}); readers rebuild it, `cache verify --repair` rebuilds it now"]
+    if data != build_index_bytes(cache_dir, committed, tables):
+        return [f"{where} does not match the parts' video tables; `cache verify --repair` rebuilds it"]
+    return []
+
+
+def rebuild_index(cache_dir):
+    """Replace index.bin by one built from the parts (`cache verify --repair`)."""
+    open_storage(cache_dir).remove(INDEX_FILE)
+    open_index(cache_dir, warn=False)
+
+
+TMP_STALE_SECONDS = 60  # a temporary file older than this is no write in flight (those last milliseconds)
+
+
+def leftover_tmp_files(cache_dir, older_than=0):
+    """Temporary files (*.tmp) in a local cache, left by writes a kill interrupted, older than this many
+    seconds; paths relative to the cache. (An object store has none: its writes are single requests.)"""
+    storage = open_storage(cache_dir)
+    if storage.remote:
+        return []
+    now, found = time.time(), []
+    for folder, _, files in os.walk(storage.path()):
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                if name.endswith(TMP_SUFFIX) and now - os.path.getmtime(path) >= older_than:
+                    found.append(os.path.relpath(path, storage.path()))
+            except OSError:  # finished (renamed) meanwhile
+                pass
+    return sorted(found)
+
+
+def remove_leftover_tmp_files(cache_dir):
+    """Delete the temporary files that are surely no write in flight. Returns how many."""
+    storage = open_storage(cache_dir)
+    leftovers = leftover_tmp_files(cache_dir, TMP_STALE_SECONDS)
+    for name in leftovers:
+        storage.remove(name)
+    return len(leftovers)
 
 
 def quarantine_damaged(cache_dir, problems):

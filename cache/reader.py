@@ -10,12 +10,12 @@ import os
 
 import numpy as np
 
-from cache.fingerprint import CacheError, cache_teachers, read_cache_json, teacher_array
+from cache.fingerprint import CacheError, cache_teachers, fingerprint_sha256, read_cache_json, teacher_array
 from cache.flow_codec import dequantize_flow
 from cache.index import READABLE, STATUSES, open_index
 from cache.shards import ArrayLayout, ShardReader
 from cache.storage import open_storage
-from cache.writer import PARTS_DIR
+from cache.writer import COMMITS_DIR, PARTS_DIR
 
 ARRAYS = ("frames", "flow", "teacher_frame", "logits", "embed")
 
@@ -69,13 +69,16 @@ class CacheReader:
     (frame counts, offsets) answer per-video questions without a Python object per video.
     chunk_cache_mb: decoded frame/flow chunks kept in memory, per process (0: none)."""
 
-    def __init__(self, cache_dir, chunk_cache_mb=CHUNK_CACHE_MB):
+    def __init__(self, cache_dir, chunk_cache_mb=CHUNK_CACHE_MB, parts=None):
+        """parts: read exactly these committed parts (DDP ranks share rank 0's listing), not the listing
+        of commits/ made here."""
         self.cache_dir = cache_dir
         self.chunk_cache_bytes = int(chunk_cache_mb * 2 ** 20)
         self.meta = read_cache_json(cache_dir)
         self.fingerprint = self.meta["fingerprint"]
+        self.fingerprint_sha256 = fingerprint_sha256(self.fingerprint)
         self.flow_bound = self.fingerprint["flow"]["bound"]
-        self.index = open_index(cache_dir)
+        self.index = open_index(cache_dir, parts=parts)
         self.rows = self.index.readable()
         self.teachers = [t["name"] for t in cache_teachers(self.fingerprint)]  # in slot order
         self.arrays = ARRAYS + tuple(teacher_array(name, slot) for slot in range(1, len(self.teachers))
@@ -135,7 +138,16 @@ class CacheReader:
             self._chunks = ChunkCache(self.chunk_cache_bytes)
         if part not in self._groups:
             storage = open_storage(self.cache_dir)
-            got = storage.read_many([f"{PARTS_DIR}/{part}/{name}/zarr.json" for name in self.arrays])
+            record = f"{COMMITS_DIR}/{part}.json"
+            got = storage.read_many([record] + [f"{PARTS_DIR}/{part}/{name}/zarr.json" for name in self.arrays])
+            try:  # values of other settings (another frame size, teacher, codec) must never reach a student
+                written_with = json.loads(got[record])["fingerprint_sha256"] if isinstance(got[record], bytes) else None
+            except (ValueError, KeyError):
+                written_with = None
+            if written_with != self.fingerprint_sha256:
+                raise CacheError(f"{storage.url(PARTS_DIR, part)}: written with other settings than "
+                                 f"{storage.url('cache.json')} records (or its commit record is unreadable); "
+                                 "run `cli.py cache verify --repair`")
             self._groups[part] = {
                 name: ShardReader(storage, f"{PARTS_DIR}/{part}/{name}", ArrayLayout(json.loads(data)))
                 for name in self.arrays if isinstance(data := got[f"{PARTS_DIR}/{part}/{name}/zarr.json"], bytes)}

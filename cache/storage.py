@@ -10,6 +10,8 @@ environment and config files (AWS_PROFILE, AWS_ENDPOINT_URL, ~/.aws/config). A r
 for a transient reason (connection reset, timeout, throttling, 5xx) is retried with exponential
 backoff; one that persists raises CacheError naming the URL and the store's answer.
 """
+import errno
+import json
 import os
 import shutil
 import time
@@ -19,6 +21,8 @@ from cache.errors import CacheError
 
 RETRIES = 5  # attempts of one request before it counts as persistent
 BACKOFF_SECONDS = 0.5  # first wait; doubled at every retry (0.5, 1, 2, 4 s)
+PROBE_RECORD = "locks/store-probe.json"  # whether the store honours conditional writes, as probed
+TMP_SUFFIX = ".tmp"  # a local file being written; one a kill left behind is reported by `cache verify`
 
 
 def is_url(path):
@@ -50,6 +54,10 @@ def _transient(e):
                             "ServiceUnavailable", "InternalError", "503", "500", "RequestTimeout",
                             # S3's answer to two conditional writes racing on one key: try again
                             "ConditionalRequestConflict", "409"))
+
+
+class NotImplementedByStore(CacheError):
+    """The store answered 501 Not Implemented (e.g. to a conditional write it does not support)."""
 
 
 def answer(e):
@@ -98,8 +106,10 @@ class Storage:
         return self.protocol in ("file", "s3")
 
     # -- requests ----------------------------------------------------------------------------------
-    def _call(self, what, fn, *args, **kwargs):
-        """fn(*args), retried with backoff while it fails for a transient reason."""
+    def _call(self, what, fn, *args, deadline=None, **kwargs):
+        """fn(*args), retried with backoff while it fails for a transient reason. deadline: a
+        time.monotonic() after which no attempt starts (a lease's renewal is worth nothing past the
+        lease's expiry)."""
         for attempt in range(RETRIES):
             self.requests += 1
             try:
@@ -108,14 +118,20 @@ class Storage:
                 if not self.remote:
                     raise
                 if not _transient(e):
+                    if _not_implemented(e):
+                        raise NotImplementedByStore(f"{self.url(what)}: the store does not implement this request "
+                                         f"(501 Not Implemented; {answer(e)})") from None
                     if isinstance(e, OSError) and not isinstance(e, PermissionError):
                         raise  # missing, a failed condition...: the caller decides what that means
                     # refused (access denied), or the client's own refusal (no credentials, a bad
                     # endpoint): one line, no traceback
-                    raise CacheError(f"{self.url(what)}: {answer(e)}") from None
-                if attempt == RETRIES - 1:
-                    raise CacheError(f"{self.url(what)}: {answer(e)} (after {RETRIES} attempts)") from None
-                time.sleep(BACKOFF_SECONDS * 2 ** attempt)
+                    refused = "refused (403 Access Denied: no permission), " if isinstance(e, PermissionError) else ""
+                    raise CacheError(f"{self.url(what)}: {refused}{answer(e)}") from None
+                wait = BACKOFF_SECONDS * 2 ** attempt
+                if attempt == RETRIES - 1 or (deadline is not None and time.monotonic() + wait > deadline):
+                    tries = f"after {attempt + 1} attempt{'s' if attempt else ''}"
+                    raise CacheError(f"{self.url(what)}: {answer(e)} ({tries})") from None
+                time.sleep(wait)
 
     def read(self, *names):
         """An object's bytes (FileNotFoundError when it does not exist)."""
@@ -184,12 +200,19 @@ class Storage:
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
     def _local_put(self, name, data, publish):
-        """Write a local file under a temporary name, then publish(tmp, path) it (replace or link)."""
+        """Write a local file under a temporary name, then publish(tmp, path) it (replace or link). A
+        folder that refuses writes (read-only, another owner) is one line naming it."""
         path = self.path(name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+        except (PermissionError, OSError) as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise CacheError(f"{os.path.dirname(path)}: cannot write here ({e.strerror}"
+                             f"{': a read-only file system' if e.errno == errno.EROFS else ''})") from None
         self.requests += 1
         try:
             publish(tmp, path)
@@ -222,19 +245,60 @@ class Storage:
                 return False
             raise
 
-    def etag(self, name):
-        """An object's version tag on S3 (for replace_if); None where there is none."""
-        return self._call(name, self.fs.info, self.path(name)).get("ETag") if self.remote else None
+    def read_versioned(self, name):
+        """(bytes, version tag) of an object on S3, for a read-modify-write with replace_if. The tag is
+        read first (never from a listing's cache): should the object change between the two requests, the
+        bytes are newer than the tag and the replace_if fails, as it must."""
+        etag = self._call(name, self.fs.info, self.path(name), refresh=True).get("ETag")
+        return self.read(name), etag
 
-    def replace_if(self, name, data, etag):
+    def replace_if(self, name, data, etag, deadline=None):
         """Overwrite an object only if it is still the version `etag` (S3's If-Match): the new version's
-        tag if done, False if the object changed meanwhile."""
+        tag if done, False if the object changed meanwhile (or is gone)."""
         try:
-            return self._call(name, self.fs.pipe_file, self.path(name), data, IfMatch=etag)["ETag"]
+            return self._call(name, self.fs.pipe_file, self.path(name), data, IfMatch=etag,
+                              deadline=deadline)["ETag"]
         except OSError as e:
-            if _precondition_failed(e):
+            if _precondition_failed(e) or isinstance(e, FileNotFoundError):
                 return False
             raise
+
+    def probe_conditional_writes(self):
+        """(True, None) when this store honours If-None-Match and If-Match, else (False, why). Probed once
+        per cache and client (s3fs and botocore versions: an old botocore drops IfMatch silently) and
+        recorded in CACHE/locks/store-probe.json: a second exclusive create of one object must fail, a
+        replace_if on a version the object never had must fail, one on its own version must succeed."""
+        if not self.conditional_writes:
+            return False, f"{self.protocol}:// offers no conditional write here"
+        if not self.remote:
+            return True, None  # O_EXCL, and flocks instead of leases
+        import botocore
+        import s3fs
+        client = f"s3fs {s3fs.__version__}, botocore {botocore.__version__}"
+        try:
+            record = json.loads(self.read(PROBE_RECORD))
+            if record.get("client") == client:
+                return record["honoured"], record["why"]
+        except (OSError, ValueError, KeyError):
+            pass
+        probe = f"locks/probe-{uuid.uuid4().hex[:12]}"
+        try:
+            first = self.create(probe, b"probe 1")
+            why = None
+            if self.create(probe, b"probe 2") is not False:
+                why = "the store ignores If-None-Match (a second exclusive create of one object succeeded)"
+            elif self.replace_if(probe, b"probe 3", '"0123456789abcdef0123456789abcdef"') is not False:
+                why = "the store ignores If-Match (a write conditioned on a version the object never had succeeded)"
+            elif not self.replace_if(probe, b"probe 4", first):
+                why = "the store refuses If-Match on an object's own version"
+        except NotImplementedByStore as e:
+            why = str(e)
+        finally:
+            self.remove(probe)
+        record = {"honoured": why is None, "why": why, "client": client,
+                  "probed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.write(PROBE_RECORD, json.dumps(record).encode())
+        return why is None, why
 
     def remove(self, *names, recursive=False):
         """Delete an object (or a folder and everything below it, with recursive); missing is fine."""
@@ -292,6 +356,11 @@ class Storage:
         except OSError as e:
             what = "no such bucket" if isinstance(e, FileNotFoundError) else "unreachable"
             raise CacheError(f"{self.location}: {what} ({answer(e)})") from None
+
+
+def _not_implemented(e):
+    # s3fs turns S3's 501 NotImplemented into OSError(ENOSYS)
+    return getattr(e, "errno", None) == errno.ENOSYS or "NotImplemented" in str(e)
 
 
 def _precondition_failed(e):

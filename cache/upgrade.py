@@ -18,6 +18,7 @@ import zarr
 from cache.codecs import storage_description
 from cache.fingerprint import CACHE_FORMAT_VERSION, UPGRADABLE, CacheError, fingerprint_sha256, read_cache_json
 from cache.index import committed_parts, open_index
+from cache.lease import Fence
 from cache.storage import open_storage
 from cache.writer import PARTS_DIR, PartWriter, write_commit_record
 
@@ -139,4 +140,4 @@ def _convert_part(source, src, target, name, fingerprint, codecs, attrs_extra):
         writer.add_record(rec)
     new_attrs = {k: v for k, v in attrs.items() if k not in ("videos", "complete")}
     new_attrs.update(attrs_extra)
-    return writer.commit(new_attrs)
+    return writer.commit(new_attrs, Fence(target.location))  # run while no extract runs: plain writes

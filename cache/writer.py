@@ -2,9 +2,11 @@
 
 A part lives under CACHE/parts/NAME and is written in place; it exists for readers only once
 CACHE/commits/NAME.json does, which the writer writes after every byte of the part (one whole-object
-write: there is no rename on an object store, and a local folder takes the same path). A killed writer
-leaves a part folder with no commit record; the next extract of its shard, or `cache verify --repair`
-when no extract runs, deletes it and its videos are redone.
+write: there is no rename on an object store, and a local folder takes the same path). The commit goes
+through the job's fence (cache/lease.py): on an object store it is conditioned on the shard's lease
+still being this job's, so a writer that lost its shard commits nothing. A killed writer leaves a part
+folder with no commit record; the next extract of its shard, or `cache verify --repair` when no
+extract runs, deletes it (holding the shard's lock) and its videos are redone.
 
 Every array is sharded (cache/shards.py): frames and flow one frame per chunk in their codec (JPEG or
 zstd), the teacher's fp16 rows ~1 MB per zstd chunk, and tens of MB per object. Memory stays bounded
@@ -21,7 +23,6 @@ import zarr
 
 from cache.codecs import chunk_codecs
 from cache.fingerprint import teacher_array
-from cache.lease import ensure_held
 from cache.shards import ShardAppender, shard_chunks
 from cache.storage import open_storage
 
@@ -48,6 +49,7 @@ class PartWriter:
     def __init__(self, cache_dir, tag, height, width, with_flow, num_classes, embed_dim, codecs, name=None,
                  more_teachers=()):
         self.storage = open_storage(cache_dir)
+        self.commit_tried = False  # from then on the part may be committed: never deleted by this writer
         # name: a part converted by `cache upgrade` keeps its name (it orders the parts' records)
         self.name = name or f"part-{tag}-{time.time_ns()}-{uuid.uuid4().hex[:8]}.zarr"
         self.folder = f"{PARTS_DIR}/{self.name}"
@@ -90,21 +92,26 @@ class PartWriter:
         self.videos.append(record)
         self._video_start = None
 
-    def commit(self, attrs):
-        """Write the last shards and the video table, then the commit record. Returns bytes stored."""
+    def commit(self, attrs, fence):
+        """Write the last shards and the video table, then the commit record through `fence` (LeaseLost
+        when the shard is another job's now). Returns bytes stored."""
         for a in self.arrays.values():
             a.close()
         self.group.attrs.update({**attrs, "videos": self.videos, "complete": True, "format_version": FORMAT_VERSION})
         self._write_metadata()
         stored = sum(a.stored_bytes for a in self.arrays.values())
-        ensure_held()  # a job whose shard lease was lost commits nothing: another job may own the shard now
-        write_commit_record(self.storage, self.name, {
+        # a swap whose answer was lost may have committed it: from here on the part is never deleted by
+        # this writer (the shard's next holder keeps it, or deletes it once fenced)
+        self.commit_tried = True
+        fence.commit([commit_record(self.name, {
             "video_count": len(self.videos), "rows": {k: len(a) for k, a in self.arrays.items()},
-            "fingerprint_sha256": attrs.get("fingerprint_sha256"), "bytes": stored})
+            "fingerprint_sha256": attrs.get("fingerprint_sha256"), "bytes": stored})],
+            requires=f"{self.folder}/zarr.json")
         return stored
 
     def abandon(self):
-        self.storage.remove(self.folder, recursive=True)
+        if not self.commit_tried:
+            self.storage.remove(self.folder, recursive=True)
 
 
 LOSSLESS = ("zstd", 0)  # teacher outputs stay as the teacher gave them (fp16)
@@ -133,11 +140,17 @@ def create_arrays(group, storage, folder, specs):
     return arrays
 
 
-def write_commit_record(storage, part, fields):
-    """Make a part visible: its record, written after everything else of the part (the commit point)."""
+def commit_record(part, fields):
+    """(name, bytes) of a part's commit record: written after everything else of the part, it makes the
+    part visible (the commit point)."""
     record = {"part": part, "format_version": FORMAT_VERSION, **fields,
               "committed": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    storage.write(f"{COMMITS_DIR}/{part}.json", json.dumps(record).encode())
+    return f"{COMMITS_DIR}/{part}.json", json.dumps(record).encode()
+
+
+def write_commit_record(storage, part, fields):
+    """Commit a part by writing its record (a caller that no other job can race: `cache upgrade`)."""
+    storage.write(*commit_record(part, fields))
 
 
 def part_shard(part):
@@ -153,17 +166,12 @@ def uncommitted_parts(cache_dir):
     return [n for n in storage.list(PARTS_DIR) if n not in committed]
 
 
-def remove_uncommitted_parts(cache_dir, free_shards):
-    """Delete the uncommitted parts whose shard job is gone: free_shards() -> is_free((index, count) or
-    None) says so (the caller holds that shard's lock, or no live job holds it). It is asked after the
-    listing, so a job that starts meanwhile holds its lock before its first part is listed. Returns how
-    many parts."""
+def remove_uncommitted_parts(cache_dir, shard):
+    """Delete the uncommitted parts of shard (index, count), whose lock the caller holds: on an object
+    store its lease, taken over, so no writer of an earlier holding can commit any more (a commit it
+    won before is rolled forward and listed here as committed). Returns how many parts."""
     storage = open_storage(cache_dir)
-    removed = 0
-    parts = uncommitted_parts(cache_dir)
-    is_free = free_shards() if parts else None
+    parts = [p for p in uncommitted_parts(cache_dir) if part_shard(p) == tuple(shard)]
     for part in parts:
-        if is_free(part_shard(part)):
-            storage.remove(PARTS_DIR, part, recursive=True)
-            removed += 1
-    return removed
+        storage.remove(PARTS_DIR, part, recursive=True)
+    return len(parts)

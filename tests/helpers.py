@@ -7,7 +7,8 @@ from importlib.util import find_spec
 import cv2
 import numpy as np
 
-from cache.fingerprint import VIDISTILL_VERSION, create_or_check
+from cache.fingerprint import VIDISTILL_VERSION, create_or_check, fingerprint_sha256, read_cache_json
+from cache.lease import Fence
 from cache.flow_codec import quantize_flow
 from cache.writer import PartWriter
 from pipeline.common.config import ExtractConfig
@@ -103,8 +104,16 @@ def hand_made_cache(path, lengths=(20, 3), teacher_every=2):
         w.append("embed", np.ones((len(pick), D), np.float16) * pick[:, None])
         w.add_record({"id": f"v{v}", "status": "ok", "error": None, "frame_offset": start["frames"], "frame_count": n,
                       "teacher_offset": start["logits"], "teacher_count": len(pick)})
-    w.commit({})
+    commit(w)
     return str(path)
+
+
+def commit(writer):
+    """Commit a hand-made part as extract does: stamped with its cache's fingerprint, through a plain
+    fence (a local cache: the job's flock would keep others out)."""
+    location = writer.storage.location
+    stamp = {"fingerprint_sha256": fingerprint_sha256(read_cache_json(location)["fingerprint"])}
+    return writer.commit(stamp, Fence(location))
 
 
 def tiny_checkpoint(path, student="r3d_cpu", objective="distinit", cache="no-such-cache", clip_len=4, crop=48, seed=0):

@@ -7,7 +7,7 @@ import google_crc32c
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import LOSSLESS, D, H, K, W, extract_config, hand_made_cache, small_videos
+from helpers import LOSSLESS, D, H, K, W, commit, extract_config, hand_made_cache, small_videos
 
 import cache.shards
 from cache.fingerprint import CacheError
@@ -60,7 +60,7 @@ def test_a_video_rolled_back_across_shard_files_leaves_the_earlier_rows_exact(tm
                   "teacher_offset": 0, "teacher_count": 0})
     for name in ("flow", "teacher_frame", "logits", "embed"):
         w.arrays[name].truncate(0)
-    w.commit({})
+    commit(w)
     part = os.path.join(str(tmp_path / "c"), "parts", w.name)
     assert sorted(os.listdir(os.path.join(part, "frames", "c"))) == ["0", "1", "2"]  # 9 rows, 4 per file
     import zarr
@@ -97,7 +97,7 @@ def test_the_index_follows_the_parts_it_is_built_from(tmp_path):
     w.append("flow", np.full((4, H, W, 2), 128, np.uint8))
     w.add_record({"id": "v2", "status": "ok", "error": None, "frame_offset": start["frames"], "frame_count": 4,
                   "teacher_offset": 0, "teacher_count": 0})
-    w.commit({})
+    commit(w)
     with pytest.warns(UserWarning, match=r"does not list the committed parts \(1 more, 0 fewer"):
         reader = CacheReader(path)
     assert reader.ids == ["v0", "v1", "v2"] and reader.num_frames("v2") == 4 and reader.record("v2")["status"] == "ok"
@@ -168,7 +168,7 @@ def test_a_worker_sees_the_videos_its_parent_chose_even_after_a_new_part(tmp_pat
     w.append("flow", np.full((4, H, W, 2), 128, np.uint8))
     w.add_record({"id": "a-first", "status": "ok", "error": None, "frame_offset": start["frames"], "frame_count": 4,
                   "teacher_offset": 0, "teacher_count": 0})  # sorts first: every later row would move by one
-    w.commit({})
+    commit(w)
     assert CacheReader(path).ids == ["a-first", "v0", "v1"]  # index.bin now holds three videos
     worker = pickle.loads(pickle.dumps(parent))  # as a DataLoader worker gets the dataset's reader
     assert [worker.index.id(r) for r in parent.rows] == ["v0", "v1"]

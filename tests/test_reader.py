@@ -1,7 +1,7 @@
 """Reading a cache: clip ranges, teacher rows, retried videos, and failed or unknown ids."""
 import numpy as np
 import pytest
-from helpers import LOSSLESS, D, H, K, W, hand_made_cache
+from helpers import LOSSLESS, D, H, K, W, commit, hand_made_cache
 
 from cache.flow_codec import quantize_flow
 from cache.index import load_index
@@ -34,7 +34,7 @@ def test_a_retried_video_supersedes_its_failure_whichever_part_sorts_first(tmp_p
         w.add_record({"id": "retried", "status": status, "error": None if status == "ok" else "empty file (0 bytes)",
                       "frame_offset": start["frames"], "frame_count": 2 if status == "ok" else 0,
                       "teacher_offset": start["logits"], "teacher_count": 1 if status == "ok" else 0})
-        w.commit({})
+        commit(w)
     index, duplicates = load_index(cache)
     assert index["retried"][1]["status"] == "ok" and duplicates == []
     assert CacheReader(cache).read("retried")["frames"].shape == (2, H, W, 3)
@@ -46,7 +46,7 @@ def test_reading_a_failed_or_unknown_video_says_why(tmp_path):
     w.begin_video()
     w.add_record({"id": "broken.mp4", "status": "failed", "error": "empty file (0 bytes)", "frame_offset": 0,
                   "frame_count": 0, "teacher_offset": 0, "teacher_count": 0})
-    w.commit({})
+    commit(w)
     r = CacheReader(cache)
     with pytest.raises(KeyError, match=r"'broken.mp4' failed to extract \(empty file \(0 bytes\)\)"):
         r.read("broken.mp4")
@@ -68,7 +68,7 @@ def _record_part(cache, tag, vid, n_frames, size, mtime, status="ok"):
                   "size": size, "mtime": mtime, "frame_offset": start["frames"],
                   "frame_count": n_frames if status == "ok" else 0, "teacher_offset": start["logits"],
                   "teacher_count": 1 if status == "ok" else 0})
-    w.commit({})
+    commit(w)
 
 
 def test_a_later_record_of_a_replaced_source_supersedes_the_earlier_one_whatever_the_names(tmp_path):

@@ -317,7 +317,7 @@ def test_a_write_error_mid_part_is_a_clear_error(tmp_path, monkeypatch):
     import errno
 
     from cache.shards import ShardAppender
-    videos, cache = extract_small_cache(tmp_path, n=3, part_videos=1, shard=(0, 3))  # v0 committed
+    videos, cache = extract_small_cache(tmp_path, n=3, part_videos=1, shard=(1, 2))  # v0 committed (its hash)
     calls = {"n": 0}
     real = ShardAppender.close
 

@@ -17,7 +17,7 @@ import pytest
 from helpers import make_video
 
 from cache.fingerprint import CacheError
-from cache.lease import ObjectLease
+from cache.lease import LeaseLost, ObjectLease
 from cache.manifest import verify_cache
 from cache.reader import CacheReader
 from cache.storage import open_storage
@@ -158,34 +158,51 @@ def test_a_second_writer_on_a_shard_is_refused_and_a_dead_ones_lease_is_taken_ov
     held = ObjectLease(storage, "shard-0-of-1.lock")  # a live job (this process) holds the shard
     with pytest.raises(ExtractError, match=r"shard 0/1 is being extracted by another process \(pid \d+ on "):
         run_extract(ExtractConfig(videos=str(src), cache=url, **FAST))
+    record = json.loads(storage.read("locks", "shard-0-of-1.lock"))
     held.release()
     # a lease left by a process of this machine that is gone binds nobody: taken over at once
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lease = json.loads(held._body())
-    storage.write("locks/shard-0-of-1.lock", json.dumps(dict(lease, pid=dead.pid)).encode())
+    storage.write("locks/shard-0-of-1.lock", json.dumps(dict(record, pid=dead.pid, token="dead")).encode())
     summary = run_extract(ExtractConfig(videos=str(src), cache=url, **FAST))
-    assert summary["done"] == 2 and storage.list("locks") == []  # released when done
+    assert summary["done"] == 2
+    after = json.loads(storage.read("locks", "shard-0-of-1.lock"))
+    assert after["released"] and after["generation"] == record["generation"] + 1  # released when done
 
 
-def test_a_lease_taken_over_is_noticed_and_nothing_more_is_committed(bucket, monkeypatch):
-    import cache.lease
-    monkeypatch.setattr(cache.lease, "LEASE_SECONDS", 1.2)  # renewed every ~0.4 s
+def test_a_writer_whose_lease_was_taken_over_commits_nothing(bucket):
     storage = open_storage(f"{bucket}/lost")
     lease = ObjectLease(storage, "shard-0-of-1.lock")
-    cache.lease.ensure_held()  # held: nothing raised
+    lease.fence.commit([("commits/a.json", b"{}")])  # held: committed
+    assert storage.exists("commits/a.json")
     # another job took it over (this one was silent past the expiry, say)
-    storage.write("locks/shard-0-of-1.lock", json.dumps({"pid": 1, "host": "elsewhere", "machine": "elsewhere",
-                                                         "expires": time.time() + 60}).encode())
-    deadline = time.time() + 10
-    while not lease.lost and time.time() < deadline:
-        time.sleep(0.05)
-    assert lease.lost
-    with pytest.raises(CacheError, match="lease on its shard was lost .* stopped before committing more"):
-        cache.lease.ensure_held()
+    record = json.loads(storage.read("locks", "shard-0-of-1.lock"))
+    storage.write("locks/shard-0-of-1.lock", json.dumps(dict(record, token="theirs", pid=1, host="elsewhere",
+                                                             machine="elsewhere", commits=[])).encode())
+    with pytest.raises(LeaseLost, match="lease was taken over by pid 1 on elsewhere .* stopped without committing more"):
+        lease.fence.commit([("commits/b.json", b"{}")])
+    assert not storage.exists("commits/b.json")
     lease.release()
-    assert json.loads(storage.read("locks", "shard-0-of-1.lock"))["host"] == "elsewhere"  # the new holder's stays
-    cache.lease.ensure_held()  # the next job of this process starts clean
+    assert json.loads(storage.read("locks", "shard-0-of-1.lock"))["token"] == "theirs"  # the new holder's stays
+
+
+def test_a_commit_that_won_its_swap_is_rolled_forward_by_the_next_holder(bucket):
+    storage = open_storage(f"{bucket}/rolled")
+    lease = ObjectLease(storage, "shard-0-of-1.lock")
+    storage.write("parts/p.zarr/zarr.json", b"{}")
+    real_write = storage.write
+    storage.write = lambda *a: None  # the writer stalls after its swap, before its commit record is written
+    try:
+        lease.fence.commit([("commits/p.zarr.json", b'{"part": "p.zarr"}')], requires="parts/p.zarr/zarr.json")
+    finally:
+        storage.write = real_write
+    assert not storage.exists("commits/p.zarr.json")
+    record = json.loads(storage.read("locks", "shard-0-of-1.lock"))  # expired: the next job takes it over
+    storage.write("locks/shard-0-of-1.lock", json.dumps(dict(record, expires=0)).encode())
+    lease._stop.set()
+    successor = ObjectLease(storage, "shard-0-of-1.lock")
+    assert storage.read("commits/p.zarr.json") == b'{"part": "p.zarr"}'  # before it lists what is committed
+    successor.release()
 
 
 def test_verify_names_the_video_of_a_missing_or_corrupt_object(tmp_path, bucket):

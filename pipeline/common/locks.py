@@ -6,6 +6,7 @@ means nothing by itself: only a held lock refuses. The holder writes who it is i
 refusal can name it. Torch-free.
 """
 import datetime
+import errno
 import fcntl
 import os
 import socket
@@ -19,6 +20,10 @@ class LockBusy(Exception):
         self.path, self.holder = path, holder
 
 
+class LockError(Exception):
+    """The lock file cannot be made or opened (a read-only folder, another owner's): one line naming it."""
+
+
 class FileLock:
     """An exclusive flock on `path` (created if needed), held until release() or process exit.
 
@@ -27,9 +32,13 @@ class FileLock:
     """
 
     def __init__(self, path, blocking=False):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        self.file = open(path, "a+")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "a+")
+        except OSError as e:
+            raise LockError(f"{path}: cannot create a lock file here ({e.strerror or e}"
+                            f"{': a read-only file system' if e.errno == errno.EROFS else ''})") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:

@@ -20,7 +20,6 @@ import zarr
 
 from cache.fingerprint import CACHE_JSON, CacheError, cache_teachers, read_cache_json, teacher_array
 from cache.index import committed_parts, read_part_tables
-from cache.lease import ensure_held
 from cache.reader import source_status
 from cache.shards import ArrayLayout, ShardReader
 from cache.storage import open_storage
@@ -66,7 +65,7 @@ def _add_teacher(cache, text, device, batch_frames, stall_timeout, progress, sto
     try:
         stop.conditions.append(lambda: lock.lost)
         slot = _teacher_slot(cache, meta, spec, more_teacher_identity(teacher, device),
-                             render_teacher(spec, weights, classes))
+                             render_teacher(spec, weights, classes), lock.fence)
         summary = {"cache": cache, "teacher": spec, "slot": slot, "parts": 0, "parts_held": 0, "videos": 0,
                    "frames": 0, "seconds": {"decode": 0.0, "teacher": 0.0}}
         storage = open_storage(cache)
@@ -81,7 +80,7 @@ def _add_teacher(cache, text, device, batch_frames, stall_timeout, progress, sto
         try:
             for part in todo:
                 _add_to_part(storage, part, tables[part], meta["fingerprint"]["preprocessing"], teacher, slot,
-                             batch_frames, stall_timeout, summary, bar, stop)
+                             batch_frames, stall_timeout, summary, bar, stop, lock.fence)
                 summary["parts"] += 1
         finally:
             bar.close()
@@ -91,7 +90,7 @@ def _add_teacher(cache, text, device, batch_frames, stall_timeout, progress, sto
     return summary
 
 
-def _teacher_slot(cache, meta, spec, identity, rendered):
+def _teacher_slot(cache, meta, spec, identity, rendered, fence):
     """The slot of the teacher in the cache: a new one (cache.json lists it from now on), or its own
     when a run adding it was interrupted. A teacher the cache has with other weights is refused."""
     fingerprint, config = meta["fingerprint"], meta["config"]
@@ -104,7 +103,7 @@ def _teacher_slot(cache, meta, spec, identity, rendered):
         return slot
     fingerprint["more_teachers"] = fingerprint.get("more_teachers", []) + [identity]
     config["more_teachers"] = list(config.get("more_teachers") or []) + [rendered]
-    ensure_held()
+    fence.check()
     open_storage(cache).write(CACHE_JSON, json.dumps(meta, indent=2, sort_keys=True).encode())
     return len(names)
 
@@ -119,7 +118,7 @@ def _read_all(storage, folder):
     return np.concatenate(chunks)[:layout.shape[0]]
 
 
-def _add_to_part(storage, part, videos, pre, teacher, slot, batch_frames, stall_timeout, summary, bar, stop):
+def _add_to_part(storage, part, videos, pre, teacher, slot, batch_frames, stall_timeout, summary, bar, stop, fence):
     """The teacher's rows of one part, written beside the first teacher's; its logits' metadata last."""
     folder = f"{PARTS_DIR}/{part}"
     names = [teacher_array("embed", slot), teacher_array("logits", slot)]  # in the order they become visible
@@ -129,6 +128,7 @@ def _add_to_part(storage, part, videos, pre, teacher, slot, batch_frames, stall_
     metadata = {}
     group = zarr.open_group(zarr.storage.MemoryStore(metadata), mode="w", zarr_format=3)
     arrays = create_arrays(group, storage, folder, teacher_specs([(teacher.num_classes, teacher.embed_dim)], slot))
+    committing = False
     try:
         for rec in sorted((r for r in videos if r["teacher_count"]), key=lambda r: r["teacher_offset"]):
             if stop():
@@ -147,11 +147,12 @@ def _add_to_part(storage, part, videos, pre, teacher, slot, batch_frames, stall_
             bar.update(1)
         for a in arrays.values():
             a.close()
-        ensure_held()  # a lost lock commits nothing
-        for name in names:
-            storage.write(f"{folder}/{name}/zarr.json", metadata[f"{name}/zarr.json"].to_bytes())
+        # a lost lock commits nothing (cache/lease.py); a swap whose answer was lost may have committed
+        committing = True
+        fence.commit([(f"{folder}/{name}/zarr.json", metadata[f"{name}/zarr.json"].to_bytes()) for name in names],
+                     requires=f"{folder}/zarr.json")
     except BaseException:
-        for name in names:
+        for name in names if not committing else ():
             try:
                 storage.remove(f"{folder}/{name}", recursive=True)
             except (OSError, CacheError):  # the store is failing: the rerun overwrites it

@@ -31,6 +31,7 @@ from cache.flow_codec import FLOW_BOUND, FLOW_CODEC
 from cache.index import load_index, open_index
 from cache.reader import source_status
 from cache.storage import open_storage
+from cache.lease import LEASE_SECONDS, LeaseLost
 from cache.writer import remove_uncommitted_parts
 from models.teacher import teacher_fingerprint
 from pipeline.common.config import resolve_device
@@ -39,7 +40,7 @@ from pipeline.common.progress import progress_bar
 from pipeline.common.teacher_spec import parse_teacher, render_teacher
 from pipeline.extract.decode import ffmpeg_version
 from pipeline.extract.flow import FLOW_PARAMS, make_flow_fn
-from pipeline.extract.job import ShardLock, StopRequest, free_shards, held_locks, shard_from_env, sigint_ignored
+from pipeline.extract.job import ShardLock, StopRequest, held_locks, shard_from_env, shard_videos, sigint_ignored
 from pipeline.extract.part_sink import config_dict, stored_codecs
 from pipeline.extract.teachers import load_teachers
 from pipeline.extract.videolist import find_videos
@@ -99,9 +100,15 @@ def _run_extract(cfg, stop):
     t0 = time.time()
     cfg = _validate(cfg)
     try:  # a missing bucket, no credentials or a refused request: said now, before any decoding
-        open_storage(cfg.cache).check_access()
+        storage = open_storage(cfg.cache)
+        storage.check_access()
+        # leases need conditional writes the store really honours (some S3-compatible stores ignore them)
+        honoured, why = (True, None) if cfg.single_writer else storage.probe_conditional_writes()
     except CacheError as e:
         raise ExtractError(str(e)) from None
+    if not honoured:
+        raise ExtractError(f"{cfg.cache}: {why}; two jobs on one shard could not be kept apart - pass "
+                           "--single-writer if only one job writes this cache")
     if cfg.teacher_pretrained:  # fetched once, here: every worker then loads the same local file
         from models.clip import resolve_pretrained
         teacher, weights = resolve_pretrained(cfg.teacher, cfg.teacher_pretrained)
@@ -121,10 +128,10 @@ def _run_extract(cfg, stop):
 
     lock = ShardLock(cfg.cache, shard_index, shard_count, cfg.single_writer)
     try:
-        stop.conditions.append(lambda: lock.lost)  # taken over: stop, and its workers with it
-        # what a killed job of this shard (or of one no job holds now) left uncommitted is garbage
-        remove_uncommitted_parts(cfg.cache, free_shards(cfg.cache, (shard_index, shard_count)))
-        mine = videos[shard_index::shard_count]
+        stop.conditions.append(lambda: lock.lost)  # not renewable: stop, and its workers with it
+        # what an earlier job of this shard left uncommitted is garbage: it can commit nothing any more
+        remove_uncommitted_parts(cfg.cache, (shard_index, shard_count))
+        mine = shard_videos(videos, shard_index, shard_count)
         todo, changed, vanished = _videos_to_do(cfg, mine, videos)
         summary = {"videos_found": len(videos), "unlisted_folders": unlisted, "shard": f"{shard_index}/{shard_count}",
                    "skipped": len(mine) - len(todo), "done": 0, "partial": 0, "failed": 0, "frames": 0,
@@ -132,7 +139,9 @@ def _run_extract(cfg, stop):
                    "changed": changed, "vanished": vanished, "notes": []}
         bar = progress_bar(total=len(todo), unit="video", desc="extract", disable=not cfg.progress)
         try:
-            _run_workers(todo, cfg, _summary_reporter(summary, bar, cfg.fps, t0), stop)
+            _run_workers(todo, cfg, _summary_reporter(summary, bar, cfg.fps, t0), stop, lock.fence)
+        except LeaseLost as e:  # another job holds the shard now: what this one had not committed is its
+            raise ExtractError(str(e)) from None
         except OSError as e:  # e.g. a full disk: committed parts stay valid, the part in flight is dropped
             raise ExtractError(f"{cfg.cache}: cannot write ({e.strerror or e}); the {summary['done'] + summary['failed']}"
                                " videos finished in this run are committed - free space and rerun to resume") from None
@@ -142,8 +151,9 @@ def _run_extract(cfg, stop):
         finally:
             bar.close()
         if lock.lost:
-            raise ExtractError(f"{cfg.cache}: this job's lease on shard {shard_index}/{shard_count} was taken over or "
-                               "could not be renewed; it stopped without committing more - rerun to resume")
+            raise ExtractError(f"{cfg.cache}: this job's lease on shard {shard_index}/{shard_count} could not be "
+                               f"renewed for {LEASE_SECONDS * 2 / 3:.0f} s (another job may take the shard over); it "
+                               "stopped after committing what it had finished - rerun to resume")
         if stop():
             finished = summary["done"] + summary["partial"] + summary["failed"]
             raise ExtractInterrupted(
@@ -212,7 +222,10 @@ def _prepare_cache(cfg, fingerprint):
 def _teachers_differ(cfg, fingerprint):
     """When a cache differs from this run in its teachers alone (one was added with --add-teacher):
     which ones to name, in one line."""
-    meta = read_cache_json(cfg.cache)
+    try:
+        meta = read_cache_json(cfg.cache)
+    except CacheError:  # not created: the store refused (the caller's error says so)
+        return None
     if fingerprint_sha256(meta["fingerprint"]) != fingerprint_sha256(fingerprint):  # more than the teachers differ
         return None
     names = [t["name"] for t in cache_teachers(meta["fingerprint"])]
@@ -282,7 +295,7 @@ def auto_workers(cores, gpus):
     return processes, max(1, cores // processes)
 
 
-def _run_workers(todo, cfg, report, stop):
+def _run_workers(todo, cfg, report, stop, fence):
     tag_base = f"s{cfg.shard[0]}of{cfg.shard[1]}"
     if cfg.workers == 0:  # auto
         import torch
@@ -295,20 +308,20 @@ def _run_workers(todo, cfg, report, stop):
     if not todo or stop():
         return
     if workers == 1:
-        extract_videos(todo, cfg, tag_base, report, int(os.environ.get("LOCAL_RANK", 0)), stop)
+        extract_videos(todo, cfg, tag_base, report, fence, int(os.environ.get("LOCAL_RANK", 0)), stop)
         return
     ctx = mp.get_context("spawn")  # never fork a process that holds torch/zarr threads
     messages, stop_all = ctx.Queue(), ctx.Event()
     threads = max(1, (os.cpu_count() or 1) // workers)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    procs = [ctx.Process(target=worker_main, args=(todo[w::workers], cfg, f"{tag_base}w{w}", messages, threads,
-                                                    local_rank * workers + w, stop_all), daemon=True)
+    procs = [ctx.Process(target=worker_main, args=(todo[w::workers], cfg, f"{tag_base}w{w}", fence, messages,
+                                                    threads, local_rank * workers + w, stop_all), daemon=True)
              for w in range(workers)]
     with sigint_ignored():  # inherited: a Ctrl-C while a worker imports torch must not kill it mid-start
         for p in procs:
             p.start()
     stop.children = procs
-    running, errors = workers, []
+    running, errors, lost = workers, [], []
     while running:
         if stop() and not stop_all.is_set():
             stop_all.set()  # SIGTERM may reach this process alone (kill PID, a scheduler): pass it on
@@ -318,14 +331,19 @@ def _run_workers(todo, cfg, report, stop):
             if not any(p.is_alive() for p in procs):
                 break  # a worker died without a word (e.g. OOM-killed); its part stays uncommitted
             continue
-        if "worker_done" in msg or "worker_error" in msg:
+        if "worker_done" in msg or "worker_error" in msg or "worker_lost" in msg:
             running -= 1
             if "worker_error" in msg:
                 errors.append(msg["traceback"])
+            if "worker_lost" in msg:  # the shard is another job's now: the others stop too
+                lost.append(msg["worker_lost"])
+                stop_all.set()
         else:
             report(msg)
     for p in procs:
         p.join()
+    if lost:
+        raise LeaseLost(lost[0])
     if (errors or any(p.exitcode != 0 for p in procs)) and not stop():
         raise ExtractError("an extraction worker crashed; rerun the same command to resume. "
                            + (errors[0].strip().splitlines()[-1] if errors else "exit codes "

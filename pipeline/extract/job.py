@@ -1,15 +1,18 @@
 """An extraction job: which shard of the videos it takes, the lock that keeps one job per shard, and
 how a SIGINT or SIGTERM stops it (commit what is finished, then stop; a second signal aborts)."""
 import contextlib
+import hashlib
 import os
 import signal
 import threading
 
 from cache.errors import CacheError
-from cache.lease import LOCKS_DIR, LeaseBusy, ObjectLease, describe, lease_live, read_lease
-from cache.storage import open_storage
+from cache.lease import LOCKS_DIR, Fence, LeaseBusy, ObjectLease, describe, lease_live, read_lease
+from cache.manifest import INDEX_PROBLEM, quarantine_damaged, rebuild_index, remove_leftover_tmp_files
+from cache.storage import TMP_SUFFIX, open_storage
+from cache.writer import part_shard, remove_uncommitted_parts, uncommitted_parts
 from pipeline.common.errors import ExtractError
-from pipeline.common.locks import FileLock, LockBusy, is_held, lock_holder
+from pipeline.common.locks import FileLock, LockBusy, LockError, is_held, lock_holder
 
 
 def shard_from_env():
@@ -23,6 +26,15 @@ def shard_from_env():
     return 0, 1
 
 
+def shard_of(video_id, count):
+    """The shard a video belongs to: a stable hash of its id, so jobs whose listings differ (a video
+    added or removed between their starts) still split every video the same way."""
+    return int.from_bytes(hashlib.sha256(video_id.encode()).digest()[:8], "big") % count
+
+
+def shard_videos(videos, index, count):
+    """The (id, path) pairs of shard `index` of `count`."""
+    return [v for v in videos if shard_of(v[0], count) == index]
 
 
 class StopRequest:
@@ -78,22 +90,24 @@ def shard_lock_name(index, count):
 
 class ShardLock:
     """Two jobs on the same shard of a cache never run at once: an flock on a local disk, a lease
-    object on an object store (cache/lease.py). single_writer: the store has no conditional write and
-    the user vouches that one job writes (then nothing is taken)."""
+    object on an object store (cache/lease.py), whose `fence` every commit of the job goes through.
+    single_writer on an object store: the user vouches that one job writes (nothing is taken)."""
 
     def __init__(self, cache_dir, index, count, single_writer=False):
         storage = open_storage(cache_dir)
         name = shard_lock_name(index, count)
         self.lease = self.lock = None
+        self.fence = Fence(storage.location)  # plain writes: the flock, or the user's word, keeps others out
         try:
             if not storage.remote:
                 self.lock = FileLock(storage.path(LOCKS_DIR, name))
-            elif not (single_writer and not storage.conditional_writes):
+            elif not single_writer:
                 self.lease = ObjectLease(storage, name)
+                self.fence = self.lease.fence
         except (LockBusy, LeaseBusy) as e:
             raise ExtractError(f"{cache_dir}: shard {index}/{count} is being extracted by another process "
                                f"({e.holder}); wait for it to finish or pick another --shard") from None
-        except CacheError as e:
+        except (CacheError, LockError) as e:
             raise ExtractError(str(e)) from None
         # jobs that split the videos another way would take some of ours too
         for other, holder in held_locks(cache_dir).items():
@@ -121,26 +135,54 @@ def held_locks(cache_dir, exclude=None):
     storage = open_storage(cache_dir)
     held = {}
     for name in storage.list(LOCKS_DIR):
-        if name == exclude:
+        if name == exclude or not (name.startswith("shard-") and name.endswith(".lock")):
             continue
         if not storage.remote:
             if is_held(storage.path(LOCKS_DIR, name)):
                 held[name] = lock_holder(storage.path(LOCKS_DIR, name))
         else:
-            record, _ = read_lease(storage, name)
+            record, _ = read_lease(storage, f"{LOCKS_DIR}/{name}")
             if record is not None and lease_live(record):
                 held[name] = describe(record)
     return held
 
 
-def free_shards(cache_dir, mine=None):
-    """For remove_uncommitted_parts: a function that, called, reads the locks held now and returns
-    is_free(shard): our own shard `mine` (we hold its lock) and any shard no live job holds may have
-    its uncommitted parts deleted; a part whose name names no shard is kept."""
-    def is_free_now():
-        busy = held_locks(cache_dir, exclude=shard_lock_name(*mine) if mine else None)
-        return lambda shard: shard is not None and (shard == tuple(mine or ()) or shard_lock_name(*shard) not in busy)
-    return is_free_now
+def remove_abandoned_parts(cache_dir):
+    """`cache verify --repair`: delete the uncommitted parts of every shard no job runs on now. Each
+    shard's lock is taken first (on an object store: its lease, taken over, which fences out a stalled
+    writer and rolls its logged commits forward), so no clean-up deletes a part that a live writer may
+    still commit. Returns (parts removed, shards skipped because a job holds them)."""
+    removed, busy = 0, []
+    for shard in sorted({part_shard(p) for p in uncommitted_parts(cache_dir)} - {None}):
+        try:
+            lock = ShardLock(cache_dir, *shard)
+        except ExtractError:
+            busy.append(shard)
+            continue
+        try:
+            removed += remove_uncommitted_parts(cache_dir, shard)
+        finally:
+            lock.release()
+    return removed, busy
+
+
+def repair_cache(cache_dir, problems, notes):
+    """`cache verify --repair`: remove what killed runs left (uncommitted parts of shards no job runs on,
+    temporary files), rebuild a damaged index.bin, quarantine damaged parts. Returns (notes, quarantined
+    [(part, ids)])."""
+    removed, busy = remove_abandoned_parts(cache_dir)
+    tmp = remove_leftover_tmp_files(cache_dir)
+    if any(p.startswith(INDEX_PROBLEM) for p in problems):
+        rebuild_index(cache_dir)
+        problems[:] = [p for p in problems if not p.startswith(INDEX_PROBLEM)]
+        notes = notes + ["rebuilt index.bin from the parts"]
+    if removed or tmp:
+        notes = [n for n in notes if "uncommitted part" not in n and TMP_SUFFIX not in n]
+        notes.append(f"removed {removed} uncommitted part(s) and {tmp} temporary file(s) of killed runs")
+    if busy:
+        notes.append(f"kept the uncommitted parts of shard(s) {', '.join(f'{i}/{n}' for i, n in busy)}: a job is "
+                     "extracting them now")
+    return notes, quarantine_damaged(cache_dir, problems) if problems else []
 
 
 @contextlib.contextmanager

@@ -34,8 +34,9 @@ class PartSink:
     write overlaps the teacher's work on the next, and at most one write is in flight.
     """
 
-    def __init__(self, cfg, tag, teachers, seconds):
+    def __init__(self, cfg, tag, teachers, seconds, fence):
         self.cfg, self.tag, self.teachers, self.seconds = cfg, tag, teachers, seconds
+        self.fence = fence  # every commit goes through it (cache/lease.py): a lost shard commits nothing
         self.with_flow = make_flow_fn(cfg.flow) is not None
         self.attrs = {"vidistill_version": VIDISTILL_VERSION, "config": config_dict(cfg),
                       "fingerprint_sha256": fingerprint_sha256(read_cache_json(cfg.cache)["fingerprint"])}
@@ -114,12 +115,13 @@ class PartSink:
 
     def commit(self):
         """Commit the open part; returns its size in bytes."""
-        committed = self._wait_write(self.writer.commit, self.attrs)
+        committed = self._wait_write(self.writer.commit, self.attrs, self.fence)
         self.writer = None
         return committed
 
     def close(self):
-        """Stop the write thread and drop the part that was not committed."""
+        """Stop the write thread and drop the part that was not committed (one whose commit was tried
+        stays: the writer keeps it, see PartWriter.commit)."""
         if self.pending is not None:
             self.pending.exception()  # let an in-flight write finish before abandoning the part
         self.write.shutdown()

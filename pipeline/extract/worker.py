@@ -10,6 +10,7 @@ import traceback
 import numpy as np
 import torch
 
+from cache.lease import LeaseLost
 from pipeline.common.config import resolve_device
 from pipeline.extract.decode import DecodeError, VideoDecode
 from pipeline.extract.flow import FlowStream
@@ -113,7 +114,7 @@ def _consume(items, videos, sink, report, seconds, stopping):
             report({"committed_bytes": sink.commit()})
 
 
-def extract_videos(videos, cfg, tag, report, gpu_slot=0, stopping=lambda: False):
+def extract_videos(videos, cfg, tag, report, fence, gpu_slot=0, stopping=lambda: False):
     """Extract `videos` [(id, path)] into parts of cfg.cache; report(record) after each video.
 
     Three threads overlap: decode+flow (producer), the teacher (this thread), and writing (one
@@ -128,7 +129,7 @@ def extract_videos(videos, cfg, tag, report, gpu_slot=0, stopping=lambda: False)
     # Where the time goes. This thread: "teacher", and "wait_decode" / "wait_write", the parts of the
     # other stages not hidden behind the teacher. The decode thread: "decode" and "flow", busy time.
     seconds = {"teacher": 0.0, "wait_decode": 0.0, "wait_write": 0.0}
-    sink = PartSink(cfg, tag, teachers, seconds)
+    sink = PartSink(cfg, tag, teachers, seconds, fence)
     items = queue.Queue(maxsize=8)  # ~8 decode batches ahead: overlap without unbounded memory
     stop = threading.Event()
     more_views = [(t.input_size, t.eval_crop) for t in teachers[1:]]
@@ -157,14 +158,17 @@ def stops_within(stopping, seconds):
     return stopping()
 
 
-def worker_main(videos, cfg, tag, messages, threads, gpu_slot, stop_all):
+def worker_main(videos, cfg, tag, fence, messages, threads, gpu_slot, stop_all):
     """Entry point of one --workers process: same code path, reports go through a queue. It stops
-    (committing what it finished) on its own SIGINT/SIGTERM or when the parent sets stop_all."""
+    (committing what it finished) on its own SIGINT/SIGTERM or when the parent sets stop_all. Its
+    commits go through its own copy of the job's fence: each checks the shard's lease itself."""
     torch.set_num_threads(threads)
     stop = StopRequest(forwarded=stop_all)
     with stop.on_signals(announce=False):
         try:
-            extract_videos(videos, cfg, tag, messages.put, gpu_slot, stop)
+            extract_videos(videos, cfg, tag, messages.put, fence, gpu_slot, stop)
             messages.put({"worker_done": tag})
+        except LeaseLost as e:
+            messages.put({"worker_lost": str(e)})
         except BaseException:
             messages.put({"worker_error": tag, "traceback": traceback.format_exc()})
