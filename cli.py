@@ -611,15 +611,13 @@ def cache_show_cmd(cache, video_id, out, frames, scale, top):
 def cache_verify_cmd(cache, quick, repair):
     """Check every part: chunk files present and readable, tables consistent, no orphans."""
     from cache.fingerprint import CacheError
-    from cache.manifest import quarantine_damaged, verify_cache
-    from cache.writer import remove_uncommitted_parts
-    from pipeline.extract.job import free_shards
+    from cache.manifest import verify_cache
+    from pipeline.extract.job import repair_cache
     try:
         problems, notes, checked = verify_cache(cache, quick=quick)
-        if repair and notes:
-            removed = remove_uncommitted_parts(cache, free_shards(cache))
-            notes = [f"removed {removed} uncommitted part(s) of killed runs"] if removed else notes
-        quarantined = quarantine_damaged(cache, problems) if repair and problems else []
+        quarantined = []
+        if repair and (notes or problems):
+            notes, quarantined = repair_cache(cache, problems, notes)
     except CacheError as e:
         _fail(str(e))
     for n in notes:
