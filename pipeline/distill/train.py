@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from cache.fingerprint import VIDISTILL_VERSION, CacheError, read_cache_json, sha256_file, teacher_array
+from cache.index import committed_parts
 from cache.manifest import verify_cache
 from cache.reader import CacheReader
 from models.checkpoint import save_checkpoint
@@ -285,8 +286,12 @@ def training_clips(cfg, fingerprint):
     fields += [lss_field] if "lss" in parts and lss_field not in fields else []
     # a second clip of each video: MoDist's keys, lss self-distillation's EMA view
     two_views = modist or ("lss" in parts and cfg.concept_self_weight > 0)
-    try:
-        reader = CacheReader(cfg.cache, cfg.read_cache_mb)
+    try:  # rank 0 lists the committed parts for every rank: a part committed between two ranks' starts
+        # would otherwise give them different videos
+        parts = [committed_parts(cfg.cache) if not dist.is_initialized() or dist.get_rank() == 0 else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(parts, src=0)
+        reader = CacheReader(cfg.cache, cfg.read_cache_mb, parts=parts[0])
     except CacheError as e:
         raise DistillError(str(e)) from None
     return ClipDataset(reader, cfg.clip_len, cfg.stride, cfg.crop, with_flow=modist,
