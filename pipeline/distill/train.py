@@ -288,8 +288,9 @@ def training_clips(cfg, fingerprint):
     two_views = modist or ("lss" in parts and cfg.concept_self_weight > 0)
     try:  # rank 0 lists the committed parts for every rank: a part committed between two ranks' starts
         # would otherwise give them different videos
-        parts = [committed_parts(cfg.cache) if not dist.is_initialized() or dist.get_rank() == 0 else None]
-        if dist.is_initialized():
+        ddp = dist.is_available() and dist.is_initialized()
+        parts = [committed_parts(cfg.cache) if ddp and dist.get_rank() == 0 else None]
+        if ddp:
             dist.broadcast_object_list(parts, src=0)
         reader = CacheReader(cfg.cache, cfg.read_cache_mb, parts=parts[0])
     except CacheError as e:
