@@ -105,7 +105,7 @@ class DistillConfig:
     # the distilled view's crop: inside the central square the teacher saw ("teacher_square"), so its
     # target never describes what the clip does not show, or "anywhere" in the frame
     distill_view: str = "teacher_square"
-    # colour augmentations (MaCLR's configs), drawn per clip on the device; a probability of 0 turns one
+    # colour augmentations (the MaCLR paper's settings), drawn per clip on the device; a probability of 0 turns one
     # off. Which views: "key" jitters the contrastive key clip only, so the student's own clip, which
     # DistInit matches to the teacher's view of clean frames, stays clean (the demo's validation runs:
     # jittering it cost distinit 22 points of object accuracy); "all" jitters every RGB view, as MaCLR does

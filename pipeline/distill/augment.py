@@ -1,5 +1,5 @@
-"""Colour augmentations (MaCLR's configs), batched on the training device inside the step: one draw
-per clip, the same for all its frames."""
+"""Colour augmentations (the MaCLR paper's settings), batched on the training device inside the step:
+one draw per clip, the same for all its frames."""
 import math
 
 import torch
