@@ -315,3 +315,32 @@ def test_decode_workers_share_out_the_one_decode_and_keep_its_frames(tiny_folder
             feats[w] = dict(zip([i.decode() for i in f["ids"][()]], f["features"][()]))
     assert feats[2].keys() == feats[1].keys()
     assert all(np.allclose(feats[2][v], feats[1][v], rtol=1e-3, atol=1e-4) for v in feats[1])
+
+
+@pytest.mark.slow
+def test_hmdb51s_source_groups_reach_the_linear_probe(tmp_path, monkeypatch):
+    # HMDB51 cuts several clips from one source (<source>_<n>.avi): the probe's weight-decay hold-out
+    # must keep them together, so eval hands it each training video's source, not the video itself
+    import pipeline.evaluate.evaluate as evaluate
+    root = tmp_path / "hmdb51"
+    (root / "testTrainMulti_7030_splits").mkdir(parents=True)
+    for c, (cls, dx) in enumerate((("walk", -3), ("run", 3))):
+        lines = []
+        for s in range(4):
+            for n in range(2):
+                name = f"Source{s}_{cls}_f_cm_np1_fr_med_{n}.avi"
+                make_video(str(root / "hmdb51_org" / cls / name), n=12, h=64, w=96, seed=10 * c + 2 * s + n, dx=dx)
+                lines.append(f"{name} {2 if s == 3 else 1}")  # source 3 tested, 0-2 trained on
+        (root / "testTrainMulti_7030_splits" / f"{cls}_test_split1.txt").write_text("\n".join(lines) + "\n")
+    seen, probe = [], evaluate.linear_probe
+
+    def recording_probe(*args, **kwargs):  # the real probe, its groups noted
+        seen.append(args[6] if len(args) > 6 else kwargs.get("train_groups"))
+        return probe(*args, **kwargs)
+    monkeypatch.setattr(evaluate, "linear_probe", recording_probe)
+    rows, task, _ = run_eval(EvalConfig(task="hmdb51", root=str(root), out=str(tmp_path / "e"), inits=("scratch",),
+                                        protocols=("linear",), progress=False))
+    assert {r["protocol"] for r in rows} == {"linear"} and rows[0]["train_videos"] == 12
+    [groups] = seen
+    assert groups == [os.path.basename(v).rsplit("_", 1)[0] for v, _, _ in task.train]
+    assert len(set(groups)) == 6  # 12 training clips from 6 sources
