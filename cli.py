@@ -588,7 +588,7 @@ def cache_info_cmd(cache, as_json):
 @click.option("--top", default=S.top, show_default=True, help="Teacher classes listed under each frame.")
 def cache_show_cmd(cache, video_id, out, frames, scale, top):
     """Contact sheet of one video: stored frames, the flow under each (hue = direction, brightness =
-    speed) and the teacher's top classes with probabilities. VIDEO_ID as `cache info` lists it."""
+    speed) and each teacher's top classes with probabilities. VIDEO_ID as `cache info` lists it."""
     from cache.fingerprint import CacheError
     from pipeline.common.errors import PreviewError
     from pipeline.extract.preview import show_video

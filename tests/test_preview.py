@@ -88,3 +88,35 @@ def test_pick_frames_prefers_teacher_frames():
     assert pick_frames(100, [], 4) == [0, 33, 66, 99]
     assert pick_frames(100, np.arange(0, 100, 10), 3) == [0, 40, 90]
     assert pick_frames(3, [], 8) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_cache_show_names_every_teachers_classes(tmp_path):
+    # an ImageNet teacher, a scene teacher with its class file, a 7-class teacher without one
+    import timm
+    import torch
+    import torchvision
+
+    from cache.fingerprint import cache_teachers
+    from cache.reader import CacheReader
+    from pipeline.extract.preview import teacher_class_names
+    torch.manual_seed(0)
+    torch.save(torchvision.models.get_model("mobilenet_v3_small", weights=None, num_classes=5).state_dict(),
+               tmp_path / "places.pth")
+    (tmp_path / "places.txt").write_text("beach\nforest\nkitchen\nstreet\nstadium\n")
+    torch.save(timm.create_model("test_efficientnet", pretrained=False, num_classes=7).state_dict(), tmp_path / "tiny.pth")
+    make_video(str(tmp_path / "videos" / "v.mp4"), n=16, h=64, w=96, seed=1)
+    places = f"torchvision:mobilenet_v3_small,weights={tmp_path / 'places.pth'},classes={tmp_path / 'places.txt'}"
+    run_extract(extract_config(tmp_path / "videos", tmp_path / "cache", height=48, width=64, teacher_every=8,
+                               more_teachers=(places, f"timm:test_efficientnet,weights={tmp_path / 'tiny.pth'}")))
+    s = show_video(ShowConfig(cache=str(tmp_path / "cache"), video_id="v.mp4", out=str(tmp_path / "p.png"), frames=2))
+    assert s["teachers"] == ["efficientnet_lite0", "torchvision:mobilenet_v3_small", "timm:test_efficientnet"]
+    assert Image.open(tmp_path / "p.png").size == Layout(2, 96, 128, True, 5, teachers=3).size
+    assert Layout(2, 96, 128, True, 5, teachers=3).cell_h == Layout(2, 96, 128, True, 5).cell_h + (3 * 6 - 5) * LINE
+    reader = CacheReader(str(tmp_path / "cache"))
+    imagenet, scenes, tiny = teacher_class_names(reader.meta["config"], cache_teachers(reader.fingerprint))
+    assert len(imagenet) == 1000 and imagenet[0] == "tench"
+    assert scenes == ["beach", "forest", "kitchen", "street", "stadium"]
+    assert tiny == [f"class {i}" for i in range(7)]  # no names given: numbered
+    os.remove(tmp_path / "places.txt")  # gone since extraction: numbered too, never a wrong name
+    assert teacher_class_names(reader.meta["config"], cache_teachers(reader.fingerprint))[1][0] == "class 0"

@@ -4,8 +4,8 @@ look odd.
 Each column is one stored frame: the frame as stored, its optical flow under it (the usual colour
 wheel: hue = direction, brightness = speed, full brightness at the sheet's 99th-percentile speed),
 and the teacher's top classes with their probabilities (softmax of the stored logits at temperature
-1). With a teacher the columns are teacher frames, spread evenly over the video. A cache without
-flow or without a teacher simply leaves that panel out.
+1), for each of the cache's teachers. With a teacher the columns are teacher frames, spread evenly over
+the video. A cache without flow or without a teacher simply leaves that panel out.
 """
 import dataclasses
 import difflib
@@ -15,9 +15,11 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cache.fingerprint import cache_teachers, teacher_array
 from cache.reader import CacheReader
 from models.imagenet import class_names
 from pipeline.common.errors import PreviewError
+from pipeline.common.teacher_spec import parse_teacher
 
 PAD = 8  # pixels between tiles and around the sheet
 GAP = 4  # between the panels of one column
@@ -37,7 +39,12 @@ class Layout:
     tile_h: int
     tile_w: int
     flow: bool
-    top: int  # teacher lines per column (0: no teacher)
+    top: int  # top classes per teacher and column (0: no teacher)
+    teachers: int = 1  # several: each one's classes under a line with its name
+
+    @property
+    def teacher_lines(self):
+        return self.teachers * (self.top + (self.teachers > 1)) if self.top else 0
 
     @property
     def per_row(self):
@@ -49,7 +56,8 @@ class Layout:
 
     @property
     def cell_h(self):
-        return LINE + self.tile_h + (GAP + self.tile_h if self.flow else 0) + (GAP + self.top * LINE if self.top else 0)
+        return LINE + self.tile_h + (GAP + self.tile_h if self.flow else 0) + (GAP + self.teacher_lines * LINE
+                                                                                 if self.top else 0)
 
     @property
     def title_h(self):
@@ -72,20 +80,23 @@ def show_video(cfg):
     rec = _record(reader, cfg.video_id)
     fp = reader.fingerprint
     has_flow = fp["flow"]["method"] != "none"
-    has_teacher = fp["teacher"]["name"] != "none"
+    teachers = cache_teachers(fp)
+    has_teacher = bool(teachers)
+    logits = tuple(teacher_array("logits", slot) for slot in range(len(teachers)))
     n = rec["frame_count"]
     teacher_frames = reader.read(cfg.video_id, fields=("logits",))["teacher_frame"] if has_teacher else np.zeros(0, int)
     chosen = pick_frames(n, teacher_frames, cfg.frames)
     panels = []
     for i in chosen:
         d = reader.read(cfg.video_id, int(i), int(i) + 1, fields=(("frames",) + (("flow",) if has_flow else ())
-                                                               + (("logits",) if has_teacher else ())))
+                                                               + logits))
         panels.append(d)
     full = max(MIN_FULL_SPEED, float(np.percentile(
         np.concatenate([np.linalg.norm(d["flow"][0], axis=-1).ravel() for d in panels]), 99))) if has_flow else None
     h, w = reader.frame_size
-    layout = Layout(len(chosen), h * cfg.scale, w * cfg.scale, has_flow, cfg.top if has_teacher else 0)
-    names = class_names(fp["teacher"].get("num_classes", 1000)) if has_teacher else []
+    layout = Layout(len(chosen), h * cfg.scale, w * cfg.scale, has_flow, cfg.top if has_teacher else 0,
+                    max(1, len(teachers)))
+    names = teacher_class_names(reader.meta.get("config", {}), teachers)
     sheet = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(sheet)
     font = _font()
@@ -101,12 +112,32 @@ def show_video(cfg):
         if has_flow:
             sheet.paste(_tile(flow_to_rgb(d["flow"][0], full), cfg.scale), (x, y + GAP))
             y += GAP + layout.tile_h
-        if has_teacher:
-            _top_classes(draw, font, (x, y + GAP), d, names, cfg.top, layout.tile_w)
+        y += GAP
+        for slot, (teacher, classes) in enumerate(zip(teachers, names)):
+            if len(teachers) > 1:
+                draw.text((x, y), _fit(draw, font, teacher["name"], layout.tile_w), fill="black", font=font)
+                y += LINE
+            _top_classes(draw, font, (x, y), d[logits[slot]][0], classes, cfg.top, layout.tile_w)
+            y += cfg.top * LINE
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     sheet.save(cfg.out)
     return {"out": cfg.out, "size": sheet.size, "frames": [int(i) for i in chosen], "video_frames": n,
-            "full_speed": full, "flow": has_flow, "teacher": has_teacher}
+            "full_speed": full, "flow": has_flow, "teacher": has_teacher, "teachers": [t["name"] for t in teachers]}
+
+
+def teacher_class_names(config, teachers):
+    """Each teacher's class names, in slot order: from its --teacher-classes file, as the cache's
+    extraction config records it, while that file still holds one name per class; else ImageNet's for
+    a 1000-class teacher (a CLIP teacher's logits are its zero-shot ImageNet classifier); else "class N"."""
+    files = [config.get("teacher_classes"), *(parse_teacher(t)[2] for t in config.get("more_teachers") or ())]
+    out = []
+    for teacher, path in zip(teachers, files + [None] * len(teachers)):
+        names = []
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                names = [line.strip() for line in f if line.strip()]
+        out.append(names if len(names) == teacher["num_classes"] else class_names(teacher["num_classes"]))
+    return out
 
 
 def _record(reader, video_id):
@@ -191,9 +222,9 @@ def _title(sheet, draw, font, layout, cfg, rec, fps, full, has_flow, has_teacher
         sheet.paste(Image.fromarray(colour_wheel(wheel)), (layout.size[0] - PAD - wheel, PAD))
 
 
-def _top_classes(draw, font, xy, d, names, top, width):
+def _top_classes(draw, font, xy, logits, names, top, width):
     x, y = xy
-    logits = d["logits"].astype(np.float32)[0]
+    logits = logits.astype(np.float32)
     p = np.exp(logits - logits.max())
     p /= p.sum()
     for rank, c in enumerate(np.argsort(-p)[:top]):
