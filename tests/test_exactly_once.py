@@ -157,6 +157,7 @@ def test_two_jobs_racing_for_one_shard_store_every_video_once(tmp_path, bucket, 
     assert_exactly_once(url, [f"v{i}.mp4" for i in range(6)])
 
 
+@pytest.mark.slow
 def test_a_store_that_ignores_conditional_writes_is_refused_unless_single_writer(tmp_path, bucket, proxy, monkeypatch):
     src = videos(tmp_path / "v", 2)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
@@ -169,6 +170,7 @@ def test_a_store_that_ignores_conditional_writes_is_refused_unless_single_writer
     assert_exactly_once(url, ["v0.mp4", "v1.mp4"])
 
 
+@pytest.mark.slow
 def test_shard_jobs_over_listings_that_differ_split_every_video_the_same_way(tmp_path):
     """Job 0 lists one video fewer than job 1 (added between their starts), then the other way round (one
     removed): every video lands in exactly one shard, whichever listing a job saw."""
@@ -277,6 +279,7 @@ def test_a_corrupted_index_byte_is_reported_by_verify_and_rebuilt_by_readers(tmp
     assert CliRunner().invoke(vidistill, ["cache", "verify", str(cache)]).exit_code == 0
 
 
+@pytest.mark.slow
 def test_the_reader_refuses_a_part_of_another_fingerprint(tmp_path):
     src = videos(tmp_path / "v", 2)
     ours, other = tmp_path / "ours", tmp_path / "other"
