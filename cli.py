@@ -135,7 +135,7 @@ def cli():
               help="Run the teacher on every k-th stored frame (k>1 saves time on CPU).")
 @click.option("--flow", default=X.flow, show_default=True, type=click.Choice(["dis", "farneback", "tvl1", "none"]),
               help="Optical flow: dis is fast and good; tvl1 is the classic quality choice but ~50x slower.")
-@click.option("--shard", default=None, help="I/N: process every N-th video starting at I "
+@click.option("--shard", default=None, help="I/N: process the videos whose id hashes to shard I of N "
               "(default: from torchrun RANK/WORLD_SIZE or a Slurm array, else 0/1).")
 @click.option("--workers", default=str(X.workers), show_default=True, callback=lambda ctx, param, v: _workers(v),
               help="Extraction processes in this job, or auto: sized from the cores and GPUs found so that processes "
@@ -161,8 +161,9 @@ def cli():
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache with other settings and start anew.")
 @click.option("--single-writer", is_flag=True,
-              help="On an object store without conditional writes (not local folders or s3://, which have them): "
-                   "no lease can keep two jobs on one shard apart; extract there only if you vouch that one does.")
+              help="On an object store without conditional writes (gs://, az://, or an S3-compatible store that "
+                   "fails extract's probe of them): no lease can keep two jobs on one shard apart; extract there "
+                   "only if you vouch that one does.")
 def extract(videos, cache, fps, height, width, teachers, add_teacher, teacher_weights, teacher_pretrained, teacher_classes,
             teacher_size, teacher_crop, teacher_every, flow, shard, workers, device, part_videos, part_mb, frame_codec,
             frame_quality, flow_codec, flow_quality, stall_timeout, retry_failed, strict, overwrite, single_writer):
