@@ -44,7 +44,7 @@ CONCEPTS = dict(classes="k400")
 # learning past 400 (bench/learning.py), so each gets what fits in the 10 minutes: a distinit step costs
 # 0.4 of a modist step, and 600 modist steps fit once generating the benchmark and decoding its labelled
 # clips used both cores. On both benchmarks' validation splits 600 matched or beat 400 on motion
-# (BENCHMARKS.md, fourth session of 2026-12-03).
+# (BENCHMARKS.md, "How the demo's recipe was chosen": steps).
 SIZES = {
     "default": dict(n_pool=128, n_labelled=256, n_frames=24, steps=600, distinit_steps=800, eval_clips=2),
     "quick": dict(n_pool=16, n_labelled=32, n_frames=16, steps=3, distinit_steps=6, eval_clips=1),
