@@ -128,6 +128,7 @@ class Fence:
 
     def __init__(self, location, key=None, token=None):
         self.location, self.key, self.token = location, key, token
+        self.owner = os.getpid()  # the process holding the job's flock (key None), or the lease
         self.written = set()  # logged objects this process has written: dropped from the log at its next swap
 
     def _lost(self, record):
@@ -147,6 +148,10 @@ class Fence:
         fails unless the lease is still this job's (LeaseLost), then written. requires: an object that
         must exist for a successor's roll-forward to write them (the part they commit)."""
         storage = open_storage(self.location)
+        if self.key is None and self.owner not in (os.getpid(), os.getppid()):
+            # a --workers process whose job's main process died: its flock is free for another job now
+            raise LeaseLost(f"{self.location}: this job's main process (pid {self.owner}) is gone, and with it the "
+                            "shard's lock; this worker commits nothing more - rerun the same command to resume")
         if self.key is not None:
             names = {name for name, _ in objects}
             entries = [{"name": name, "data": data.decode(), "requires": requires} for name, data in objects]

@@ -146,6 +146,28 @@ def test_a_writer_stopped_past_its_lease_commits_nothing_when_it_continues(tmp_p
 
 
 @pytest.mark.slow
+def test_the_workers_of_a_killed_local_job_commit_nothing_once_the_next_job_holds_the_shard(tmp_path):
+    src = videos(tmp_path / "v", 12, frames=16)
+    cache = tmp_path / "c"
+    a = start_job(str(cache), src, {}, "--workers", "2")
+    wait_for(lambda: os.path.isdir(cache / "commits") and os.listdir(cache / "commits"))
+    workers = children(a.pid)
+    os.killpg(a.pid, signal.SIGSTOP)
+    a.kill()  # the job's main process alone: the kernel frees its flock, its workers live on
+    a.wait()
+    b = start_job(str(cache), src, {})
+    wait_for(lambda: "pid" in open(cache / "locks" / "shard-0-of-1.lock").read() and
+             f"pid {a.pid} " not in open(cache / "locks" / "shard-0-of-1.lock").read())
+    for pid in workers:
+        os.kill(pid, signal.SIGCONT)
+    rc, err = finish(b)
+    assert rc == 0, err
+    for pid in workers:  # each found at its next commit that its job is gone
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z")
+    assert_exactly_once(str(cache), [f"v{i}.mp4" for i in range(12)])
+
+
+@pytest.mark.slow
 def test_two_jobs_racing_for_one_shard_store_every_video_once(tmp_path, bucket, s3_env):
     src = videos(tmp_path / "v", 6)
     url = f"{bucket}/race"
