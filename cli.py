@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 
 import click
 
@@ -35,6 +36,11 @@ def _workers(value):
     if not value.isdigit() or int(value) < 1:
         raise click.BadParameter(f"{value!r} is neither a count >= 1 nor auto")
     return int(value)
+
+
+# a warning is one line for a user ("warning: index.bin is damaged ...; rebuilt from the parts"), not
+# Python's two (the file, line and source line of the code that warned)
+warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
 def _fail(message):
