@@ -52,8 +52,8 @@ class S3Proxy:
                     headers = {k: v for k, v in headers.items() if k not in CONDITIONS}
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
                 try:
-                    conn.request(self.command, self.path, body=body if body or self.command in ("PUT", "POST") else None,
-                                 headers=headers)
+                    sends_body = body or self.command in ("PUT", "POST")
+                    conn.request(self.command, self.path, body=body if sends_body else None, headers=headers)
                     got = conn.getresponse()
                     data = got.read()
                     self._reply(got.status, {k: v for k, v in got.getheaders()

@@ -179,7 +179,7 @@ def test_a_writer_whose_lease_was_taken_over_commits_nothing(bucket):
     record = json.loads(storage.read("locks", "shard-0-of-1.lock"))
     storage.write("locks/shard-0-of-1.lock", json.dumps(dict(record, token="theirs", pid=1, host="elsewhere",
                                                              machine="elsewhere", commits=[])).encode())
-    with pytest.raises(LeaseLost, match="lease was taken over by pid 1 on elsewhere .* stopped without committing more"):
+    with pytest.raises(LeaseLost, match="taken over by pid 1 on elsewhere .* stopped without committing more"):
         lease.fence.commit([("commits/b.json", b"{}")])
     assert not storage.exists("commits/b.json")
     lease.release()
