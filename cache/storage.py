@@ -125,7 +125,7 @@ class Storage:
                         raise  # missing, a failed condition...: the caller decides what that means
                     # refused (access denied), or the client's own refusal (no credentials, a bad
                     # endpoint): one line, no traceback
-                    refused = "refused (403 Access Denied: no permission), " if isinstance(e, PermissionError) else ""
+                    refused = "refused with 403 Forbidden, " if isinstance(e, PermissionError) else ""
                     raise CacheError(f"{self.url(what)}: {refused}{answer(e)}") from None
                 wait = BACKOFF_SECONDS * 2 ** attempt
                 if attempt == RETRIES - 1 or (deadline is not None and time.monotonic() + wait > deadline):

@@ -258,10 +258,12 @@ def test_a_store_that_denies_writes_or_conditional_writes_is_one_line(tmp_path, 
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     proxy.answer = (is_write, 403, "AccessDenied")
     err = one_line_error(*extract_args(src, f"{bucket}/denied"))
-    assert f"{bucket}/denied/" in err and "403 Access Denied" in err, err
+    assert f"{bucket}/denied/" in err and "403 Forbidden" in err and "AccessDenied" in err, err
+    err = one_line_error(*extract_args(src, f"{bucket}/denied", "--single-writer"))  # no probe: cache.json is first
+    assert err.startswith(f"error: {bucket}/denied/cache.json: refused with 403 Forbidden"), err
     proxy.answer = (is_conditional_write, 403, "AccessDenied")
     err = one_line_error(*extract_args(src, f"{bucket}/denied-conditional"))
-    assert f"{bucket}/denied-conditional/" in err and "403 Access Denied" in err, err
+    assert f"{bucket}/denied-conditional/" in err and "403 Forbidden" in err, err
     proxy.answer = (is_conditional_write, 501, "NotImplemented")
     err = one_line_error(*extract_args(src, f"{bucket}/no-conditions"))
     assert "501 Not Implemented" in err and "--single-writer" in err, err
