@@ -184,9 +184,15 @@ class Storage:
         return self._call(name, self.fs.size, self.path(name))
 
     def exists(self, *names):
+        """Whether an object (or a folder) is there now: asked of the store, never of a listing cached
+        earlier (another job may have written it since; a roll-forward depends on it)."""
         if not self.remote:
             return os.path.exists(self.path(*names))
-        return self._call("/".join(names), self.fs.exists, self.path(*names))
+        try:
+            self._call("/".join(names), self.fs.info, self.path(*names), refresh=True)
+            return True
+        except FileNotFoundError:
+            return False
 
     def list(self, *names):
         """Names directly below a folder (objects and sub-folders), sorted; [] when there is none."""
