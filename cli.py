@@ -266,6 +266,9 @@ def _add_teacher(cache, teacher, device, stall_timeout):
                    "from. auto: inflate where the image weights ship, else scratch.")
 @click.option("--init-weights", default=D.init_weights, type=click.Path(dir_okay=False),
               help="--init inflate: the 2D network's state-dict file (default: the shipped EfficientNet-Lite weights).")
+@click.option("--bn-stats", default=D.bn_stats, show_default=True, type=click.Choice(["batch", "frozen"]),
+              help="The student's BatchNorm while training: batch statistics, or frozen at the running ones (an "
+                   "inflated student then starts as exactly its image network).")
 @click.option("--clip-len", default=D.clip_len, help="Frames per clip (0: 16 on GPU, 8 on CPU).")
 @click.option("--stride", default=D.stride, show_default=True, help="Cached frames between clip frames.")
 @click.option("--crop", default=D.crop, show_default=True, help="Random-resized-crop output size.")
@@ -297,6 +300,10 @@ def _add_teacher(cache, teacher, device, stall_timeout):
               help="Teacher target: frame-averaged probabilities over the clip, or one random frame.")
 @click.option("--embed-weight", default=D.embed_weight, show_default=True, help="Cosine regression onto the teacher embedding.")
 @click.option("--distinit-weight", default=D.distinit_weight, show_default=True)
+@click.option("--balance", default=D.balance, show_default=True, type=click.Choice(["none", "grad"]),
+              help="How a '+' combination's objectives add up: grad gives each the share of the gradient reaching "
+                   "the backbone that its --*-weight asks (equal by default), measured every step; none multiplies "
+                   "the losses by the weights as they are. The log's share/<term> says which term drives a run.")
 @click.option("--teacher-weight", default=D.teacher_weight,
               help="A cache of several teachers: NAME=W,NAME=W, one head each (relative weights, scaled to sum to 1; "
                    "a teacher left out is not distilled). Default: every teacher of the cache, equal weights.")
@@ -353,6 +360,8 @@ def distill(**kw):
         click.echo(f"{s['out']} is already finished ({s['steps']} steps); nothing to do. Pass a larger --steps to "
                    f"extend it, or --out NEW to train another run. Checkpoint: {s['checkpoint']}")
         return
+    if s["health"]:
+        click.echo(f"health on fixed clips: {s['health']}")
     click.echo(f"trained {s['student']} (start: {s['start']}) for {s['steps_this_run']} steps ({s['steps']} total) on {s['videos']} videos "
                f"in {s['wall_seconds']:.1f}s ({s['clips_per_s']:.1f} clips/s on {s['device']}); "
                f"checkpoint: {s['checkpoint']}")

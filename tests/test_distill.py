@@ -597,3 +597,59 @@ def test_a_run_goes_on_from_another_runs_checkpoint(eight_video_cache, tmp_path)
     b = load_checkpoint(s["checkpoint"])
     assert b["start"]["weights"] == str(first / "checkpoint.pt")
     assert torch.equal(a["backbone.stem.0.weight"], b["model"]["backbone.stem.0.weight"])
+
+
+@pytest.mark.parametrize("objective, heads", [("distinit", ["distinit"]), ("modist", ["modist"]),
+                                              ("both", ["distinit", "modist"]), ("distinit+lss", ["distinit", "lss"])])
+def test_every_objective_logs_its_training_health_and_gradient_shares(eight_video_cache, tmp_path, objective, heads,
+                                                                       concept_bank):
+    from pipeline.distill.health import health_heads
+    out = tmp_path / objective.replace("+", "_")
+    s = run_distill(tiny(eight_video_cache, out, steps=2, objective=objective, health_every=2,
+                         concepts=concept_bank if "lss" in objective else ""))
+    rec = json.loads(open(out / "log.jsonl").readlines()[-1])
+    assert health_heads(rec) == heads
+    for head in heads:
+        assert s["health"].count(head) >= 1
+    if "distinit" in heads:
+        assert rec["health/distinit/kl"] > 0 and rec["health/distinit/kl_mean_target"] > 0
+        assert 0 <= rec["health/distinit/top1_agree"] <= 1
+    if "modist" in heads:
+        assert rec["health/modist/chance"] == 1 / 8  # one clip of each of the 8 videos
+    shares = {k: v for k, v in rec.items() if k.startswith("share/")}
+    assert abs(sum(shares.values()) - 1) < 1e-6 and all(v >= 0 for v in shares.values())
+    assert set(shares) == {f"share/{k}" for k in rec if k in ("distinit", "rgb_nce", "cross_nce", "concept", "align")}
+
+
+def test_a_student_that_learns_nothing_gets_one_warning(eight_video_cache, tmp_path, capsys):
+    from pipeline.distill.health import unhealthy
+    run_distill(tiny(eight_video_cache, tmp_path / "frozen", steps=4, lr=0.0, warmup_steps=1, health_every=2))
+    warnings = [l for l in capsys.readouterr().out.splitlines() if "no better than a student that ignores its input" in l]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: step 2: distinit") and "--lr (now 0)" in warnings[0]
+    # what is judged: each head against its baseline
+    healthy = {"health/distinit/kl": 0.2, "health/distinit/kl_mean_target": 0.5, "health/distinit/top1_agree": 0.6,
+               "health/modist/rgb_to_flow_top1": 0.4, "health/modist/chance": 1 / 32}
+    assert unhealthy(healthy) == []
+    assert unhealthy(dict(healthy, **{"health/modist/rgb_to_flow_top1": 1 / 32})) == ["modist"]
+    assert unhealthy(dict(healthy, **{"health/distinit/kl": 0.5})) == ["distinit"]
+
+
+def test_balance_grad_gives_each_objective_its_share_of_the_gradient_reaching_the_backbone(eight_video_cache, tmp_path):
+    from pipeline.distill.balance import balanced_scales, part_norms, term_gradients
+    feat = torch.randn(4, 8, requires_grad=True)
+    terms = {"distinit": (feat * 0.01).sum(), "rgb_nce": (feat * 3.0).pow(2).sum(), "flow_nce": torch.ones((), requires_grad=True)}
+    grads = term_gradients(terms, feat)
+    assert float(grads["flow_nce"].norm()) == 0  # a term that never reaches the features
+    norms = part_norms(grads, ("distinit", "modist"))
+    scales = balanced_scales(torch.tensor([1.0, 1.0]), norms)
+    assert torch.allclose(scales * norms, norms.sum() / 2 * torch.ones(2))  # equal shares, the same total
+    assert torch.allclose(balanced_scales(torch.tensor([3.0, 1.0]), norms) * norms, norms.sum() * torch.tensor([0.75, 0.25]))
+    # in a run: the objectives' scales move off their weights, and are logged with the shares
+    out = tmp_path / "balanced"
+    run_distill(tiny(eight_video_cache, out, steps=3, objective="both", balance="grad"))
+    rec = json.loads(open(out / "log.jsonl").readlines()[-1])
+    assert rec["scale/distinit"] != 1.0 and rec["scale/modist"] != 1.0
+    ckpt = load_checkpoint(str(out / "checkpoint.pt"))
+    assert (ckpt["model"]["part_grad_norms"] > 0).all() and ckpt["config"]["balance"] == "grad"
+    with pytest.raises(DistillError, match="--balance must be none or grad"):
+        run_distill(tiny(eight_video_cache, tmp_path / "x", steps=1, balance="gradnorm"))

@@ -63,7 +63,7 @@ def test_eval_end_to_end_on_a_folder_task(tiny_folder_task, tmp_path):
                "videos" in n for n in notes)
     assert {r["transductive"] for r in rows if r["init"] == "checkpoint"} == {n_test}
     assert {r["transductive"] for r in rows if r["init"] != "checkpoint"} == {0}
-    assert "| checkpoint † |" in md and "† transductive" in md and "| scratch |" in md and "linear video_top1" in md
+    assert "| checkpoint ← scratch † |" in md and "† transductive" in md  # where the student started and "| scratch |" in md and "linear video_top1" in md
     stores = {p.name.split("-")[0]: p for p in (out / "features").glob("*.h5")}
     assert set(stores) == {"checkpoint", "scratch", "teacher"}
     with h5py.File(stores["checkpoint"]) as f:  # one row per decodable video, 2 clips x 3 crops, r3d_cpu

@@ -98,6 +98,9 @@ class DistillConfig:
     # inflate where the image weights ship (efficientnet3d_lite0/1/2), else scratch (models/start.py)
     init: str = "auto"
     init_weights: str = ""  # inflate: the 2D network's weights file ("": the shipped ones, EfficientNet-Lite only)
+    # the student's BatchNorm in training: "batch" statistics (the usual), or "frozen" at their running
+    # statistics (an inflated student keeps its image network's normalisation; TSN's partial BN)
+    bn_stats: str = "batch"
     clip_len: int = 0  # 0: 16 on CUDA, 8 on CPU
     stride: int = 2
     crop: int = 112
@@ -128,6 +131,10 @@ class DistillConfig:
     target_mode: str = "average"  # teacher target: frame-averaged probabilities, or one random frame
     embed_weight: float = 0.0  # cosine regression onto the teacher embedding
     distinit_weight: float = 1.0
+    # how the objectives of a '+' combination add up: "grad" rescales each every step so it sends the
+    # backbone its --*-weight's share of the gradient (pipeline/distill/balance.py); "none": the weights
+    # multiply the losses as they are
+    balance: str = "none"
     # a cache of several teachers: "NAME=W,NAME=W" (relative weights, scaled to sum to 1; a teacher left
     # out is not distilled); "": every teacher of the cache, equal weights, one head each
     teacher_weight: str = ""
@@ -163,6 +170,9 @@ class DistillConfig:
     seed: int = 0
     save_every: int = 100
     log_every: int = 10
+    # training health (pipeline/distill/health.py) on a fixed sample of cached clips every N steps and at the
+    # end: each head against a student that ignores its input, in the log and the summary
+    health_every: int = 100
     device: str = "auto"
     progress: bool = True
 

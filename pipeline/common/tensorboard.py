@@ -7,7 +7,8 @@ and the PNG plots stay the records; the events are a view of the same numbers.
 
 
 
-# log.jsonl keys that are not loss terms, and their TensorBoard tags; loss terms go under loss/
+# log.jsonl keys that are not loss terms, and their TensorBoard tags; loss terms go under loss/, and the
+# grouped figures (share/<term>, scale/<objective>, health/<head>/...) keep their own names as tags
 TRAIN_TAGS = {"loss": "loss/total", "lr": "train/lr", "grad_norm": "train/grad_norm", "epoch": "train/epoch",
               "clips_per_s": "perf/clips_per_s", "loader_share": "perf/loader_share"}
 
@@ -33,7 +34,7 @@ class TrainEvents:
         for key, value in rec.items():
             if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            tag = f"loss/{key}" if key in loss_names else TRAIN_TAGS.get(key, f"train/{key}")
+            tag = f"loss/{key}" if key in loss_names else key if "/" in key else TRAIN_TAGS.get(key, f"train/{key}")
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()  # a killed run keeps what it logged
 

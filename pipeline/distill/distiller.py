@@ -12,6 +12,7 @@ from models.start import start_backbone
 from models.students import ProjectionHead, build_motion_pathway, build_student, normalize_video
 from pipeline.common.config import objective_parts
 from pipeline.distill.augment import colour_augment
+from pipeline.distill.balance import EMA, balanced_scales, part_norms, part_of, term_gradients, term_shares
 from pipeline.distill.losses import (
     bridged_teacher,
     concept_align,
@@ -37,8 +38,11 @@ class Distiller(nn.Module):
         self.flow_bound = flow_bound  # the cache's flow bound scales flow inputs to about [-1, 1]
         self.backbone = build_student(cfg.student)
         d = self.backbone.feature_dim
-        parts = objective_parts(cfg.objective)
+        self.parts = parts = objective_parts(cfg.objective)
         self.use_distinit, self.use_modist, self.use_lss = ("distinit" in parts), ("modist" in parts), ("lss" in parts)
+        # each objective's gradient norm at the backbone's output (EMA; 0: not measured yet), for --balance grad
+        self.register_buffer("part_grad_norms", torch.zeros(len(parts)))
+        self.shares = {}  # {"share/<term>": ...} of the last measured step
         if self.use_lss:
             # the concept bank as fixed buffers (saved with the weights): nothing text-side runs in the loop
             for key in ("category_vectors", "description_vectors", "membership", "bridge_vectors"):
@@ -71,6 +75,20 @@ class Distiller(nn.Module):
             self.register_buffer("queue_flow", nn.functional.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
             self.register_buffer("queue_ids", torch.full((cfg.queue_size,), -1, dtype=torch.long))  # video of each key
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode=True):
+        """nn.Module.train, except that with --bn-stats frozen the student's BatchNorm layers (and those of
+        its momentum copies) keep normalising with their running statistics: a student started from an
+        image network then computes exactly that network at its first step, instead of renormalising
+        every layer by the statistics of a few small clips; their scale and shift still learn."""
+        super().train(mode)
+        if mode and self.cfg.bn_stats == "frozen":
+            copies = [self.backbone] + [c[0] for c in (getattr(self, "key_rgb", None), self.ema_concepts) if c is not None]
+            for net in copies:
+                for m in net.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        return self
 
     @torch.no_grad()
     def start(self):
@@ -171,6 +189,7 @@ class Distiller(nn.Module):
         self.saved_statistics = [b.clone() for b in self.batchnorm_buffers()]  # a few KB: put back if skipped
         video = self.augment(batch["video"]) if cfg.colour_views == "all" else batch["video"]
         feat = self.backbone(self.video_input(video))  # [B,D]
+        self.features = feat  # where every term's gradient enters the backbone (measure_shares)
         for t in self.teachers:  # one term per teacher: "distinit" alone, else "distinit/<teacher>"
             slot, name = t["slot"], self.loss_name("distinit", t)
             target = teacher_targets(batch[teacher_array("teacher_logits", slot)], batch["teacher_mask"], cfg.tau,
@@ -236,16 +255,43 @@ class Distiller(nn.Module):
         self.pending_keys = (k_rgb, k_flow, batch["index"])  # queued by after_step once the step is accepted
         return losses
 
-    def total(self, losses):
+    def term_weights(self):
+        """{loss term: its weight inside its objective}; the objective's own --*-weight is its part scale."""
         cfg = self.cfg
-        weights = {"rgb_nce": cfg.modist_weight, "flow_nce": cfg.modist_weight * cfg.flow_weight,
-                   "cross_nce": cfg.modist_weight * cfg.cross_weight,
-                   "concept": cfg.lss_weight, "align": cfg.lss_weight * cfg.align_weight,
-                   "concept_self": cfg.lss_weight * cfg.concept_self_weight}
+        weights = {"rgb_nce": 1.0, "flow_nce": cfg.flow_weight, "cross_nce": cfg.cross_weight,
+                   "concept": 1.0, "align": cfg.align_weight, "concept_self": cfg.concept_self_weight}
         for t in self.teachers:  # the teachers' weights sum to 1: --distinit-weight keeps its meaning
-            weights[self.loss_name("distinit", t)] = cfg.distinit_weight * t["weight"]
-            weights[self.loss_name("embed", t)] = cfg.embed_weight * cfg.distinit_weight * t["weight"]
-        return sum(weights[k] * v for k, v in losses.items())
+            weights[self.loss_name("distinit", t)] = t["weight"]
+            weights[self.loss_name("embed", t)] = cfg.embed_weight * t["weight"]
+        return weights
+
+    def part_scales(self):
+        """{objective: what its terms are multiplied by}: its --*-weight, or with --balance grad the scale
+        that gives it that weight's share of the gradient reaching the backbone (balance.py)."""
+        weights = torch.tensor([{"distinit": self.cfg.distinit_weight, "modist": self.cfg.modist_weight,
+                                 "lss": self.cfg.lss_weight}[p] for p in self.parts])
+        if self.cfg.balance == "grad" and len(self.parts) > 1:
+            weights = balanced_scales(weights, self.part_grad_norms.cpu())
+        return dict(zip(self.parts, weights.tolist()))
+
+    def weighted_terms(self, losses):
+        """{term: the scalar it adds to the total}."""
+        within, scales = self.term_weights(), self.part_scales()
+        return {k: scales[part_of(k)] * within[k] * v for k, v in losses.items()}
+
+    def total(self, losses):
+        return sum(self.weighted_terms(losses).values())
+
+    def measure_shares(self, losses):
+        """Each term's share of the gradient reaching the backbone (for the log), and, balancing, the
+        objectives' norms moved towards this step's. Call between forward and backward."""
+        within = self.term_weights()
+        grads = term_gradients({k: within[k] * v for k, v in losses.items()}, self.features)
+        norms = part_norms(grads, self.parts).to(self.part_grad_norms.device)
+        with torch.no_grad():
+            seen = self.part_grad_norms > 0
+            self.part_grad_norms.copy_(torch.where(seen, EMA * self.part_grad_norms + (1 - EMA) * norms, norms))
+        return term_shares(grads, self.part_scales())
 
 
 def shuffled_forward(encoder, x, groups):

@@ -24,7 +24,7 @@ from pipeline.distill.teachers import distilled_teachers, teachers_changed
 # layout and compilation change the last float digits, not what is learnt). Every other
 # setting must match for a resume; a setting added later is compared too, so no list can fall behind.
 # teacher_weight is compared as the teachers and weights it resolves to (the cache may have gained one).
-NOT_RESULT_KEYS = ("out", "steps", "epochs", "workers", "read_cache_mb", "save_every", "log_every", "progress",
+NOT_RESULT_KEYS = ("out", "steps", "epochs", "workers", "read_cache_mb", "save_every", "log_every", "health_every", "progress",
                    "device", "channels_last", "compile", "teacher_weight")
 
 

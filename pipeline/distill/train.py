@@ -30,6 +30,7 @@ from pipeline.common.tensorboard import TrainEvents
 from pipeline.distill.clips import ClipDataset, clip_span, make_loader
 from pipeline.distill.concepts import read_bank
 from pipeline.distill.distiller import Distiller
+from pipeline.distill.health import describe_health, health_sample, measure_health, unhealthy
 from pipeline.distill.resume import (
     checkpoint_state,
     choose_run_folder,
@@ -60,6 +61,10 @@ def resolve(cfg):
         raise DistillError("--target-mode must be 'average' or 'random'")
     if cfg.distill_view not in ("teacher_square", "anywhere"):
         raise DistillError("--distill-view must be 'teacher_square' or 'anywhere'")
+    if cfg.bn_stats not in ("batch", "frozen"):
+        raise DistillError(f"--bn-stats must be batch or frozen, not {cfg.bn_stats!r}")
+    if cfg.balance not in ("none", "grad"):
+        raise DistillError(f"--balance must be none or grad, not {cfg.balance!r}")
     if cfg.colour_views not in ("key", "all"):
         raise DistillError(f"--colour-views must be 'key' or 'all', not {cfg.colour_views!r}")
     device = resolve_device(cfg.device)
@@ -195,9 +200,10 @@ def all_finite(x):
     return bool(ok)
 
 
-def train_step(model, forward, opt, sched, batch, amp):
+def train_step(model, forward, opt, sched, batch, amp, measure=False):
     """One optimiser step. Returns (loss, losses, grad_norm), detached; loss None if the loss or the
-    gradients were not finite (the update is skipped). `forward` is the model or its DDP wrapper."""
+    gradients were not finite (the update is skipped). `forward` is the model or its DDP wrapper.
+    measure: also measure each term's share of the gradient reaching the backbone (model.shares)."""
     with amp:
         losses = forward(batch)
         loss = model.total(losses)
@@ -206,6 +212,8 @@ def train_step(model, forward, opt, sched, batch, amp):
     if not all_finite(loss.detach()):
         model.drop_step()
         return None, detached, None
+    if measure:
+        model.shares = model.measure_shares(losses)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], model.cfg.grad_clip)
     if not all_finite(grad_norm):  # clipping a NaN gradient still leaves NaN: skip, or the weights are lost
@@ -247,7 +255,7 @@ def _run_distill(cfg, held):
     step, batches_used = resume(ckpt, log_path, cfg, model, opt, sched, world, rank)
     loader = make_loader(dataset, cfg, rank, world, batches_used, plan["clips_per_video"])
     sources = teacher_sources(cfg.cache, fingerprint)
-    run = dict(model=model, opt=opt, sched=sched, cfg=cfg, fingerprint=fingerprint, videos=videos, world=world, rank=rank,
+    run = dict(health_sample=health_sample(dataset) if rank == 0 else None, health={}, model=model, opt=opt, sched=sched, cfg=cfg, fingerprint=fingerprint, videos=videos, world=world, rank=rank,
                ckpt_path=ckpt_path, log_path=log_path, plan=plan, teacher=sources[0] if sources else {},
                teachers=[t | sources[t["slot"]] for t in model.teachers])
     first_step, t0 = step, time.time()
@@ -259,7 +267,7 @@ def _run_distill(cfg, held):
     wall = time.time() - t0
     return {"steps": step, "total_steps": plan["total"], "steps_this_run": step - first_step, "wall_seconds": wall,
             "out": cfg.out, "clips_per_s": clips / max(wall, 1e-9), "checkpoint": ckpt_path, "videos": len(dataset),
-            "skipped_steps": bad_steps, "student": cfg.student, "start": model.start_record["init"], "device": cfg.device}
+            "skipped_steps": bad_steps, "health": describe_health(run["health"]), "student": cfg.student, "start": model.start_record["init"], "device": cfg.device}
 
 
 def init_distributed(cfg):
@@ -364,6 +372,7 @@ def train_loop(run, loader, step, batches_used):
     batches = iter(loader)
     events = TrainEvents(cfg.out, step) if rank == 0 else None  # TensorBoard, beside log.jsonl
     waited, t_log = 0.0, time.perf_counter()  # seconds blocked on the loader since the last record
+    warned = False  # the training-health warning is said once
     while step < total:
         t_wait = time.perf_counter()
         try:
@@ -372,7 +381,10 @@ def train_loop(run, loader, step, batches_used):
             raise DistillError(str(e).strip().splitlines()[-1]) from None
         waited += time.perf_counter() - t_wait
         batches_used += 1
-        loss, losses, grad_norm = train_step(model, forward, run["opt"], run["sched"], batch, amp)
+        logs = rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total)
+        # balancing needs every step's norms; otherwise they are measured for the log only
+        loss, losses, grad_norm = train_step(model, forward, run["opt"], run["sched"], batch, amp,
+                                             measure=cfg.balance == "grad" or logs)
         if loss is None:  # NaN guard: the update was skipped; stop if it keeps happening
             bad_steps += 1
             if bad_steps > 10:
@@ -385,8 +397,18 @@ def train_loop(run, loader, step, batches_used):
         if rank == 0 and (step % cfg.log_every == 0 or step == total):
             rec = {"step": step, "epoch": step // run["plan"]["per_epoch"], "loss": float(loss),
                    "lr": run["sched"].get_last_lr()[0], "grad_norm": float(grad_norm), "clips_per_s": clips_per_s,
-                   **{k: float(v) for k, v in losses.items()}}
+                   **{k: float(v) for k, v in losses.items()}, **model.shares,
+                   **{f"scale/{p}": v for p, v in model.part_scales().items()}}
             rec["loader_share"] = waited / max(time.perf_counter() - t_log, 1e-9)  # of the wall time since the last record
+            if step % cfg.health_every == 0 or step == total:
+                rec.update(measure_health(model, run["health_sample"], device, cfg.batch_size))
+                run["health"] = rec
+                sick = unhealthy(rec) if step > run["plan"]["warmup"] and not warned else []
+                if sick:
+                    warned = True
+                    print(f"warning: step {step}: {', '.join(sick)} no better than a student that ignores its input "
+                          f"({describe_health(rec)}, on {len(run['health_sample']['video'])} fixed clips); the run is "
+                          f"not learning: check --lr (now {cfg.lr:g}) and the cache's teacher outputs")
             waited, t_log = 0.0, time.perf_counter()
             with open(run["log_path"], "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -401,13 +423,15 @@ def train_loop(run, loader, step, batches_used):
     return step, clips, bad_steps
 
 
-# what a log.jsonl record holds besides the total and the loss terms
+# what a log.jsonl record holds besides the total and the loss terms (and the share/, scale/ and health/
+# figures: which term drives the backbone, each objective's scale, the training-health check)
 LOG_FIELDS = ("step", "epoch", "lr", "grad_norm", "clips_per_s", "loader_share")
+LOG_GROUPS = ("share/", "scale/", "health/")
 
 
 def loss_keys(record):
     """The total and every loss term of a log record, whichever objective wrote it."""
-    return [k for k in record if k not in LOG_FIELDS]
+    return [k for k in record if k not in LOG_FIELDS and not k.startswith(LOG_GROUPS)]
 
 
 def plot_losses(log_path, png_path):
