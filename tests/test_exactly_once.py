@@ -146,11 +146,13 @@ def test_a_writer_stopped_past_its_lease_commits_nothing_when_it_continues(tmp_p
     if workers > 1:
         # the workers go on while the job's main process (its renewal, its stop request) stays stopped:
         # each must find out for itself, at its next commit, that the shard is B's now
+        workers = [pid for pid in children(a.pid) if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
         for pid in group_but(a.pid):
             os.kill(pid, signal.SIGCONT)
         rc, err = finish(b)
         assert rc == 0, err
-        time.sleep(2)
+        for pid in workers:  # each found at its next commit that the shard is B's, and ended
+            wait_for(lambda: open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z")
     os.killpg(a.pid, signal.SIGCONT)
     assert_lost_in_one_line(*finish(a))
     if workers == 1:
