@@ -42,6 +42,7 @@ def rss_mb():
 
 def write_skeleton(cache, videos, per_part):
     from cache.fingerprint import VIDISTILL_VERSION, create_or_check, fingerprint_sha256
+    from cache.lease import Fence
     from cache.writer import PartWriter
     fp = {"teacher": {"name": "skeleton", "num_classes": K, "embed_dim": D},
           "preprocessing": {"fps": 8.0, "height": H, "width": W, "teacher_size": 224, "teacher_crop": 0.875,
@@ -67,7 +68,7 @@ def write_skeleton(cache, videos, per_part):
                           "frame_offset": start["frames"], "frame_count": FRAMES,
                           "teacher_offset": start["logits"], "teacher_count": FRAMES,
                           "src_codec": "h264", "src_width": 340, "src_height": 256, "src_fps": 30.0})
-        w.commit({"fingerprint_sha256": fingerprint_sha256(fp)})
+        w.commit({"fingerprint_sha256": fingerprint_sha256(fp)}, Fence(cache))  # one writer: plain writes
 
 
 class IndexReads:
