@@ -1,5 +1,6 @@
-"""An extraction job: which shard of the videos it takes, the lock that keeps one job per shard, and
-how a SIGINT or SIGTERM stops it (commit what is finished, then stop; a second signal aborts)."""
+"""An extraction job: which shard of the videos it takes (a hash of each id), the lock that keeps one
+job per shard (and what a job or `cache verify --repair` may delete under it), and how a SIGINT or
+SIGTERM stops it (commit what is finished, then stop; a second signal aborts)."""
 import contextlib
 import hashlib
 import os
@@ -128,14 +129,14 @@ class ShardLock:
             self.lease.release()
 
 
-def held_locks(cache_dir, exclude=None):
+def held_locks(cache_dir):
     """{shard lock name ("shard-I-of-N.lock"): who holds it} for the locks some live job holds. A lock
     file alone means nothing: flock is released when its holder dies, however it dies, and a lease
-    binds only until it expires or its process is gone. exclude: a name to skip."""
+    binds only until it expires, is released, or its process is gone."""
     storage = open_storage(cache_dir)
     held = {}
     for name in storage.list(LOCKS_DIR):
-        if name == exclude or not (name.startswith("shard-") and name.endswith(".lock")):
+        if not (name.startswith("shard-") and name.endswith(".lock")):  # not the store's probe record
             continue
         if not storage.remote:
             if is_held(storage.path(LOCKS_DIR, name)):
