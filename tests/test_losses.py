@@ -149,3 +149,29 @@ def test_concept_align_is_lowest_when_descriptions_follow_categories():
     # cross-entropy >= the implied distribution's entropy, reached when the description side equals it
     entropy = -(implied * implied.clamp_min(1e-12).log()).sum(-1).mean()
     assert loss >= entropy - 1e-6
+
+
+def test_every_loss_is_computed_in_fp32_under_bf16_autocast():
+    """--precision bf16 runs the networks in bf16; the objectives must come out exactly as in fp32 (bf16
+    keeps 8 bits of mantissa: a 1000-way softmax or a cosine near 1 would lose what the loss measures)."""
+    torch.manual_seed(0)
+    b, m, k, d = 4, 3, 1000, 16
+    logits, mask = torch.randn(b, m, k), torch.tensor([[True, True, False]] * b)
+    student, embeds = torch.randn(b, k), torch.randn(b, m, d)
+    unit = F.normalize(torch.randn(b, d), dim=1)
+    concepts, descriptions = F.normalize(torch.randn(5, d), dim=1), F.normalize(torch.randn(7, d), dim=1)
+    membership = (torch.rand(5, 7) > 0.5).float()
+    bridge = F.normalize(torch.randn(k, d), dim=1)
+    losses = {
+        "distill_kl": lambda: distill_kl(student, teacher_targets(logits, mask, 2.0), 2.0),
+        "embed_cosine": lambda: embed_cosine(torch.randn(b, d, generator=torch.Generator().manual_seed(1)), embeds, mask),
+        "info_nce": lambda: info_nce(unit, F.normalize(unit + 0.01, dim=1), concepts, 0.1),
+        "bridged_teacher": lambda: bridged_teacher(logits, mask, bridge),
+        "concept_distill": lambda: concept_distill(unit, bridged_teacher(logits, mask, bridge), concepts, 0.1, 0.04),
+        "concept_align": lambda: concept_align(unit, concepts, descriptions, membership, 0.1),
+    }
+    for name, loss in losses.items():
+        exact = loss()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_bf16 = loss()
+        assert under_bf16.dtype == torch.float32 and torch.equal(under_bf16, exact), name

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 OBJECTIVES = ("distinit", "modist", "both")  # the demo's runs; `lss` and any "+" combination also train
 OBJECTIVE_PARTS = ("distinit", "modist", "lss")
+PRECISIONS = ("auto", "fp32", "bf16")  # the students' arithmetic (pipeline/common/precision.py)
 INITS = ("checkpoint", "scratch", "inflate", "teacher")  # rows of an evaluation table
 PROTOCOLS = ("linear", "knn", "retrieval", "finetune", "zeroshot")
 TASKS = ("ucf101", "hmdb51", "folder", "csv")
@@ -174,6 +175,9 @@ class DistillConfig:
     # end: each head against a student that ignores its input, in the log and the summary
     health_every: int = 100
     device: str = "auto"
+    # the networks' arithmetic: "auto" = bf16 autocast on CUDA and on CPUs that compute bf16 natively
+    # (AVX512_BF16 or AMX), fp32 elsewhere (pipeline/common/precision.py); the checkpoint keeps the choice
+    precision: str = "auto"
     progress: bool = True
 
 

@@ -49,28 +49,31 @@ def colour_augment(video, jitter=0.4, hue=0.1, jitter_p=0.8, grayscale_p=0.2, bl
     differ only where a channel saturates midway). Randomness from torch's generator on the clips'
     device, so a resumed run draws the same.
 
-    video [B,3,T,H,W] uint8 or float on 0..255 -> float [B,3,T,H,W] on 0..255.
+    video [B,3,T,H,W] uint8 or float on 0..255 -> float [B,3,T,H,W] on 0..255, in fp32 whatever --precision
+    the networks run in (bf16 would round the colour maps to 3 digits).
     """
-    x = video.float() / 255
-    n, dev = len(x), x.device
-    eye = torch.eye(3, device=dev).expand(n, 3, 3)
-    gray = torch.tensor(_GRAY, device=dev)
-    to_gray = torch.ones(3, 1, device=dev) * gray[None]  # [3,3]: every channel becomes the luma
+    with torch.autocast(video.device.type, enabled=False):
+        x = video.float() / 255
+        n, dev = len(x), x.device
+        eye = torch.eye(3, device=dev).expand(n, 3, 3)
+        gray = torch.tensor(_GRAY, device=dev)
+        to_gray = torch.ones(3, 1, device=dev) * gray[None]  # [3,3]: every channel becomes the luma
 
-    def factor(lo, hi):
-        return torch.empty(n, 1, 1, device=dev).uniform_(lo, hi)
-    b, c, s = factor(1 - jitter, 1 + jitter), factor(1 - jitter, 1 + jitter), factor(1 - jitter, 1 + jitter)
-    clip_luma = x.mean(dim=(2, 3, 4)) @ gray  # [B]: contrast pulls towards the clip's mean grey
-    # y = c * b * x + (1 - c) * b * luma, then saturation s (towards each pixel's grey), then hue
-    mix = _hue_rotation(torch.empty(n, device=dev).uniform_(-hue, hue)) @ (s * eye + (1 - s) * to_gray)  # [B,3,3]
-    matrix, offset = mix * (c * b), mix.sum(2, keepdim=True) * ((1 - c) * b * clip_luma.view(n, 1, 1))  # [B,3,1]
-    on = torch.rand(n, device=dev) < jitter_p
-    matrix, offset = torch.where(on.view(n, 1, 1), matrix, eye), torch.where(on.view(n, 1, 1), offset, 0.0)
-    grayscale = (torch.rand(n, device=dev) < grayscale_p).view(n, 1, 1)
-    matrix, offset = torch.where(grayscale, to_gray @ matrix, matrix), torch.where(grayscale, to_gray @ offset, offset)
-    x = (torch.einsum("bij,bjthw->bithw", matrix, x) + offset.view(n, 3, 1, 1, 1)).clamp(0, 1)
-    sigma, blur = torch.empty(n, device=dev).uniform_(*blur_sigma), torch.rand(n, device=dev) < blur_p
-    if blur.any():  # blur only the clips drawn for it: the costliest of these steps
-        x = x.clone()
-        x[blur] = _gaussian_blur(x[blur], sigma[blur])
-    return x * 255
+        def factor(lo, hi):
+            return torch.empty(n, 1, 1, device=dev).uniform_(lo, hi)
+        b, c, s = factor(1 - jitter, 1 + jitter), factor(1 - jitter, 1 + jitter), factor(1 - jitter, 1 + jitter)
+        clip_luma = x.mean(dim=(2, 3, 4)) @ gray  # [B]: contrast pulls towards the clip's mean grey
+        # y = c * b * x + (1 - c) * b * luma, then saturation s (towards each pixel's grey), then hue
+        mix = _hue_rotation(torch.empty(n, device=dev).uniform_(-hue, hue)) @ (s * eye + (1 - s) * to_gray)  # [B,3,3]
+        matrix, offset = mix * (c * b), mix.sum(2, keepdim=True) * ((1 - c) * b * clip_luma.view(n, 1, 1))  # [B,3,1]
+        on = torch.rand(n, device=dev) < jitter_p
+        matrix, offset = torch.where(on.view(n, 1, 1), matrix, eye), torch.where(on.view(n, 1, 1), offset, 0.0)
+        grayscale = (torch.rand(n, device=dev) < grayscale_p).view(n, 1, 1)
+        matrix = torch.where(grayscale, to_gray @ matrix, matrix)
+        offset = torch.where(grayscale, to_gray @ offset, offset)
+        x = (torch.einsum("bij,bjthw->bithw", matrix, x) + offset.view(n, 3, 1, 1, 1)).clamp(0, 1)
+        sigma, blur = torch.empty(n, device=dev).uniform_(*blur_sigma), torch.rand(n, device=dev) < blur_p
+        if blur.any():  # blur only the clips drawn for it: the costliest of these steps
+            x = x.clone()
+            x[blur] = _gaussian_blur(x[blur], sigma[blur])
+        return x * 255

@@ -1,4 +1,5 @@
-"""Stage-two objectives as pure functions (no state, no modules): easy to test by hand."""
+"""Stage-two objectives as pure functions (no state, no modules): easy to test by hand. Each computes
+in fp32 whatever --precision the networks run in (tests/test_losses.py checks it under bf16 autocast)."""
 import torch
 import torch.nn.functional as F
 
@@ -76,9 +77,11 @@ def bridged_teacher(teacher_logits, teacher_mask, bridge):
     embeddings of the 1000 class names (the bridge of an image-only teacher into a language space).
 
     teacher_logits [B,M,K], teacher_mask [B,M], bridge [K,D] (unit rows) -> [B,D] unit.
+    In fp32 even under autocast: a target, not a network's activation.
     """
-    probs = teacher_targets(teacher_logits, teacher_mask, 1.0)  # [B,K]
-    return F.normalize(probs @ bridge, dim=-1)
+    with torch.autocast(teacher_logits.device.type, enabled=False):
+        probs = teacher_targets(teacher_logits, teacher_mask, 1.0)  # [B,K]
+        return F.normalize(probs @ bridge.float(), dim=-1)
 
 
 def joint_teacher(teacher_embed, teacher_mask):

@@ -25,6 +25,7 @@ from models.inflate import IMAGE_COUNTERPARTS, inflatable, refusal
 from models.start import INIT_WORDS, StartError, auto_init, checkpoint_student
 from pipeline.common.config import DEVICE_DEFAULTS, objective_parts, resolve_device
 from pipeline.common.errors import ConceptError, DistillError
+from pipeline.common.precision import autocast, check_convolutions, describe_precision, resolve_precision
 from pipeline.common.progress import progress_bar
 from pipeline.common.tensorboard import TrainEvents
 from pipeline.distill.clips import ClipDataset, clip_span, make_loader
@@ -71,6 +72,10 @@ def resolve(cfg):
     auto = DEVICE_DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
     if cfg.optimizer not in ("adamw", "sgd"):
         raise DistillError(f"--optimizer must be adamw or sgd, not {cfg.optimizer!r}")
+    try:
+        precision = resolve_precision(cfg.precision, device)
+    except ValueError as e:
+        raise DistillError(str(e)) from None
     student, init = cfg.student, cfg.init
     try:
         if student == "auto" and init not in INIT_WORDS:  # continuing a run: its architecture
@@ -85,7 +90,7 @@ def resolve(cfg):
         cfg, device=device, objective=objective, student=student, init=init,
         weight_decay=cfg.weight_decay if cfg.weight_decay >= 0 else (0.05 if cfg.optimizer == "adamw" else 5e-4),
         clip_len=cfg.clip_len or auto["clip_len"],
-        batch_size=cfg.batch_size or auto["batch_size"])
+        batch_size=cfg.batch_size or auto["batch_size"], precision=precision)
 
 
 def lr_lambda(step, warmup, total):
@@ -144,6 +149,8 @@ def build_training(cfg, fingerprint, plan, ckpt=None):
         model.start_record = ckpt.get("start", {"init": "scratch"}) if ckpt else model.start()
     except StartError as e:
         raise DistillError(str(e)) from None
+    if cfg.precision == "bf16":
+        check_convolutions(model)  # the few layers whose bf16 gradients oneDNN gets wrong train in fp32
     if cfg.compile:
         model.compile_networks()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -182,13 +189,6 @@ def load_concepts(path, teacher, source):
                         "categories": len(bank["categories"]), "descriptions": len(bank["descriptions"]),
                         "teacher_space": "joint" if teacher_in_text_space(teacher) else "bridge"}
     return bank
-
-
-def autocast(device):
-    """bf16 autocast on CUDA; full precision on CPU (no fast bf16 on common CPUs)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 def all_finite(x):
@@ -343,6 +343,7 @@ def describe_plan(cfg, plan, short_videos, world):
              f"warm-up {p['warmup']} steps, peak lr {cfg.lr:g}"
              + (f", key momentum {p['momentum']:.3f}" if "modist" in objective_parts(cfg.objective) else ""),
              f"student: {cfg.student}, starting from {describe_start(cfg)}"]
+    lines.append(describe_precision(cfg.precision, cfg.device))  # a warning when bf16 would be emulated
     if short_videos:
         lines.append(f"note: {short_videos} of {p['videos']} videos are shorter than a clip "
                      f"({clip_span(cfg.clip_len, cfg.stride)} frames); their clips repeat the last frame")
@@ -364,7 +365,7 @@ def train_loop(run, loader, step, batches_used):
     device = torch.device(cfg.device)
     forward = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
-    amp = autocast(device)
+    amp = autocast(cfg.precision, device)
     bar = progress_bar(total=total, initial=step, unit="step", desc=f"distill {cfg.objective}",
                        disable=not cfg.progress or rank != 0)
     t0, clips, bad_steps = time.time(), 0, 0
