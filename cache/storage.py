@@ -217,8 +217,7 @@ class Storage:
         except (PermissionError, OSError) as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
-            raise CacheError(f"{os.path.dirname(path)}: cannot write here ({e.strerror}"
-                             f"{': a read-only file system' if e.errno == errno.EROFS else ''})") from None
+            raise CacheError(f"{os.path.dirname(path)}: cannot write here ({e.strerror})") from None
         self.requests += 1
         try:
             publish(tmp, path)

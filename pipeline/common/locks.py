@@ -6,7 +6,6 @@ means nothing by itself: only a held lock refuses. The holder writes who it is i
 refusal can name it. Torch-free.
 """
 import datetime
-import errno
 import fcntl
 import os
 import socket
@@ -37,8 +36,7 @@ class FileLock:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.file = open(path, "a+")
         except OSError as e:
-            raise LockError(f"{path}: cannot create a lock file here ({e.strerror or e}"
-                            f"{': a read-only file system' if e.errno == errno.EROFS else ''})") from None
+            raise LockError(f"{path}: cannot create a lock file here ({e.strerror or e})") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
