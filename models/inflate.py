@@ -17,6 +17,9 @@ Which students have an image counterpart:
   The input normalisation differs (ImageNet's statistics for the image net, Kinetics' for the student):
   the per-channel scale is folded into the stem's weights exactly, the shift into the stem's BatchNorm
   (exact away from the image border, where the two nets pad different values).
+- vit3d:ARCH <- a timm ViT weights file of ARCH (models/video_vit.py): the image ViT's blocks as they
+  are, with a temporal attention before each whose output starts at zero (divided space-time attention
+  as TimeSformer's), so the temporal part starts as the identity.
 - r2plus1d_18 has none: its (2+1)D stem passes 45 channels between the spatial and the temporal
   convolution where ResNet-18's first convolution has 64 outputs, so no start reproduces the image
   network. r3d_cpu and r3d_10_half are vidistill's own widths, with no image network of that shape.
@@ -24,6 +27,7 @@ Which students have an image counterpart:
 import torch
 
 from models.efficientnet_lite import inflate_state_dict
+from models.video_vit import PREFIX as VIT_PREFIX
 
 # student -> what it inflates from (said in the one-line refusal for the others)
 IMAGE_COUNTERPARTS = {
@@ -32,6 +36,7 @@ IMAGE_COUNTERPARTS = {
     "efficientnet3d_lite2": "EfficientNet-Lite2 (weights shipped)",
     "r3d_18": "a 2D ResNet-18 weights file",
     "mc3_18": "a 2D ResNet-18 weights file",
+    "vit3d:ARCH": "a timm ViT ARCH weights file",
 }
 WHY_NOT = {
     "r2plus1d_18": "its (2+1)D stem passes 45 channels where ResNet-18's first convolution has 64, so no start "
@@ -46,8 +51,13 @@ class InflateError(ValueError):
     """A student that cannot be inflated, or a weights file that does not fit it; one line."""
 
 
+def counterpart_key(arch):
+    """IMAGE_COUNTERPARTS' key for a student (every vit3d:ARCH shares one)."""
+    return "vit3d:ARCH" if arch.startswith(VIT_PREFIX) else arch
+
+
 def inflatable(arch):
-    return arch in IMAGE_COUNTERPARTS
+    return counterpart_key(arch) in IMAGE_COUNTERPARTS
 
 
 def refusal(arch):
@@ -69,8 +79,12 @@ def inflate_student(backbone, arch, weights=None):
         backbone.net.load_state_dict(inflate_state_dict(load_2d(path), backbone.net))
         return backbone, path
     if not weights:
-        raise InflateError(f"--init inflate: {arch} inflates from {IMAGE_COUNTERPARTS[arch]}: pass --init-weights "
-                           "FILE (torchvision's resnet18 state dict, e.g. torch.save(resnet18(weights=...).state_dict(), FILE))")
+        example = (f"timm's {arch[len(VIT_PREFIX):]} state dict" if arch.startswith(VIT_PREFIX) else
+                   "torchvision's resnet18 state dict, e.g. torch.save(resnet18(weights=...).state_dict(), FILE)")
+        raise InflateError(f"--init inflate: {arch} inflates from {IMAGE_COUNTERPARTS[counterpart_key(arch)]}: pass "
+                           f"--init-weights FILE ({example})")
+    if arch.startswith(VIT_PREFIX):
+        return inflate_vit(backbone, load_2d(weights), weights), weights
     backbone.net.load_state_dict(inflate_resnet18(load_2d(weights), backbone.net, weights), strict=True)
     return backbone, weights
 
@@ -132,3 +146,16 @@ def inflate_resnet18(state_2d, video_net, path="weights"):
     out["stem.0.weight"] = w
     out["stem.1.running_mean"] = out["stem.1.running_mean"] - (w * (b / a).view(1, 3, 1, 1, 1)).sum(dim=(1, 2, 3, 4))
     return out
+
+
+def inflate_vit(backbone, state_2d, path):
+    """A timm image ViT's weights into a VideoViT's image part (its temporal part keeps its identity start)."""
+    state = {k: v for k, v in state_2d.items() if not k.startswith("head.")}
+    try:
+        missing, unexpected = backbone.image.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape: another ViT
+        raise InflateError(f"{path}: not a timm {backbone.arch} state dict ({str(e).splitlines()[-1].strip()[:120]})") from None
+    if missing or unexpected:
+        what = f"no {missing[0]!r}" if missing else f"an unexpected {unexpected[0]!r}"
+        raise InflateError(f"{path}: not a timm {backbone.arch} state dict ({what})")
+    return backbone

@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from models.inflate import IMAGE_COUNTERPARTS, InflateError, inflate_student
+from models.inflate import IMAGE_COUNTERPARTS, InflateError, counterpart_key, inflate_student
 
 INIT_WORDS = ("auto", "scratch", "inflate")  # anything else is a PATH
 
@@ -42,7 +42,7 @@ def start_backbone(backbone, arch, init, init_weights=""):
             _, path = inflate_student(backbone, arch, init_weights or None)
         except InflateError as e:
             raise StartError(str(e)) from None
-        return {"init": "inflate", "from": IMAGE_COUNTERPARTS[arch], "weights": os.path.abspath(path)}
+        return {"init": "inflate", "from": IMAGE_COUNTERPARTS[counterpart_key(arch)], "weights": os.path.abspath(path)}
     path = checkpoint_file(init)
     backbone.load_state_dict(backbone_state(path, arch, backbone))
     return {"init": "path", "weights": os.path.abspath(path)}

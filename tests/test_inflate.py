@@ -120,3 +120,38 @@ def test_a_student_goes_on_from_a_checkpoint_or_a_torchvision_export(tmp_path):
         start_backbone(build_student("r3d_cpu"), "r3d_cpu", str(tmp_path / "scripted.pt"))
     with pytest.raises(StartError, match="no such file"):
         start_backbone(build_student("r3d_cpu"), "r3d_cpu", str(tmp_path / "nowhere"))
+
+
+@pytest.fixture(scope="module")
+def vit_file(tmp_path_factory):
+    """A timm ViT-Tiny state dict as a user would save one (random weights: nothing downloads)."""
+    import timm
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True)
+    path = tmp_path_factory.mktemp("vit") / "vit_tiny.pth"
+    torch.save(net.state_dict(), path)
+    net.reset_classifier(0)
+    return str(path), net.eval()
+
+
+def test_inflated_video_vit_on_a_still_clip_is_its_image_vit_and_learns_time(vit_file):
+    path, image_net = vit_file
+    arch = "vit3d:vit_tiny_patch16_224"
+    image = torch.randint(0, 256, (64, 64, 3), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    x = (image.permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5  # this ViT's own statistics
+    net, _ = inflate_student(build_student(arch), arch, path)
+    net.eval()
+    with torch.no_grad():
+        f2d, f3d = image_net(x), net(normalize_video(still_clip(image.numpy(), 4)))
+    assert f3d.shape == (1, 192) and net.feature_dim == 192
+    assert torch.allclose(f2d, f3d, atol=1e-4)  # the temporal attention starts as the identity
+    # its temporal part is trainable: one gradient step on a moving clip moves it off the identity
+    moving = still_clip(image.numpy(), 4)
+    moving[:, :, 2:] = moving[:, :, 2:].flip(-1)
+    net.train()
+    net(normalize_video(moving)).pow(2).sum().backward()
+    assert net.temporal[0].attn.out_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(InflateError, match="not a timm vit_small_patch16_224 state dict"):
+        inflate_student(build_student("vit3d:vit_small_patch16_224"), "vit3d:vit_small_patch16_224", path)
+    with pytest.raises(ValueError, match="student vit3d:resnet18: timm cannot build it as a ViT"):
+        build_student("vit3d:resnet18")

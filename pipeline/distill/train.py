@@ -21,7 +21,8 @@ from cache.index import committed_parts
 from cache.manifest import verify_cache
 from cache.reader import CacheReader
 from models.checkpoint import save_checkpoint
-from models.inflate import IMAGE_COUNTERPARTS, inflatable, refusal
+from models.inflate import IMAGE_COUNTERPARTS, counterpart_key, inflatable, refusal
+from models.students import channels_last
 from models.start import INIT_WORDS, StartError, auto_init, checkpoint_student
 from pipeline.common.config import DEVICE_DEFAULTS, objective_parts, resolve_device
 from pipeline.common.errors import ConceptError, DistillError
@@ -142,9 +143,10 @@ def build_training(cfg, fingerprint, plan, ckpt=None):
     tcfg = fingerprint["teacher"]
     concepts = load_concepts(cfg.concepts, tcfg, teacher_sources(cfg.cache, fingerprint)[0]) \
         if "lss" in objective_parts(cfg.objective) else None
-    layout = torch.channels_last_3d if cfg.channels_last else torch.preserve_format
     model = Distiller(cfg, distilled_teachers(cfg, fingerprint), fingerprint["flow"].get("bound"),
-                      plan["momentum"], concepts).to(cfg.device, memory_format=layout)
+                      plan["momentum"], concepts).to(cfg.device)
+    if cfg.channels_last:
+        channels_last(model)
     try:
         model.start_record = ckpt.get("start", {"init": "scratch"}) if ckpt else model.start()
     except StartError as e:
@@ -255,7 +257,11 @@ def _run_distill(cfg, held):
     step, batches_used = resume(ckpt, log_path, cfg, model, opt, sched, world, rank)
     loader = make_loader(dataset, cfg, rank, world, batches_used, plan["clips_per_video"])
     sources = teacher_sources(cfg.cache, fingerprint)
-    run = dict(health_sample=health_sample(dataset) if rank == 0 else None, health={}, model=model, opt=opt, sched=sched, cfg=cfg, fingerprint=fingerprint, videos=videos, world=world, rank=rank,
+    try:  # read here, in this process: a corrupt chunk is the loader's one line too
+        sample = health_sample(dataset) if rank == 0 else None
+    except CacheError as e:
+        raise DistillError(str(e).strip().splitlines()[-1]) from None
+    run = dict(health_sample=sample, health={}, model=model, opt=opt, sched=sched, cfg=cfg, fingerprint=fingerprint, videos=videos, world=world, rank=rank,
                ckpt_path=ckpt_path, log_path=log_path, plan=plan, teacher=sources[0] if sources else {},
                teachers=[t | sources[t["slot"]] for t in model.teachers])
     first_step, t0 = step, time.time()
@@ -355,7 +361,7 @@ def describe_plan(cfg, plan, short_videos, world):
 
 def describe_start(cfg):
     if cfg.init == "inflate":
-        return f"its image network made temporal ({IMAGE_COUNTERPARTS[cfg.student]}{', ' + cfg.init_weights if cfg.init_weights else ''})"
+        return f"its image network made temporal ({IMAGE_COUNTERPARTS[counterpart_key(cfg.student)]}{', ' + cfg.init_weights if cfg.init_weights else ''})"
     return "random weights" if cfg.init == "scratch" else cfg.init
 
 
