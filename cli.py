@@ -458,10 +458,11 @@ def concepts(**kw):
 @click.option("--test-list", type=click.Path(), default=None, help="folder/csv task: explicit test ids.")
 @click.option("--seed", default=E.seed, show_default=True)
 @click.option("--device", default=E.device, show_default=True)
+@_precision
 def eval_cmd(task, root, checkpoint, inits, protocols, text_encoder, text_weights, teacher, teacher_weights, split,
              splits, clips, crops, out, work, teacher_every, decode_workers,
              student, finetune_epochs, finetune_lr, batch_size, labels, label_column, id_column, test_fraction,
-             group_pattern, train_list, test_list, seed, device):
+             group_pattern, train_list, test_list, seed, device, precision):
     """Linear probe, kNN, retrieval and fine-tuning, with baselines in the same table.
 
     With no options beyond --task, evaluates the latest distill run (runs/latest) against scratch,
@@ -480,7 +481,7 @@ def eval_cmd(task, root, checkpoint, inits, protocols, text_encoder, text_weight
                      train_list=train_list, test_list=test_list, labels=labels, label_column=label_column,
                      id_column=id_column, group_pattern=group_pattern, work=work, teacher_every=teacher_every,
                      decode_workers=decode_workers, text_encoder=text_encoder, text_weights=text_weights, teacher=teacher,
-                     teacher_weights=teacher_weights, device=device)
+                     teacher_weights=teacher_weights, device=device, precision=precision)
     try:
         rows, _, notes = run_eval(cfg)
     except ExtractInterrupted as e:  # while decoding: the videos decoded so far are kept
@@ -572,13 +573,15 @@ def export(checkpoint, format, out, fc, opset, tolerance):
               "distinit students 800, whose steps cost 0.4 of modist's; 3 and 6 with --quick). More steps learn more "
               "(BENCHMARKS.md) at proportionally more distillation time.")
 @click.option("--workers", default=0, show_default=True, help="DataLoader workers (0 is fastest on 2 cores).")
-def demo(out, quick, seeds, steps, workers):
+@_precision
+def demo(out, quick, seeds, steps, workers, precision):
     """The whole pipeline on a generated benchmark, on CPU: generate, extract, distill four students
     (distinit, modist, both, distinit+lss), evaluate them against scratch / inflate / teacher on object
     and motion labels (linear, kNN; zero-shot on object names). Rerunning resumes where it stopped."""
     from pipeline.demo.demo import run_demo
     with _exit_on_interrupt(f"interrupted: what finished is kept in {out}; rerun the same command to resume"):
-        run_demo(out, quick=quick, seeds=seeds, steps=steps or None, workers=workers, log=click.echo)
+        run_demo(out, quick=quick, seeds=seeds, steps=steps or None, workers=workers, log=click.echo,
+                 precision=precision)
     click.echo(f"report: {out}/report.md, {out}/report.png")
 
 

@@ -1,13 +1,15 @@
 """--precision: what auto picks on CPUs with and without native bf16, the one line that says so, the
-autocast it builds, and the choice a distill run saves in its checkpoint."""
+autocast it builds, the choice a distill run saves in its checkpoint, and eval's bf16 features."""
 import os
 
+import h5py
+import numpy as np
 import pytest
 import torch
 from helpers import extract_config, make_video
 
 from models.checkpoint import load_checkpoint
-from pipeline.common.config import DistillConfig
+from pipeline.common.config import DistillConfig, EvalConfig
 from pipeline.common.errors import DistillError
 from pipeline.common.precision import (
     autocast,
@@ -18,6 +20,7 @@ from pipeline.common.precision import (
 )
 from pipeline.distill.augment import colour_augment
 from pipeline.distill.train import run_distill
+from pipeline.evaluate.evaluate import run_eval
 from pipeline.extract.extract import run_extract
 
 # capability maps as torch.cpu.get_capabilities() gives them
@@ -142,3 +145,23 @@ def test_distill_prints_the_choice_once_saves_it_and_may_resume_with_another(two
 def test_distill_refuses_an_unknown_precision_in_one_line(tmp_path):
     with pytest.raises(DistillError, match="--precision must be"):
         run_distill(tiny_run(str(tmp_path / "no-cache"), tmp_path / "run", steps=1, precision="fp8"))
+
+
+@pytest.mark.slow
+def test_eval_keeps_bf16_features_apart_from_fp32_ones_and_fine_tunes_in_either(tmp_path):
+    for i in range(3):
+        make_video(str(tmp_path / "videos" / "left" / f"l{i}.mp4"), n=12, h=48, w=64, seed=10 + i, dx=-3)
+        make_video(str(tmp_path / "videos" / "right" / f"r{i}.mp4"), n=12, h=48, w=64, seed=20 + i, dx=3)
+    common = dict(task="folder", root=str(tmp_path / "videos"), work=str(tmp_path / "work"), inits=("scratch",),
+                  protocols=("linear", "finetune"), clips=1, crops=1, finetune_epochs=1, batch_size=2,
+                  test_fraction=0.5, progress=False)
+    results = {p: run_eval(EvalConfig(out=str(tmp_path / p), precision=p, **common)) for p in ("fp32", "bf16")}
+    stores = {}
+    for precision, (rows, _, notes) in results.items():
+        assert {r["precision"] for r in rows} == {precision}
+        assert describe_precision(precision, "cpu") in notes
+        assert {r["protocol"] for r in rows} == {"linear", "finetune"}
+        stores[precision] = {r["features"] for r in rows if r["protocol"] == "linear"}.pop()
+    assert stores["fp32"] != stores["bf16"]  # one store each: a bf16 run never reads fp32 features, nor back
+    fp32, bf16 = (h5py.File(stores[p], "r")["features"][()] for p in ("fp32", "bf16"))
+    assert np.abs(bf16 - fp32).max() <= 0.05 * np.abs(fp32).max()  # the same network, rounded to bf16

@@ -232,6 +232,9 @@ class EvalConfig:
     text_encoder: str = None
     text_weights: str = None
     device: str = "auto"
+    # the student-side rows' arithmetic, as distill's (feature extraction and fine-tuning; the teacher row
+    # runs at its own); bf16 features are stored apart from fp32 ones
+    precision: str = "auto"
     progress: bool = True
 
     def rows(self):

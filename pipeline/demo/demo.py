@@ -22,6 +22,7 @@ from pipeline.common.config import (
     group_rule,
     objective_parts,
 )
+from pipeline.common.precision import describe_precision, resolve_precision
 from pipeline.common.progress import progress_bar
 from pipeline.demo.synthetic import MOTIONS, PHOTOS, generate_benchmark
 from pipeline.distill.concepts import run_concepts
@@ -77,10 +78,12 @@ def distill_config(cache, out, objective, steps, seed, bank="", workers=0, progr
 
 
 def run_demo(out="demo_out", quick=False, seeds=1, steps=None, workers=0, progress=True, log=print, photos=None,
-             textures=None, generator_seed=0):
+             textures=None, generator_seed=0, precision="auto"):
     """steps: every student's (None: SIZES'); photos / textures / generator_seed: another benchmark of the
-    same kind (synthetic.generate_benchmark)."""
+    same kind (synthetic.generate_benchmark); precision: the students' (distill's and eval's --precision)."""
     t0 = time.time()
+    precision = resolve_precision(precision, "cpu")
+    log(describe_precision(precision, "cpu"))
     size = dict(SIZES["quick" if quick else "default"], **({"steps": steps, "distinit_steps": steps} if steps else {}))
     stage = _stages(log, t0)
     cache, bank, benchmark = prepare_benchmark(out, size, stage, progress, log, photos, textures, generator_seed)
@@ -90,13 +93,14 @@ def run_demo(out="demo_out", quick=False, seeds=1, steps=None, workers=0, progre
         stage(f"distill {', '.join(RUNS)} (seed {seed}), {PARALLEL} at a time")
         runs = {objective: os.path.join(out, "runs", f"{objective}-seed{seed}-{steps[objective]}steps")
                 for objective in RUNS}  # a rerun resumes each
-        train_students({objective: distill_config(cache, run, objective, steps[objective], seed, bank, workers)
+        train_students({objective: distill_config(cache, run, objective, steps[objective], seed, bank, workers,
+                                                  precision=precision)
                         for objective, run in runs.items()}, log)
         runs = {objective: os.path.join(run, "checkpoint.pt") for objective, run in runs.items()}
         for label_set in ("object", "motion"):
             stage(f"eval on {label_set} labels (seed {seed}): {', '.join(RUNS + BASELINES)}")
-            rows += evaluate_runs(out, runs, label_set, seed, size["eval_clips"], progress)
-    report = write_demo_report(out, rows, seeds, size, time.time() - t0, benchmark)
+            rows += evaluate_runs(out, runs, label_set, seed, size["eval_clips"], progress, precision=precision)
+    report = write_demo_report(out, rows, seeds, size, time.time() - t0, benchmark, precision)
     log(report)
     return rows
 
@@ -178,7 +182,7 @@ def refuse_another_benchmark(data, objects, generator_seed):
 
 
 def evaluate_runs(out, runs, label_set, seed, clips, progress=True, validation=False, baselines=BASELINES,
-                  protocols=None):
+                  protocols=None, precision="auto"):
     """Table rows of the distilled runs {name: checkpoint} and the baselines on one label set.
 
     The test split is the task's seeded 70/30 split; with validation=True the training side of it is
@@ -203,7 +207,8 @@ def evaluate_runs(out, runs, label_set, seed, clips, progress=True, validation=F
                                            protocols=protocols or ("linear", "knn") + (
                                                ("zeroshot",) if label_set == "object" else ()),
                                            clips=clips, seed=seed, progress=progress,
-                                           device="cpu", teacher_every=8, decode_workers=PARALLEL,
+                                           device="cpu", precision=precision, teacher_every=8,
+                                           decode_workers=PARALLEL,
                                            **lists, **kw))
         got += [dict(r, row=name or r["init"], label_set=label_set) for r in result]
     return got
@@ -241,7 +246,7 @@ def summarise(rows):
     return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in groups.items()}
 
 
-def write_demo_report(out, rows, seeds, size, wall, benchmark):
+def write_demo_report(out, rows, seeds, size, wall, benchmark, precision="fp32"):
     stats = summarise(rows)
     steps = student_steps(size)
     objects = benchmark["objects"]
@@ -261,7 +266,7 @@ def write_demo_report(out, rows, seeds, size, wall, benchmark):
             f"{len(MOTIONS)} motions (chance {100 / len(MOTIONS):.1f} %).\n"
             f"Students: {STUDENT['student']}, steps {', '.join(f'{o} {n}' for o, n in steps.items())}, "
             f"batch {STUDENT['batch_size']}, clips "
-            f"{STUDENT['clip_len']}x{STUDENT['crop']}^2 stride {STUDENT['stride']}; per objective "
+            f"{STUDENT['clip_len']}x{STUDENT['crop']}^2 stride {STUDENT['stride']}, {precision}; per objective "
             f"{ {k: v for k, v in RECIPE.items() if v} }; every other setting is distill's default. "
             f"The knobs were chosen on a validation split carved from the labelled training "
             f"clips (bench/demo_diagnosis.py); the test split below is touched once, for this table.\n"

@@ -9,6 +9,7 @@ from models.inflate import inflate_student
 from models.students import ProjectionHead, build_student, normalize_video
 from pipeline.common.config import INITS
 from pipeline.common.errors import EvalError
+from pipeline.common.precision import autocast
 from pipeline.common.progress import progress_bar
 from pipeline.distill.clips import clip_span, load_clip, view_boxes, view_starts
 
@@ -29,8 +30,8 @@ def load_backbone(init, checkpoint=None, student="r3d_cpu", seed=0):
 
 
 @torch.no_grad()
-def video_features(backbone, reader, ids, pre, clips, crops, device, batch_size, progress, desc):
-    """[N, clips*crops, D] float32 features, one row of views per video."""
+def video_features(backbone, reader, ids, pre, clips, crops, device, batch_size, progress, desc, precision="fp32"):
+    """[N, clips*crops, D] float32 features, one row of views per video; the network runs at `precision`."""
     layout = torch.channels_last_3d  # oneDNN's 3D convolutions run faster channels-last (as in distill)
     backbone = backbone.to(device, memory_format=layout).eval()
     span = clip_span(pre.clip_len, pre.stride)
@@ -43,8 +44,9 @@ def video_features(backbone, reader, ids, pre, clips, crops, device, batch_size,
                  for vid in ids[first:first + group]
                  for s in view_starts(reader.num_frames(vid), clips, span) for box in boxes]
         video = torch.stack(views).to(device)  # [G*V,3,T,S,S]
-        out = torch.cat([backbone(normalize_video(video[i:i + batch_size]).contiguous(memory_format=layout))
-                         for i in range(0, len(video), batch_size)])
+        with autocast(precision, device):
+            out = torch.cat([backbone(normalize_video(video[i:i + batch_size]).contiguous(memory_format=layout))
+                             for i in range(0, len(video), batch_size)])
         feats += list(out.float().cpu().numpy().reshape(-1, per_video, out.shape[-1]))
         bar.update(len(views) // per_video)
     bar.close()

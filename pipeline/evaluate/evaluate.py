@@ -20,6 +20,7 @@ from models.checkpoint import load_checkpoint
 from models.start import record_label
 from pipeline.common.config import INITS, PROTOCOLS, group_rule, is_teacher_row, resolve_device
 from pipeline.common.errors import EvalError
+from pipeline.common.precision import describe_precision, resolve_precision
 from pipeline.common.runs import checkpoint_path, latest_run
 from pipeline.common.teacher_spec import render_teacher
 from pipeline.evaluate.backbones import concept_head_of, load_backbone
@@ -88,6 +89,10 @@ def run_eval(cfg):
     cfg, notes = with_defaults(cfg)
     check_options(cfg)
     device = torch.device(resolve_device(cfg.device))
+    try:  # resolved once: the report's config and every student-side row say which it was
+        cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
+    except ValueError as e:
+        raise EvalError(str(e)) from None
     task = load_task(cfg.task, cfg.root, cfg.split, cfg.splits, cfg.test_fraction, cfg.seed, cfg.train_list, cfg.test_list,
                      cfg.labels, cfg.label_column, cfg.id_column, cfg.group_pattern)
     scored_sides(cfg, task)  # before any decoding: a split that cannot be scored fails at once
@@ -104,7 +109,8 @@ def run_eval(cfg):
     scope = [f"zeroshot alone: all {len(test)} videos are scored, none is trained on"] if not train else []
     prior = trl if len(trl) else tel  # the class frequencies "always name the most frequent" reads
     notes += [task.describe()] + scope + ([source] if source else []) + ([failed] if failed else []) + \
-        [per_class_line(counts), chance_line(task.classes, prior, tel)] + [f"warning: {w}" for w in warnings]
+        [per_class_line(counts), chance_line(task.classes, prior, tel)] + [f"warning: {w}" for w in warnings] + \
+        [describe_precision(cfg.precision, device)]
     seen = transductive_check(cfg, pre, task, test, notes)
     space = concept_space(cfg, task.classes, notes) if "zeroshot" in cfg.protocols else None
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -127,6 +133,8 @@ def run_eval(cfg):
                              "cache_fingerprint": pre.fingerprint if init == "checkpoint" else None,
                              # test videos the checkpoint pre-trained on (unlabelled); None: unknown
                              "transductive": seen if init == "checkpoint" else 0,
+                             # the student-side rows' arithmetic (a teacher row runs at its own)
+                             "precision": None if is_teacher_row(init) else cfg.precision,
                              "seed": cfg.seed, "date": date, "train_videos": len(train), "test_videos": len(test)})
     run = {"date": date, "task": task.name, "split": task.split, "seed": cfg.seed, "train_videos": len(train),
            "test_videos": len(test), "classes": [{"name": c, "train": a, "test": b} for c, a, b in counts],

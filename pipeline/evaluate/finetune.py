@@ -5,6 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.students import normalize_video
+from pipeline.common.precision import autocast, check_convolutions, resolve_precision
 from pipeline.common.progress import progress_bar
 from pipeline.distill.clips import ClipDataset
 from pipeline.evaluate.backbones import video_features
@@ -17,6 +18,9 @@ def finetune(backbone, reader, train, test, num_classes, pre, cfg, device):
     torch.manual_seed(cfg.seed)
     layout = torch.channels_last_3d  # as in distill: oneDNN's 3D convolutions are faster channels-last
     model = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, num_classes)).to(device, memory_format=layout).train()
+    precision = resolve_precision(cfg.precision, device)
+    if precision == "bf16":
+        check_convolutions(model)  # as in distill: layers whose bf16 weight gradients oneDNN gets wrong train in fp32
     data = ClipDataset(reader, pre.clip_len, pre.stride, pre.crop, teacher_fields=(), seed=cfg.seed,
                        crop_scale=pre.crop_scale, ids=[v for v, _ in train])
     labels = [label for _, label in train]
@@ -32,7 +36,9 @@ def finetune(backbone, reader, train, test, num_classes, pre, cfg, device):
             picked = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             video = torch.stack([data[(epoch, i)]["video"] for i in picked]).to(device)
             target = torch.tensor([labels[i] for i in picked], device=device)
-            loss = F.cross_entropy(model(normalize_video(video).contiguous(memory_format=layout)), target)
+            with autocast(precision, device):
+                logits = model(normalize_video(video).contiguous(memory_format=layout))
+            loss = F.cross_entropy(logits.float(), target)  # the loss in fp32, as distill's
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -42,5 +48,5 @@ def finetune(backbone, reader, train, test, num_classes, pre, cfg, device):
     bar.close()
     model.eval()
     logits = video_features(model, reader, [v for v, _ in test], pre, cfg.clips, cfg.crops, device,
-                            cfg.batch_size, cfg.progress, "finetune test")  # [N,V,C] logits
+                            cfg.batch_size, cfg.progress, "finetune test", precision)  # [N,V,C] logits
     return view_accuracies(logits, np.array([label for _, label in test]), num_classes) | {"epochs": cfg.finetune_epochs}

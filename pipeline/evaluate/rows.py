@@ -1,5 +1,6 @@
 """One table row's features: which network or teacher computes them, what they depend on (the key of
 their store), and the store that keeps them."""
+import dataclasses
 import hashlib
 import json
 import os
@@ -7,6 +8,7 @@ import re
 
 from cache.fingerprint import sha256_file
 from pipeline.common.config import is_teacher_row
+from pipeline.common.precision import resolve_precision
 from pipeline.common.teacher_spec import parse_teacher
 from pipeline.evaluate.backbones import concept_model, load_backbone, video_features
 from pipeline.evaluate.feature_store import FEATURES_DIR, stored_features
@@ -31,6 +33,10 @@ def feature_attrs(init, cfg, root, pre, views, teacher=None):
              "seed": cfg.seed if init in ("scratch", "inflate") else None,
              "preprocessing": pre.key(),
              "student": cfg.student if init == "scratch" and not cfg.checkpoint else None}
+    if cfg.precision == "bf16" and not is_teacher_row(init):
+        # bf16 features differ from fp32's in the third digit: a store of their own (fp32's key is unchanged,
+        # so stores written before --precision existed are still found)
+        attrs["precision"] = "bf16"
     if teacher is not None:
         attrs["teacher"] = teacher
     return attrs
@@ -40,6 +46,7 @@ def row_features(init, cfg, reader, ids, root, pre, device, work, space=None):
     """[len(ids), V, D] features of one table row (from its store, computing what it lacks), the
     attrs they depend on and the store's path. space: zeroshot's concept space ({"identity", "bridge"}):
     the row's embeddings in that text space instead of its backbone features."""
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))  # "auto": this machine's
     teacher = None
     if is_teacher_row(init):
         more = {f"teacher:{parse_teacher(t)[0]}": parse_teacher(t) for t in cfg.more_teachers}
@@ -56,7 +63,7 @@ def row_features(init, cfg, reader, ids, root, pre, device, work, space=None):
 
         def compute(todo):
             return video_features(model, reader, todo, pre, cfg.clips, cfg.crops, device, cfg.batch_size,
-                                  cfg.progress, f"{'concepts' if space else 'features'} {init}")
+                                  cfg.progress, f"{'concepts' if space else 'features'} {init}", cfg.precision)
     attrs = feature_attrs(init, cfg, root, pre, views_of(init, cfg, pre), teacher)
     if space:
         attrs["concept_space"] = space["identity"]
