@@ -263,7 +263,8 @@ def _add_teacher(cache, teacher, device, stall_timeout):
                    "language concept space (needs --concepts); both = distinit+modist; any '+' combination, "
                    "e.g. distinit+modist+lss.")
 @click.option("--student", default=D.student, show_default=True,
-              help="r2plus1d_18 | r3d_18 | mc3_18 | r3d_cpu | r3d_10_half | efficientnet3d_lite0/1/2 "
+              help="r2plus1d_18 | r3d_18 | mc3_18 | r3d_cpu | r3d_10_half | efficientnet3d_lite0/1/2 | vit3d:ARCH "
+                   "(a timm ViT with divided space-time attention) "
                    "(auto: r2plus1d_18 on GPU, r3d_cpu on CPU; with --init PATH, the checkpoint's).")
 @click.option("--init", default=D.init, show_default=True,
               help="Where the student starts: scratch (random weights), inflate (its image network made temporal: "

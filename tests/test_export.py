@@ -71,7 +71,7 @@ def test_the_cpu_student_exports_in_every_format(tmp_path, fmt):
     saved = json.load(open(s["out"] + ".json"))
     assert saved["contract"]["mean"] == [0.43216, 0.394666, 0.37645] and saved["contract"]["fps"] == 8.0
     if fmt == "torchvision":  # the printed build lines are what the check ran
-        assert any("ResNet3d(width=16, blocks=(1, 1, 1, 1))" in line for line in s["build"])
+        assert "net = build_student('r3d_cpu')" in s["build"]
 
 
 @pytest.mark.slow  # a 31 M-parameter network built four times: ~6 s on an idle 2-core machine
@@ -133,6 +133,14 @@ def test_cli_export_checks_on_the_runs_own_cache_and_prints_the_input_contract(t
                                          for f in ("torchscript", "onnx")]
                          + [("r3d_18", "torchvision"), ("mc3_18", "torchvision")]
                          + [(s, f) for s in ("r3d_10_half", "efficientnet3d_lite0")
-                            for f in ("torchvision", "torchscript", "onnx")])
+                            for f in ("torchvision", "torchscript", "onnx")]
+                         + [("vit3d:vit_tiny_patch16_224", f) for f in ("torchvision", "torchscript")])
 def test_every_student_exports_in_every_format(tmp_path, student, fmt):
     export_and_compare(tmp_path, student, fmt, t=2, size=32)  # small clips: the networks are large
+
+
+def test_a_vit_student_refuses_onnx_in_one_line(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "vit.pt", "vit3d:vit_tiny_patch16_224", clip_len=2, crop=32)
+    with pytest.raises(ExportError, match="vit3d:vit_tiny_patch16_224 student does not export to ONNX") as e:
+        run_export(ExportConfig(checkpoint=ckpt, format="onnx", out=str(tmp_path / "vit.onnx")))
+    assert "\n" not in str(e.value) and not (tmp_path / "vit.onnx").exists()

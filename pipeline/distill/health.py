@@ -3,12 +3,12 @@
 On a fixed sample of cached clips (one clip of each of up to 32 videos spread over the cache, cut as
 training cuts them but drawn with an epoch number no run reaches, so the same clips every time and
 never a training batch), every few hundred steps and at the end:
-- each teacher head: the KL to the teacher's targets against the KL of always predicting the sample's
-  mean target (a student that ignores its input gets exactly that), and how often the student's top
-  class is the teacher's;
+- each teacher head: the KL to the teacher's targets and how often the student's top class is the
+  teacher's, each against what always predicting the sample's mean target scores (a student that
+  ignores its input scores exactly that);
 - MoDist: how often a clip's RGB embedding finds its own flow embedding among the sample's (chance 1/n);
 - lss: the same KL comparison and top-1 agreement over the concept bank's categories.
-After warm-up, a student no better than the mean target (or than chance) gets one warning line.
+After warm-up, a head no better than the mean target on both (or retrieval at chance) gets one warning line.
 """
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ def measure_health(model, sample, device, batch_size=16):
         out[f"health/{name}/kl"] = float(distill_kl(logits, target, cfg.tau))
         out[f"health/{name}/kl_mean_target"] = float(kl_to_mean_target(target, cfg.tau))
         out[f"health/{name}/top1_agree"] = agreement(logits, target)
+        out[f"health/{name}/top1_mean_target"] = agreement(target.mean(0, keepdim=True).expand_as(target), target)
     if model.use_modist:
         q = model.proj_rgb(feat)  # [N,128]
         k = model.proj_flow(model.motion(model.layout(batch["flow"].float() / model.flow_bound)))
@@ -73,6 +74,7 @@ def measure_health(model, sample, device, batch_size=16):
         out["health/lss/kl"] = float(distill_kl(scores / cfg.concept_tau, target, 1.0))
         out["health/lss/kl_mean_target"] = float(kl_to_mean_target(target, 1.0))
         out["health/lss/top1_agree"] = agreement(scores, target)
+        out["health/lss/top1_mean_target"] = agreement(target.mean(0, keepdim=True).expand_as(target), target)
     model.train(was_training)
     return out
 
@@ -88,18 +90,20 @@ def describe_health(record):
     for head in health_heads(record):
         h = {k.rsplit("/", 1)[1]: v for k, v in record.items() if k.startswith(f"health/{head}/")}
         if "kl" in h:
-            parts.append(f"{head} KL {h['kl']:.3f} (mean target {h['kl_mean_target']:.3f}), "
-                         f"top-1 as the teacher {100 * h['top1_agree']:.0f} %")
+            parts.append(f"{head} KL {h['kl']:.3f} (mean target {h['kl_mean_target']:.3f}), top-1 as the teacher "
+                         f"{100 * h['top1_agree']:.0f} % (mean target {100 * h['top1_mean_target']:.0f} %)")
         else:
             parts.append(f"{head} RGB->flow top-1 {100 * h['rgb_to_flow_top1']:.0f} % (chance {100 * h['chance']:.0f} %)")
     return "; ".join(parts)
 
 
 def unhealthy(record):
-    """The heads no better than their baseline: KL not below the mean target's, or retrieval at chance."""
+    """The heads no better than their baseline: a KL not below the mean target's and a top-1 agreement not
+    above it (a student that ignores its input scores exactly both), or retrieval at chance."""
     bad = []
     for head in health_heads(record):
         h = {k.rsplit("/", 1)[1]: v for k, v in record.items() if k.startswith(f"health/{head}/")}
-        if ("kl" in h and h["kl"] >= h["kl_mean_target"]) or ("chance" in h and h["rgb_to_flow_top1"] <= h["chance"]):
+        if ("kl" in h and h["kl"] >= h["kl_mean_target"] and h["top1_agree"] <= h["top1_mean_target"]) \
+                or ("chance" in h and h["rgb_to_flow_top1"] <= h["chance"]):
             bad.append(head)
     return bad

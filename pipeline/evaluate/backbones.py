@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from models.checkpoint import load_checkpoint, load_student
 from models.inflate import inflate_student
-from models.students import ProjectionHead, build_student, normalize_video
+from models.students import ProjectionHead, build_student, channels_last, normalize_video
 from pipeline.common.config import INITS
 from pipeline.common.errors import EvalError
 from pipeline.common.precision import autocast
@@ -33,7 +33,7 @@ def load_backbone(init, checkpoint=None, student="r3d_cpu", seed=0):
 def video_features(backbone, reader, ids, pre, clips, crops, device, batch_size, progress, desc, precision="fp32"):
     """[N, clips*crops, D] float32 features, one row of views per video; the network runs at `precision`."""
     layout = torch.channels_last_3d  # oneDNN's 3D convolutions run faster channels-last (as in distill)
-    backbone = backbone.to(device, memory_format=layout).eval()
+    backbone = channels_last(backbone.to(device)).eval()
     span = clip_span(pre.clip_len, pre.stride)
     boxes = view_boxes(pre.height, pre.width, crops)
     per_video = clips * crops

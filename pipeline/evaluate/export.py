@@ -36,13 +36,13 @@ import torchvision
 from cache.fingerprint import teacher_array
 from models.checkpoint import CheckpointError, load_student
 from models.students import (
-    SCALED_STUDENTS,
     TORCHVISION_STUDENTS,
     VIDEO_MEAN,
     VIDEO_STD,
     EfficientNet3dBackbone,
     normalize_video,
 )
+from models.video_vit import VideoViT
 from pipeline.common.config import EXPORT_FC, EXPORT_FORMATS
 from pipeline.common.errors import ExportError
 from pipeline.common.runs import checkpoint_path, latest_run
@@ -66,6 +66,10 @@ def run_export(cfg):
     except CheckpointError as e:
         raise ExportError(str(e)) from None
     arch = ckpt["config"]["student"]
+    if cfg.format == "onnx" and isinstance(backbone, VideoViT):
+        raise ExportError(f"{path}: a {arch} student does not export to ONNX (timm resamples its position embeddings "
+                          "with antialiased bicubic interpolation, which ONNX has no operator for); use --format "
+                          "torchscript or torchvision")
     out = cfg.out or os.path.join(os.path.dirname(path), f"{arch}-{cfg.format}{EXTENSIONS[cfg.format]}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     notes = []
@@ -235,15 +239,10 @@ def build_lines(arch, path, num_classes=None):
         return ["import torch, torchvision",
                 f"net = torchvision.models.video.{arch}({classes})", load, "net.eval()",
                 "# the distilled features vidistill's eval uses: net.fc = torch.nn.Identity()  -> [B, 512]"]
-    if arch in SCALED_STUDENTS:
-        width, blocks = SCALED_STUDENTS[arch]
-        build = ["from models.students import ResNet3d", f"net = ResNet3d(width={width}, blocks={blocks})"]
-    else:
-        build = ["from models.students import EfficientNet3dBackbone",
-                 f"net = EfficientNet3dBackbone({arch.replace('3d', '')!r})"]
     return ["import sys, torch",
-            f"sys.path.insert(0, {REPO!r})  # vidistill's models/ (needs only torch + torchvision)",
-            *build, load, "net.eval()  # net(video) -> [B, feature_dim] features"]
+            f"sys.path.insert(0, {REPO!r})  # vidistill's models/ (needs only torch, torchvision and, for vit3d, timm)",
+            "from models.students import build_student", f"net = build_student({arch!r})",
+            load, "net.eval()  # net(video) -> [B, feature_dim] features"]
 
 
 def _run_lines(lines):
@@ -255,7 +254,8 @@ def _run_lines(lines):
 def _torchscript(backbone, tmp, out, clips, long_clip, notes):
     with warnings.catch_warnings():  # torch marks TorchScript deprecated; it still loads in Python and libtorch
         warnings.simplefilter("ignore", FutureWarning)
-        if isinstance(backbone, EfficientNet3dBackbone):  # its TF-style padding is not scriptable: trace it
+        # EfficientNet3d's TF-style padding and timm's ViT are not scriptable: traced
+        if isinstance(backbone, (EfficientNet3dBackbone, VideoViT)):
             with _quiet_tracer():
                 module = torch.jit.trace(backbone, clips[:1])
             how = (f"traced at {clips.shape[-2]}x{clips.shape[-1]}: any batch and length; frames must be "
