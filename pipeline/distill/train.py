@@ -84,7 +84,7 @@ def resolve(cfg):
     except StartError as e:
         raise DistillError(str(e)) from None
     student = student if student != "auto" else auto["student"]
-    init = auto_init(student) if init == "auto" else init
+    init = auto_init(student, cfg.init_weights) if init == "auto" else init
     if init == "inflate" and not inflatable(student):
         raise DistillError(refusal(student))
     return dataclasses.replace(
