@@ -306,8 +306,10 @@ def shuffled_forward(encoder, x, groups):
         dist.broadcast(perm, src=0)
         out_all = all_gather(encoder(x_all[perm.view(world, -1)[rank]]))
         return out_all[torch.argsort(perm).view(world, -1)[rank]]
+    if groups <= 1:  # one batch's statistics do not depend on its order: the permutation would be ~1 % of a step
+        return encoder(x)
     perm = torch.randperm(len(x), device=x.device)
-    out = torch.cat([encoder(chunk) for chunk in x[perm].chunk(max(1, groups))])
+    out = torch.cat([encoder(chunk) for chunk in x[perm].chunk(groups)])
     return out[torch.argsort(perm)]
 
 
