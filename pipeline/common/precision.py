@@ -69,7 +69,10 @@ def autocast(precision, device):
 def check_convolutions(model):
     """Every Conv3d of `model` that trains under CPU bf16 autocast first checks, once per geometry and input
     shape, that its bf16 weight gradient agrees with fp32's; one that does not runs in fp32 (see the module
-    docstring). Layers that do not train (momentum copies, inference) stay in bf16: their forward is right."""
+    docstring). Layers that do not train (momentum copies, inference) stay in bf16: their forward is right.
+    A model on a GPU is left as it is (cuDNN's kernels, and nothing in the way of torch.compile)."""
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return
     for conv in model.modules():
         if isinstance(conv, torch.nn.Conv3d):
             conv.forward = _checked_forward(conv, conv.forward)
