@@ -3,15 +3,16 @@
 bf16 autocast runs convolutions and matrix products in bfloat16 (weights, optimiser state and
 BatchNorm statistics stay fp32; pipeline/distill/losses.py keeps the losses in fp32). A GPU computes
 bf16 natively. A CPU does when it has AVX512_BF16 or AMX: oneDNN's bf16 kernels then run a demo
-student's step 1.4-1.55x faster than fp32 (bench/bench_distill.py, AVX512_BF16); without them oneDNN emulates bf16,
-slower than fp32. So "auto" is bf16 on CUDA and on such CPUs, fp32 elsewhere, decided from the CPU's
-flags as torch reads them (torch.cpu.get_capabilities), never from its vendor or model name.
+student's step 1.4-1.55x faster than fp32 (bench/bench_distill.py, on AVX512_BF16); without them
+oneDNN emulates bf16, slower than fp32. So "auto" is bf16 on CUDA and on such CPUs, fp32 elsewhere,
+decided from the CPU's flags as torch reads them (torch.cpu.get_capabilities), never from its vendor
+or model name.
 
 One more check on CPU: oneDNN (torch 2.14) computes the bf16 weight gradient of a 3D convolution whose
 input is 2 frames deep, with a 3-frame kernel padded by 1, wrongly (NaN, or values off by 1e36, other
-values at every call; forward and input gradients are right). A demo student meets that shape in its third stage, so
-check_convolutions() tests each trained convolution's bf16 weight gradient against fp32 once per shape
-it meets, and runs the few that disagree in fp32.
+values at every call; forward and input gradients are right). A demo student meets that shape in its
+third stage, so check_convolutions() tests each trained convolution's bf16 weight gradient against
+fp32 once per shape it meets, and runs the few that disagree in fp32.
 """
 import copy
 
