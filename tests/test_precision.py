@@ -1,5 +1,6 @@
 """--precision: what auto picks on CPUs with and without native bf16, the one line that says so, the
 autocast it builds, the choice a distill run saves in its checkpoint, and eval's bf16 features."""
+import copy
 import os
 
 import h5py
@@ -108,6 +109,8 @@ def test_checked_convolutions_train_with_fp32s_weight_gradients_where_onednn_bf1
     assert weight_gradient(deep, x, torch.randn(x.shape), "bf16")[1] == torch.bfloat16  # agrees: stays fast
     with torch.no_grad(), autocast("bf16", "cpu"):  # a momentum copy's forward: right in bf16, so left in bf16
         assert shallow(torch.randn(8, 64, 2, 8, 8)).dtype == torch.bfloat16
+    copied = copy.deepcopy(model)  # a copy computes with its own weights
+    assert copied[0].forward.__self__ is copied[0]
 
 
 def test_colour_augmentation_stays_fp32_under_bf16_autocast():

@@ -15,6 +15,7 @@ third stage, so check_convolutions() tests each trained convolution's bf16 weigh
 fp32 once per shape it meets, and runs the few that disagree in fp32.
 """
 import copy
+import types
 
 import torch
 
@@ -75,19 +76,17 @@ def check_convolutions(model):
     if any(p.device.type != "cpu" for p in model.parameters()):
         return
     for conv in model.modules():
-        if isinstance(conv, torch.nn.Conv3d):
-            conv.forward = _checked_forward(conv, conv.forward)
+        if isinstance(conv, torch.nn.Conv3d):  # a method of the layer: a deep copy of the model rebinds it
+            conv.forward = types.MethodType(_checked_forward, conv)
 
 
-def _checked_forward(conv, forward):
-    def checked(x):
-        kind = x.device.type
-        if (kind == "cpu" and torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
-                and torch.is_grad_enabled() and conv.weight.requires_grad and not bf16_weight_gradient_agrees(conv, x)):
-            with torch.autocast(kind, enabled=False):
-                return forward(x.float())
-        return forward(x)
-    return checked
+def _checked_forward(conv, x):
+    kind = x.device.type
+    if (kind == "cpu" and torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
+            and torch.is_grad_enabled() and conv.weight.requires_grad and not bf16_weight_gradient_agrees(conv, x)):
+        with torch.autocast(kind, enabled=False):
+            return type(conv).forward(conv, x.float())
+    return type(conv).forward(conv, x)
 
 
 _AGREES = {}  # geometry and input shape -> verdict: a network's copies and repeated layers ask once
