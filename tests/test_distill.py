@@ -190,7 +190,7 @@ def test_two_process_ddp_on_gloo(eight_video_cache, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "cli.py",
            "distill", "--cache", eight_video_cache, "--out", str(out), "--clip-len", "4", "--crop", "48",
            "--batch-size", "2", "--workers", "0", "--student", "r3d_cpu", "--steps", "3", "--device", "cpu",
-           "--objective", "both"]
+           "--objective", "both", "--balance", "grad"]  # balancing averages the norms over the ranks
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = load_checkpoint(str(out / "checkpoint.pt"))
@@ -200,6 +200,7 @@ def test_two_process_ddp_on_gloo(eight_video_cache, tmp_path):
     assert int(ckpt["model"]["queue_ptr"]) == (3 * 2 * 2) % 8
     rec = json.loads(open(out / "log.jsonl").readlines()[-1])
     assert rec["clips_per_s"] > 0 and rec["step"] == 3
+    assert "share/distinit" in rec and rec["scale/distinit"] != 1.0 and "health/modist/chance" in rec
 
 
 class _Probe(torch.nn.Module):

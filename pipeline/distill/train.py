@@ -388,10 +388,11 @@ def train_loop(run, loader, step, batches_used):
             raise DistillError(str(e).strip().splitlines()[-1]) from None
         waited += time.perf_counter() - t_wait
         batches_used += 1
-        logs = rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total)
-        # balancing needs every step's norms; otherwise they are measured for the log only
+        # balancing needs every step's norms; otherwise they are measured for the log only, on every rank
+        # (the norms are averaged over the ranks: one rank alone would wait for the others forever)
+        log_step = (step + 1) % cfg.log_every == 0 or step + 1 == total
         loss, losses, grad_norm = train_step(model, forward, run["opt"], run["sched"], batch, amp,
-                                             measure=cfg.balance == "grad" or logs)
+                                             measure=cfg.balance == "grad" or log_step)
         if loss is None:  # NaN guard: the update was skipped; stop if it keeps happening
             bad_steps += 1
             if bad_steps > 10:
