@@ -21,8 +21,8 @@ from pipeline.distill.teachers import distilled_teachers, teachers_changed
 
 # Settings that do not change what a run learns: where it writes, how long it is (a larger --steps or
 # --epochs extends a finished run), how it reports and loads data, and where and how fast it runs (memory
-# layout and compilation change the last float digits, not what is learnt; bf16 rounds more, but learns the
-# same within seed noise: a run started on a GPU or a bf16 CPU goes on elsewhere). Every other
+# layout and compilation change the last float digits, not what is learnt; bf16 rounds more, and its losses
+# track fp32's step for step: a run started on a GPU or a bf16 CPU may go on elsewhere). Every other
 # setting must match for a resume; a setting added later is compared too, so no list can fall behind.
 # teacher_weight is compared as the teachers and weights it resolves to (the cache may have gained one).
 NOT_RESULT_KEYS = ("out", "steps", "epochs", "workers", "read_cache_mb", "save_every", "log_every", "health_every", "progress",
