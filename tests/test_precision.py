@@ -138,7 +138,7 @@ def test_distill_prints_the_choice_once_saves_it_and_may_resume_with_another(two
     out_lines = capsys.readouterr().out.splitlines()
     printed = [line for line in out_lines if line.startswith("precision:") or "--precision" in line]
     assert printed == [describe_precision(chosen, "cpu")]
-    # another precision does not change what a run learns: the run goes on, and says which it used last
+    # precision is not a resume key: the run goes on at another one, and the checkpoint says which it used last
     other = "fp32" if chosen == "bf16" else "bf16"
     s = run_distill(tiny_run(cache, out, steps=3, precision=other))
     assert (s["steps"], s["steps_this_run"]) == (3, 1)
