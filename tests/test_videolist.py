@@ -11,6 +11,7 @@ from cache.reader import CacheReader
 from cli import cli
 from pipeline.common.errors import ExtractError
 from pipeline.extract.extract import run_extract
+from pipeline.extract.job import shard_of
 from pipeline.extract.videolist import find_videos, read_video_list
 
 
@@ -75,10 +76,11 @@ def test_a_list_extracts_like_its_folder_resumes_and_shards(tree, tmp_path):
     assert again["done"] == 0 and again["skipped"] == 3  # resume: done and failed videos are skipped
     from_folder = run_extract(extract_config(data, tmp_path / "list", **fast))  # the same ids: nothing to redo
     assert from_folder["done"] == 0 and from_folder["skipped"] == 2
-    # shards take every N-th of the sorted ids, as from a folder: a.mp4, gone.mp4, sub/b.mp4
+    # a video's shard is a hash of its id, as from a folder (shard_of): a.mp4 -> 0; gone.mp4, sub/b.mp4 -> 1
+    assert [shard_of(v, 2) for v in ("a.mp4", "gone.mp4", "sub/b.mp4")] == [0, 1, 1]
     first = run_extract(extract_config(data / "list.txt", tmp_path / "shards", shard=(0, 2), **fast))
     second = run_extract(extract_config(data / "list.txt", tmp_path / "shards", shard=(1, 2), **fast))
-    assert (first["done"], second["done"], second["failed"]) == (2, 0, 1)
+    assert (first["done"], second["done"], second["failed"]) == (1, 1, 1)
     assert CacheReader(str(tmp_path / "shards")).ids == ["a.mp4", "sub/b.mp4"]
 
 
