@@ -76,6 +76,10 @@ class Distiller(nn.Module):
             self.register_buffer("queue_ids", torch.full((cfg.queue_size,), -1, dtype=torch.long))  # video of each key
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
+    def backbone_copies(self):
+        """The momentum copies of the backbone: MoDist's key encoder, lss's EMA teacher (those that exist)."""
+        return [c[0] for c in (getattr(self, "key_rgb", None), self.ema_concepts) if c is not None]
+
     def train(self, mode=True):
         """nn.Module.train, except that with --bn-stats frozen the student's BatchNorm layers (and those of
         its momentum copies) keep normalising with their running statistics: a student started from an
@@ -83,8 +87,7 @@ class Distiller(nn.Module):
         every layer by the statistics of a few small clips; their scale and shift still learn."""
         super().train(mode)
         if mode and self.cfg.bn_stats == "frozen":
-            copies = [self.backbone] + [c[0] for c in (getattr(self, "key_rgb", None), self.ema_concepts) if c is not None]
-            for net in copies:
+            for net in [self.backbone] + self.backbone_copies():
                 for m in net.modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
@@ -100,9 +103,8 @@ class Distiller(nn.Module):
         record = start_backbone(self.backbone, self.cfg.student, self.cfg.init, self.cfg.init_weights)
         if "weights" in record:
             record["weights_sha256"] = sha256_file(record["weights"])
-        for copy_ in (self.key_rgb, self.ema_concepts) if self.use_modist else (self.ema_concepts,):
-            if copy_ is not None:
-                copy_[0].load_state_dict(self.backbone.state_dict())
+        for net in self.backbone_copies():
+            net.load_state_dict(self.backbone.state_dict())
         classifier = getattr(getattr(self.backbone, "net", None), "_fc", None)
         for t in self.teachers:
             same = record["init"] == "inflate" and t.get("weights_sha256") == record["weights_sha256"] \
