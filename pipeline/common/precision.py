@@ -13,6 +13,11 @@ input is 2 frames deep, with a 3-frame kernel padded by 1, wrongly (NaN, or valu
 values at every call; forward and input gradients are right). A demo student meets that shape in its
 third stage, so check_convolutions() tests each trained convolution's bf16 weight gradient against
 fp32 once per shape it meets, and runs the few that disagree in fp32.
+
+And one choice of speed: oneDNN's bf16 kernels for grouped 3D convolutions (EfficientNet's depthwise
+ones) are slower than its fp32 ones, so much that an efficientnet3d_lite0 step in bf16 took 1.5x its
+fp32 time; with its depthwise convolutions in fp32 and the rest in bf16 it is 1.1x faster than fp32
+(8x64^2 clips, batch 8, one thread, AVX512_BF16). check_convolutions() runs them in fp32 on CPU.
 """
 import copy
 import types
@@ -72,6 +77,7 @@ def check_convolutions(model):
     """Every Conv3d of `model` that trains under CPU bf16 autocast first checks, once per geometry and input
     shape, that its bf16 weight gradient agrees with fp32's; one that does not runs in fp32 (see the module
     docstring). Layers that do not train (momentum copies, inference) stay in bf16: their forward is right.
+    Grouped convolutions run in fp32 under CPU bf16 autocast, training or not (faster there).
     A model on a GPU is left as it is (cuDNN's kernels, and nothing in the way of torch.compile)."""
     if any(p.device.type != "cpu" for p in model.parameters()):
         return
@@ -82,8 +88,9 @@ def check_convolutions(model):
 
 def _checked_forward(conv, x):
     kind = x.device.type
-    if (kind == "cpu" and torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
-            and torch.is_grad_enabled() and conv.weight.requires_grad and not bf16_weight_gradient_agrees(conv, x)):
+    cpu_bf16 = kind == "cpu" and torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
+    if cpu_bf16 and (conv.groups > 1 or (torch.is_grad_enabled() and conv.weight.requires_grad
+                                         and not bf16_weight_gradient_agrees(conv, x))):
         with torch.autocast(kind, enabled=False):
             return type(conv).forward(conv, x.float())
     return type(conv).forward(conv, x)

@@ -9,7 +9,7 @@ from models.inflate import inflate_student
 from models.students import ProjectionHead, build_student, channels_last, normalize_video
 from pipeline.common.config import INITS
 from pipeline.common.errors import EvalError
-from pipeline.common.precision import autocast
+from pipeline.common.precision import autocast, check_convolutions
 from pipeline.common.progress import progress_bar
 from pipeline.distill.clips import clip_span, load_clip, view_boxes, view_starts
 
@@ -34,6 +34,8 @@ def video_features(backbone, reader, ids, pre, clips, crops, device, batch_size,
     """[N, clips*crops, D] float32 features, one row of views per video; the network runs at `precision`."""
     layout = torch.channels_last_3d  # oneDNN's 3D convolutions run faster channels-last (as in distill)
     backbone = channels_last(backbone.to(device)).eval()
+    if precision == "bf16":
+        check_convolutions(backbone)  # grouped convolutions run in fp32 on CPU, where that is faster
     span = clip_span(pre.clip_len, pre.stride)
     boxes = view_boxes(pre.height, pre.width, crops)
     per_video = clips * crops
