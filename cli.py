@@ -276,6 +276,10 @@ def _add_teacher(cache, teacher, device, stall_timeout):
 @click.option("--bn-stats", default=D.bn_stats, show_default=True, type=click.Choice(["batch", "frozen"]),
               help="The student's BatchNorm while training: batch statistics, or frozen at the running ones (an "
                    "inflated student then starts as exactly its image network).")
+@click.option("--hold-backbone", default=D.hold_backbone, show_default=True,
+              help="Steps at the start in which only the heads learn; then the backbone warms up and decays over "
+                   "the rest. For a start that already knows (--init inflate or PATH): the new heads first fit its "
+                   "features, so their first large gradients do not rewrite them (e.g. 20 of 100 steps).")
 @click.option("--clip-len", default=D.clip_len, help="Frames per clip (0: 16 on GPU, 8 on CPU).")
 @click.option("--stride", default=D.stride, show_default=True, help="Cached frames between clip frames.")
 @click.option("--crop", default=D.crop, show_default=True, help="Random-resized-crop output size.")

@@ -7,7 +7,10 @@ validation split of the demo's benchmark (the training side of its test split, s
 test split. Shows where each objective saturates and whether the demo's step count sits on the flat part.
 
     python bench/learning.py --demo demo_out                      # 150 300 600 1200 steps, ~40 min on 2 cores
-    python bench/learning.py --demo demo_out --steps 300 600 --objectives modist both --seed 1
+    python bench/learning.py --demo demo_out --steps 300 600 --objectives modist "both ← inflate" --seed 1
+
+--objectives takes the demo's rows (each with its own knobs, pipeline/demo/demo.py RUNS) or any distill
+objective (the demo's recipe from scratch).
 
 Writes WORK/learning.png and WORK/learning.json (WORK: DEMO/learning); a rerun reuses finished points.
 """
@@ -23,7 +26,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench.demo_diagnosis import evaluate, pictures  # the validation split and the other pictures
-from pipeline.demo.demo import BASELINES, COLUMNS, RUNS, SIZES, distill_config, prepare_benchmark, student_steps
+from pipeline.demo.demo import (
+    BASELINES,
+    COLUMNS,
+    RUNS,
+    SIZES,
+    distill_config,
+    prepare_benchmark,
+    run_folder,
+    student_steps,
+)
 from pipeline.distill.train import run_distill
 
 CURVES = [c for c in COLUMNS if c[1] == "linear"] + [("object", "knn", "k20_top1")]  # what the plot shows
@@ -107,9 +119,10 @@ def main():
             by_steps = points.setdefault(f"{objective}|{key}", {})
             if str(steps) in by_steps:
                 continue
-            run = os.path.join(work, "runs", f"{objective}-{key}-{steps}")
+            run = os.path.join(work, "runs", f"{run_folder(objective)}-{key}-{steps}")
             t = time.time()
-            run_distill(distill_config(cache, run, objective, steps, args.seed, bank))
+            name, knobs = RUNS.get(objective, (objective, {}))
+            run_distill(distill_config(cache, run, name, steps, args.seed, bank, **knobs))
             minutes = (time.time() - t) / 60
             got = evaluate(args.demo, os.path.join(run, "checkpoint.pt"), args.seed, objective)[objective]
             by_steps[str(steps)] = dict(got, minutes=minutes)

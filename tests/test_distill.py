@@ -363,6 +363,8 @@ def test_the_schedule_scales_with_a_small_run():
     assert any("3 of 19 videos are shorter than a clip" in l for l in lines)
     assert any(l.startswith("warning: 20 steps are too few") and "--steps 400" in l for l in lines)
     assert not any(l.startswith("warning") for l in describe_plan(cfg, plan, 0, 1))
+    inflated = DistillConfig(cache="c", batch_size=8, steps=20, student="efficientnet3d_lite0", init="inflate")
+    assert not any(l.startswith("warning") for l in describe_plan(inflated, short, 0, 1))  # it starts knowing objects
 
 
 def test_several_clips_of_one_video_per_epoch_are_different_clips(eight_video_cache):
@@ -655,3 +657,32 @@ def test_balance_grad_gives_each_objective_its_share_of_the_gradient_reaching_th
     assert (ckpt["model"]["part_grad_norms"] > 0).all() and ckpt["config"]["balance"] == "grad"
     with pytest.raises(DistillError, match="--balance must be none or grad"):
         run_distill(tiny(eight_video_cache, tmp_path / "x", steps=1, balance="gradnorm"))
+
+
+def test_hold_backbone_trains_only_the_heads_first_then_the_backbone(eight_video_cache, tmp_path):
+    from models.checkpoint import load_checkpoint
+    from pipeline.distill.train import build_training, check_cache, plan_steps, resolve
+
+    def backbone(out):
+        state = load_checkpoint(str(out / "checkpoint.pt"))["model"]
+        return {k: v for k, v in state.items() if k.startswith("backbone.") and v.is_floating_point()}
+    start = tmp_path / "start"  # the weights every run starts from: the same seed, before any step
+    run_distill(tiny(eight_video_cache, start, steps=1, lr=0.0))
+    held = tmp_path / "held"
+    run_distill(tiny(eight_video_cache, held, steps=3, hold_backbone=2))
+    lrs = [json.loads(l) for l in open(held / "log.jsonl")]
+    assert lrs[0]["lr_backbone"] == 0.0 and lrs[-1]["lr_backbone"] > 0  # held, then trained (the next step's lr)
+    assert any(not torch.equal(v, backbone(held)[k]) for k, v in backbone(start).items())
+    # what is held is exactly the backbone: its own parameter group, every one of its trained weights
+    cfg = resolve(tiny(eight_video_cache, tmp_path / "x", steps=3, hold_backbone=2, objective="distinit"))
+    cfg, plan = plan_steps(cfg, 8, 1, 0)
+    model, opt, sched = build_training(cfg, check_cache(cfg), plan)
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in model.backbone.parameters() if p.requires_grad}
+    lrs = []
+    for _ in range(3):
+        lrs.append(sched.get_last_lr())
+        opt.step()
+        sched.step()
+    assert [b for b, _ in lrs] == [0.0, 0.0, cfg.lr / plan["warmup"]] and all(h > 0 for _, h in lrs)  # held, warm-up
+    with pytest.raises(DistillError, match="--hold-backbone must be 0 or more and fewer than --steps"):
+        run_distill(tiny(eight_video_cache, tmp_path / "bad", steps=2, hold_backbone=2))

@@ -102,6 +102,10 @@ class DistillConfig:
     # the student's BatchNorm in training: "batch" statistics (the usual), or "frozen" at their running
     # statistics (an inflated student keeps its image network's normalisation; TSN's partial BN)
     bn_stats: str = "batch"
+    # steps at the start in which only the heads learn and the backbone is held, then it warms up and decays
+    # over the rest (LP-FT, Kumar et al. 2022): a start that knows (inflate, PATH) first gets heads that fit
+    # its features, instead of fresh heads whose large first gradients rewrite them
+    hold_backbone: int = 0
     clip_len: int = 0  # 0: 16 on CUDA, 8 on CPU
     stride: int = 2
     crop: int = 112

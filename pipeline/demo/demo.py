@@ -14,7 +14,6 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import numpy as np
 
 from pipeline.common.config import (
-    OBJECTIVES,
     ConceptsConfig,
     DistillConfig,
     EvalConfig,
@@ -32,7 +31,6 @@ from pipeline.evaluate.tasks import load_csv, stratified_split
 from pipeline.extract.extract import run_extract
 
 BASELINES = ("scratch", "inflate", "teacher")
-RUNS = OBJECTIVES + ("distinit+lss",)  # the students the demo trains, one row each
 COLUMNS = [("object", "linear", "video_top1"), ("object", "knn", "k20_top1"), ("object", "zeroshot", "video_top1"),
            ("motion", "linear", "video_top1"), ("motion", "knn", "k20_top1")]
 # lss's concept bank: Kinetics-400's action names and the content words of each (the built-in
@@ -47,8 +45,9 @@ CONCEPTS = dict(classes="k400")
 # clips used both cores. On both benchmarks' validation splits 600 matched or beat 400 on motion
 # (BENCHMARKS.md, "How the demo's recipe was chosen": steps).
 SIZES = {
-    "default": dict(n_pool=128, n_labelled=256, n_frames=24, steps=600, distinit_steps=800, eval_clips=2),
-    "quick": dict(n_pool=16, n_labelled=32, n_frames=16, steps=3, distinit_steps=6, eval_clips=1),
+    "default": dict(n_pool=128, n_labelled=256, n_frames=24, steps=600, distinit_steps=800, inflated_steps=100,
+                    eval_clips=2),
+    "quick": dict(n_pool=16, n_labelled=32, n_frames=16, steps=3, distinit_steps=6, inflated_steps=2, eval_clips=1),
 }
 # Knobs chosen on the validation split (the training side of the test split, split again) with
 # bench/demo_diagnosis.py; BENCHMARKS.md has the runs. The object fills ~1/4 of the frame width, so
@@ -64,9 +63,29 @@ STUDENT = dict(student="r3d_cpu", clip_len=8, stride=2, crop=64, crop_scale=0.6,
 # real data at scale.
 MOTION = dict(cross_weight=4.0, flow_weight=1.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, shuffle_bn_groups=1)
 RECIPE = {"distinit": {}, "modist": MOTION, "both": MOTION, "distinit+lss": {}}  # what each objective adds
+# Students that start from the teacher's network made temporal (efficientnet3d_lite0 inflated from Lite0,
+# models/inflate.py). Chosen on the validation split (BENCHMARKS.md, "Students and their start"): lr 5e-4
+# kept and raised the objects where 1e-3 and 2e-3 collapsed the features within 100 steps, and batch
+# BatchNorm statistics, as frozen ones collapsed too.
+INFLATED = dict(student="efficientnet3d_lite0", init="inflate", lr=5e-4)
+# The students the demo trains, one row each: {row: (objective, knobs on top of STUDENT and RECIPE)}.
+# distinit and modist start from scratch (r3d_cpu), to show what each objective teaches; both and lss
+# start from the inflated network, where they keep its objects (from scratch, both lost 39 object points
+# to distinit and distinit+lss 22: BENCHMARKS.md, "Objectives that add up"). An efficientnet3d step costs
+# ~5 r3d_cpu steps, so they get fewer steps from a start that already knows objects.
+RUNS = {"distinit": ("distinit", {}), "modist": ("modist", {}),
+        "both ← inflate": ("both", dict(INFLATED, balance="grad")),
+        # LSS as its paper trains it: the image model made temporal, adapted by self-distillation from its
+        # momentum copy, with concept distillation and alignment
+        "lss ← inflate": ("lss", dict(INFLATED, concept_self_weight=1.0))}
 FRAMES = dict(height=96, width=128, teacher_every=2)
 # students trained side by side (each on its share of the cores): 2 on 2 cores, up to all 4 on more
 PARALLEL = max(1, min(len(RUNS), os.cpu_count() or 1))
+
+
+def run_folder(row):
+    """A row's name as a folder name: "both ← inflate" -> "both-from-inflate"."""
+    return row.replace(" ← ", "-from-")
 
 
 def distill_config(cache, out, objective, steps, seed, bank="", workers=0, progress=False, **knobs):
@@ -84,21 +103,22 @@ def run_demo(out="demo_out", quick=False, seeds=1, steps=None, workers=0, progre
     t0 = time.time()
     precision = resolve_precision(precision, "cpu")
     log(describe_precision(precision, "cpu"))
-    size = dict(SIZES["quick" if quick else "default"], **({"steps": steps, "distinit_steps": steps} if steps else {}))
+    size = dict(SIZES["quick" if quick else "default"],
+                **({"steps": steps, "distinit_steps": steps, "inflated_steps": steps} if steps else {}))
     stage = _stages(log, t0)
     cache, bank, benchmark = prepare_benchmark(out, size, stage, progress, log, photos, textures, generator_seed)
 
     rows, steps = [], student_steps(size)
     for seed in range(seeds):
         stage(f"distill {', '.join(RUNS)} (seed {seed}), {PARALLEL} at a time")
-        runs = {objective: os.path.join(out, "runs", f"{objective}-seed{seed}-{steps[objective]}steps")
-                for objective in RUNS}  # a rerun resumes each
-        train_students({objective: distill_config(cache, run, objective, steps[objective], seed, bank, workers,
-                                                  precision=precision)
-                        for objective, run in runs.items()}, log)
-        runs = {objective: os.path.join(run, "checkpoint.pt") for objective, run in runs.items()}
+        runs = {row: os.path.join(out, "runs", f"{run_folder(row)}-seed{seed}-{steps[row]}steps")
+                for row in RUNS}  # a rerun resumes each
+        train_students({row: distill_config(cache, run, RUNS[row][0], steps[row], seed, bank, workers,
+                                            **dict(RUNS[row][1], precision=precision))
+                        for row, run in runs.items()}, log)
+        runs = {row: os.path.join(run, "checkpoint.pt") for row, run in runs.items()}
         for label_set in ("object", "motion"):
-            stage(f"eval on {label_set} labels (seed {seed}): {', '.join(RUNS + BASELINES)}")
+            stage(f"eval on {label_set} labels (seed {seed}): {', '.join([*RUNS, *BASELINES])}")
             rows += evaluate_runs(out, runs, label_set, seed, size["eval_clips"], progress, precision=precision)
     report = write_demo_report(out, rows, seeds, size, time.time() - t0, benchmark, precision)
     log(report)
@@ -106,9 +126,11 @@ def run_demo(out="demo_out", quick=False, seeds=1, steps=None, workers=0, progre
 
 
 def student_steps(size):
-    """{student: its steps}: `steps` for the contrastive ones, `distinit_steps` for the others."""
-    return {objective: size["steps"] if "modist" in objective_parts(objective) else size["distinit_steps"]
-            for objective in RUNS}
+    """{row: its steps}: `inflated_steps` for the students that start from the inflated network, else
+    `steps` for the contrastive ones and `distinit_steps` for the others."""
+    return {row: size["inflated_steps"] if knobs.get("init") == "inflate" else
+            size["steps"] if "modist" in objective_parts(objective) else size["distinit_steps"]
+            for row, (objective, knobs) in RUNS.items()}
 
 
 def train_students(configs, log=print, processes=None):
@@ -120,13 +142,20 @@ def train_students(configs, log=print, processes=None):
     threads = max(1, (os.cpu_count() or 1) // processes)
     ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
     with ProcessPoolExecutor(processes, mp_context=ctx, initializer=torch_threads, initargs=(threads,)) as pool:
-        # the contrastive students take longest: started first, the others fill in beside them
-        order = sorted(configs, key=lambda name: "modist" not in objective_parts(configs[name].objective))
+        # the longest first (an inflated student's step costs ~5 r3d_cpu steps, a contrastive one ~2.5
+        # distinit steps), the others fill in beside them
+        order = sorted(configs, key=lambda name: -configs[name].steps * step_cost(configs[name]))
         futures = {pool.submit(distill_quietly, configs[name]): name for name in order}
         for future in as_completed(futures):
             s = future.result()
             log(f"  {futures[future]}: {s['steps']} steps in {s['wall_seconds']:.0f} s "
                 f"({s['steps_this_run']} this run) -> {s['checkpoint']}")
+
+
+def step_cost(cfg):
+    """A student's step time relative to an r3d_cpu distinit step (bench/bench_distill.py, one thread)."""
+    return (5.0 if cfg.student.startswith("efficientnet3d") else 1.0) * (
+        2.5 if "modist" in objective_parts(cfg.objective) else 1.0)
 
 
 def torch_threads(n):
@@ -202,7 +231,7 @@ def evaluate_runs(out, runs, label_set, seed, clips, progress=True, validation=F
                                            labels=os.path.join(data, "labels.csv"), label_column=label_set,
                                            work=os.path.join(out, "eval"),
                                            out=os.path.join(out, "eval", "validation" if validation else "test",
-                                                            label_set, name or "baselines", f"seed{seed}"),
+                                                            label_set, run_folder(name or "baselines"), f"seed{seed}"),
                                            # zero-shot reads object names; the teacher knows no motion words
                                            protocols=protocols or ("linear", "knn") + (
                                                ("zeroshot",) if label_set == "object" else ()),
@@ -264,10 +293,12 @@ def write_demo_report(out, rows, seeds, size, wall, benchmark, precision="fp32")
     text = (f"# vidistill demo\n\nGenerated benchmark: {size['n_pool']} unlabelled + {size['n_labelled']} labelled "
             f"clips ({size['n_frames']} frames at 8 fps), {len(objects)} objects (chance {100 / len(objects):.1f} %), "
             f"{len(MOTIONS)} motions (chance {100 / len(MOTIONS):.1f} %).\n"
-            f"Students: {STUDENT['student']}, steps {', '.join(f'{o} {n}' for o, n in steps.items())}, "
+            f"Students: {STUDENT['student']} from scratch, and {INFLATED['student']} from the teacher made "
+            f"temporal (the ← inflate rows); steps {', '.join(f'{o} {n}' for o, n in steps.items())}, "
             f"batch {STUDENT['batch_size']}, clips "
             f"{STUDENT['clip_len']}x{STUDENT['crop']}^2 stride {STUDENT['stride']}, {precision}; per objective "
-            f"{ {k: v for k, v in RECIPE.items() if v} }; every other setting is distill's default. "
+            f"{ {k: v for k, v in RECIPE.items() if v} }; per row { {k: v for k, (_, v) in RUNS.items() if v} }; "
+            f"every other setting is distill's default. "
             f"The knobs were chosen on a validation split carved from the labelled training "
             f"clips (bench/demo_diagnosis.py); the test split below is touched once, for this table.\n"
             f"Protocol: labels.csv task per label set, stratified 70/30 split (seeded), {r0['views']}; linear = logistic "

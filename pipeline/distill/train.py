@@ -65,6 +65,9 @@ def resolve(cfg):
         raise DistillError("--distill-view must be 'teacher_square' or 'anywhere'")
     if cfg.bn_stats not in ("batch", "frozen"):
         raise DistillError(f"--bn-stats must be batch or frozen, not {cfg.bn_stats!r}")
+    if not 0 <= cfg.hold_backbone < (cfg.steps or float("inf")):
+        raise DistillError(f"--hold-backbone must be 0 or more and fewer than --steps ({cfg.steps}), "
+                           f"not {cfg.hold_backbone}")
     if cfg.balance not in ("none", "grad"):
         raise DistillError(f"--balance must be none or grad, not {cfg.balance!r}")
     if cfg.colour_views not in ("key", "all"):
@@ -155,12 +158,21 @@ def build_training(cfg, fingerprint, plan, ckpt=None):
         check_convolutions(model)  # the few layers whose bf16 gradients oneDNN gets wrong train in fp32
     if cfg.compile:
         model.compile_networks()
+    hold = cfg.hold_backbone
+    schedule = lambda s: lr_lambda(s, plan["warmup"], plan["total"])  # noqa: E731
     params = [p for p in model.parameters() if p.requires_grad]
+    groups, schedules = [{"params": params}], [schedule]
+    if hold:  # the backbone in a group of its own, held, then warmed up and decayed over the steps left
+        backbone = {id(p) for p in model.backbone.parameters()}
+        groups = [{"params": [p for p in params if id(p) in backbone]},
+                  {"params": [p for p in params if id(p) not in backbone]}]
+        schedules = [lambda s: 0.0 if s < hold else lr_lambda(s - hold, plan["warmup"], plan["total"] - hold),
+                     schedule]
     if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, plan["warmup"], plan["total"]))
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedules)
     return model, opt, sched
 
 
@@ -353,7 +365,7 @@ def describe_plan(cfg, plan, short_videos, world):
     if short_videos:
         lines.append(f"note: {short_videos} of {p['videos']} videos are shorter than a clip "
                      f"({clip_span(cfg.clip_len, cfg.stride)} frames); their clips repeat the last frame")
-    if p["total"] < TOO_FEW_STEPS:
+    if p["total"] < TOO_FEW_STEPS and cfg.init in ("scratch", "auto"):  # a trained start needs fewer
         lines.append(f"warning: {p['total']} steps are too few to learn much (on the demo's videos 150 steps "
                      f"taught almost nothing, 400-600 did); e.g. `cli.py distill --cache {cfg.cache} --steps 400`")
     return lines
@@ -404,9 +416,11 @@ def train_loop(run, loader, step, batches_used):
         clips_per_s = clips / (time.time() - t0)
         if rank == 0 and (step % cfg.log_every == 0 or step == total):
             rec = {"step": step, "epoch": step // run["plan"]["per_epoch"], "loss": float(loss),
-                   "lr": run["sched"].get_last_lr()[0], "grad_norm": float(grad_norm), "clips_per_s": clips_per_s,
+                   "lr": run["sched"].get_last_lr()[-1], "grad_norm": float(grad_norm), "clips_per_s": clips_per_s,
                    **{k: float(v) for k, v in losses.items()}, **model.shares,
                    **{f"scale/{p}": v for p, v in model.part_scales().items()}}
+            if cfg.hold_backbone:
+                rec["lr_backbone"] = run["sched"].get_last_lr()[0]
             rec["loader_share"] = waited / max(time.perf_counter() - t_log, 1e-9)  # of the wall time since the last record
             if step % cfg.health_every == 0 or step == total:
                 rec.update(measure_health(model, run["health_sample"], device, cfg.batch_size))
