@@ -43,9 +43,11 @@ CONCEPTS = dict(classes="k400")
 # learning past 400 (bench/learning.py), so each gets what fits in the 10 minutes: a distinit step costs
 # 0.4 of a modist step, and 600 modist steps fit once generating the benchmark and decoding its labelled
 # clips used both cores. On both benchmarks' validation splits 600 matched or beat 400 on motion
-# (BENCHMARKS.md, "How the demo's recipe was chosen": steps).
+# (BENCHMARKS.md, "How the demo's recipe was chosen": steps). The students that start from the inflated
+# network take 9-17x an r3d_cpu step's time; on validation 200 steps kept the objects better than 100, and
+# 150 is what fits beside the others.
 SIZES = {
-    "default": dict(n_pool=128, n_labelled=256, n_frames=24, steps=600, distinit_steps=800, inflated_steps=100,
+    "default": dict(n_pool=128, n_labelled=256, n_frames=24, steps=600, distinit_steps=800, inflated_steps=150,
                     eval_clips=2),
     "quick": dict(n_pool=16, n_labelled=32, n_frames=16, steps=3, distinit_steps=6, inflated_steps=2, eval_clips=1),
 }
@@ -64,15 +66,13 @@ STUDENT = dict(student="r3d_cpu", clip_len=8, stride=2, crop=64, crop_scale=0.6,
 MOTION = dict(cross_weight=4.0, flow_weight=1.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, shuffle_bn_groups=1)
 RECIPE = {"distinit": {}, "modist": MOTION, "both": MOTION, "distinit+lss": {}}  # what each objective adds
 # Students that start from the teacher's network made temporal (efficientnet3d_lite0 inflated from Lite0,
-# models/inflate.py). Chosen on the validation split (BENCHMARKS.md, "Students and their start"): lr 5e-4
-# kept and raised the objects where 1e-3 and 2e-3 collapsed the features within 100 steps, and batch
-# BatchNorm statistics, as frozen ones collapsed too.
+# models/inflate.py). Chosen on the validation split (BENCHMARKS.md, "Students and their start"): lr 5e-4,
+# where 1e-3 and 2e-3 (with frozen BatchNorm statistics) collapsed the features within 100 steps.
 INFLATED = dict(student="efficientnet3d_lite0", init="inflate", lr=5e-4)
 # The students the demo trains, one row each: {row: (objective, knobs on top of STUDENT and RECIPE)}.
 # distinit and modist start from scratch (r3d_cpu), to show what each objective teaches; both and lss
-# start from the inflated network, where they keep its objects (from scratch, both lost 39 object points
-# to distinit and distinit+lss 22: BENCHMARKS.md, "Objectives that add up"). An efficientnet3d step costs
-# ~5 r3d_cpu steps, so they get fewer steps from a start that already knows objects.
+# start from the inflated network, to keep its objects (from scratch, both lost 39 object points to
+# distinit and distinit+lss 22: BENCHMARKS.md, "Objectives that add up").
 RUNS = {"distinit": ("distinit", {}), "modist": ("modist", {}),
         "both ← inflate": ("both", dict(INFLATED, balance="grad")),
         # LSS as its paper trains it: the image model made temporal, adapted by self-distillation from its
@@ -142,9 +142,8 @@ def train_students(configs, log=print, processes=None):
     threads = max(1, (os.cpu_count() or 1) // processes)
     ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
     with ProcessPoolExecutor(processes, mp_context=ctx, initializer=torch_threads, initargs=(threads,)) as pool:
-        # the longest first (an inflated student's step costs ~5 r3d_cpu steps, a contrastive one ~2.5
-        # distinit steps), the others fill in beside them
-        order = sorted(configs, key=lambda name: -configs[name].steps * step_cost(configs[name]))
+        # the longest first, each next one on the first free core: two cores finish together
+        order = sorted(configs, key=lambda name: -configs[name].steps * step_seconds(configs[name]))
         futures = {pool.submit(distill_quietly, configs[name]): name for name in order}
         for future in as_completed(futures):
             s = future.result()
@@ -152,10 +151,16 @@ def train_students(configs, log=print, processes=None):
                 f"({s['steps_this_run']} this run) -> {s['checkpoint']}")
 
 
-def step_cost(cfg):
-    """A student's step time relative to an r3d_cpu distinit step (bench/bench_distill.py, one thread)."""
-    return (5.0 if cfg.student.startswith("efficientnet3d") else 1.0) * (
-        2.5 if "modist" in objective_parts(cfg.objective) else 1.0)
+# Seconds per step of the demo's students, one thread each, bf16 (the demo's first seed, 2026-12-06, AMD EPYC):
+# what orders the runs, longest first
+STEP_SECONDS = {("r3d_cpu", False): 0.095, ("r3d_cpu", True): 0.225,
+                ("efficientnet3d_lite0", False): 1.64, ("efficientnet3d_lite0", True): 2.0}
+
+
+def step_seconds(cfg):
+    """A student's expected seconds per step (STEP_SECONDS; another student counts as r3d_cpu)."""
+    contrastive = "modist" in objective_parts(cfg.objective)
+    return STEP_SECONDS.get((cfg.student, contrastive), STEP_SECONDS[("r3d_cpu", contrastive)])
 
 
 def torch_threads(n):
