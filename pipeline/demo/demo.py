@@ -309,8 +309,8 @@ def write_demo_report(out, rows, seeds, size, wall, benchmark, precision="fp32")
             f"Protocol: labels.csv task per label set, stratified 70/30 split (seeded), {r0['views']}; linear = logistic "
             f"regression on frozen features, video-level top-1; knn = cosine k=20, T 0.07; zeroshot = cosine to the "
             f"object names' MiniLM embeddings, test side, no training (the 2D teacher through its ImageNet "
-            f"bridge; a distinit student through its ImageNet head and the bridge; modist and inflate have "
-            f"no text space). lss's bank: Kinetics-400 names, never the demo's labels. Accuracy in %, "
+            f"bridge; a distinit student through its ImageNet head and the bridge; an lss student through its "
+            f"concept head; modist and inflate have no text space). lss's bank: Kinetics-400 names, never the demo's labels. Accuracy in %, "
             + (f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed") + f". Wall time {wall / 60:.1f} min.\n\n"
             f"{table}\n")
     with open(os.path.join(out, "report.md"), "w") as f:
