@@ -684,5 +684,11 @@ def test_hold_backbone_trains_only_the_heads_first_then_the_backbone(eight_video
         opt.step()
         sched.step()
     assert [b for b, _ in lrs] == [0.0, 0.0, cfg.lr / plan["warmup"]] and all(h > 0 for _, h in lrs)  # held, warm-up
-    with pytest.raises(DistillError, match="--hold-backbone must be 0 or more and fewer than --steps"):
+    with pytest.raises(DistillError, match="--hold-backbone 2 holds the backbone for the whole run \\(2 steps\\)"):
         run_distill(tiny(eight_video_cache, tmp_path / "bad", steps=2, hold_backbone=2))
+    # a run given in epochs: 8 videos, 2 clips each, in batches of 4 (tiny's) = 4 steps an epoch
+    with pytest.raises(DistillError, match=r"--hold-backbone 4 holds the backbone for the whole run \(4 steps\)"):
+        run_distill(tiny(eight_video_cache, tmp_path / "bad-epochs", steps=0, epochs=1, clips_per_video=2,
+                         hold_backbone=4))
+    with pytest.raises(DistillError, match="--hold-backbone must be 0 or more, not -1"):
+        run_distill(tiny(eight_video_cache, tmp_path / "negative", steps=2, hold_backbone=-1))
