@@ -15,6 +15,8 @@
     python bench/demo_diagnosis.py --demo demo_out            # after `cli.py demo --out demo_out`
     python bench/demo_diagnosis.py --demo diag_other --pictures other --generator-seed 1 \\
         --seeds 0 1 2 --steps 400 --no-oracle --variant "modist cross_weight=4" --variant "distinit"
+    python bench/demo_diagnosis.py --demo demo_out --seeds 0 1 2 3 4 --steps 300 --no-oracle --no-probe --paired \
+        --variant "fp32: distinit precision=fp32" --variant "bf16: distinit precision=bf16"   # bf16 − fp32
 
 A folder without a benchmark is prepared first (generate, extract, concept bank: ~1.5 min). Results
 accumulate in WORK/results.json: a rerun skips what it has and resumes unfinished runs.
@@ -22,6 +24,7 @@ accumulate in WORK/results.json: a rerun skips what it has and resumes unfinishe
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 
@@ -92,6 +95,17 @@ def parse_variant(text):
         knobs[key] = (value.lower() in ("1", "true", "yes") if isinstance(default, bool)
                       else value if isinstance(default, str) else type(default)(value))
     return name.strip() or text, objective, knobs
+
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def interval(values):
+    """(mean, half-width of the 95 % t-interval) of paired per-seed values (nan half-width for one)."""
+    values = np.asarray(values, float)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), T_975.get(len(values) - 1, 1.96) * float(values.std(ddof=1)) / math.sqrt(len(values))
 
 
 def flow_statistics(flow):
@@ -189,7 +203,7 @@ def mean_std(values):
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
 
 
-def print_tables(results, names, seeds, steps):
+def print_tables(results, names, seeds, steps, paired=False):
     columns = [f"{ls} {p} {m}" for ls, p, m in COLUMNS]
     print(f"\naccuracy on the validation split, %, mean ± std over seeds {seeds}, {steps} steps")
     print("| row | " + " | ".join(columns) + " | mean of means |")
@@ -202,6 +216,21 @@ def print_tables(results, names, seeds, steps):
         cells = [mean_std([r["accuracy"].get(c) for r in runs]) for c in columns]
         means = [np.mean([r["accuracy"][c] for r in runs]) for c in columns if all(c in r["accuracy"] for r in runs)]
         print(f"| {name} | " + " | ".join(cells) + f" | {100 * np.mean(means):.1f} |")
+    if paired and len(names) > 1:
+        reference = names[0]
+        print(f"\npaired against {reference} (the same seed: the same initial weights and clips), % points, the mean "
+              f"difference over seeds and its 95 % t-interval")
+        print("| row − " + reference + " | " + " | ".join(columns) + " |")
+        print("|---|" + "---|" * len(columns))
+        for name in names[1:]:
+            pairs = [(results.get(f"{reference}|{s}|{steps}"), results.get(f"{name}|{s}|{steps}")) for s in seeds]
+            pairs = [(a["accuracy"], b["accuracy"]) for a, b in pairs if a and b]
+            cells = []
+            for c in columns:
+                diffs = [100 * (b[c] - a[c]) for a, b in pairs if c in a and c in b]
+                mean, half = interval(diffs) if diffs else (None, None)
+                cells.append("–" if mean is None else f"{mean:+.1f} ± {half:.1f}")
+            print(f"| {name} (n={len(pairs)}) | " + " | ".join(cells) + " |")
     probes = [n for n in names if any(results.get(f"{n}|{s}|{steps}", {}).get("probe") for s in seeds)]
     losses = [n for n in names if any(results.get(f"{n}|{s}|{steps}", {}).get("losses") for s in seeds)]
     if losses:
@@ -243,6 +272,9 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variant", action="append", default=None,
                     help="'OBJECTIVE knob=value ...' instead of the built-in variants (repeatable)")
+    ap.add_argument("--paired", action="store_true",
+                    help="also each variant minus the first, seed by seed, with a 95 %% t-interval (fp32 against "
+                         "bf16, a knob against the recipe)")
     ap.add_argument("--no-oracle", action="store_true", help="skip (1)")
     ap.add_argument("--no-probe", action="store_true", help="skip (3)")
     args = ap.parse_args()
@@ -302,7 +334,8 @@ def main():
     for seed in args.seeds:
         for row in BASELINES:
             results[f"{row}|{seed}|{args.steps}"] = {"accuracy": results[f"baselines|{seed}"][row]}
-    print_tables(results, [v[0] for v in variants] + list(BASELINES), args.seeds, args.steps)
+    print_tables(results, [v[0] for v in variants] + ([] if args.paired else list(BASELINES)), args.seeds, args.steps,
+                 args.paired)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ The 3D EfficientNet-Lite0 (`efficientnet3d_lite0`, the teacher's topology in 3D)
 distilled from the teacher on the unlabelled pool from random weights (DistInit), I3D-inflated from the
 teacher's ImageNet weights (`inflate`), inflated and then distilled (`distill --init inflate`), and
 random (`scratch`). Each is then fine-tuned on the labelled clips (the paper's protocol) and also
-linear-probed, on both label sets of the demo's benchmark, over seeds. The paired gaps to the inflated
-network are reported with 95 % t-intervals. A distilled student is compared only once it agrees with
+linear-probed and kNN-scored, on both label sets of the demo's benchmark, over seeds. The paired gaps
+to the inflated network are reported with 95 % t-intervals. A distilled student is compared only once it agrees with
 its teacher: its training-health top-1 agreement (pipeline/distill/health.py, on fixed held-back clips)
 is printed beside it; the comparison means something at >= 80 %.
 
@@ -16,7 +16,6 @@ Writes WORK/distinit_init.json (WORK: DEMO/distinit_init); a rerun reuses finish
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -26,25 +25,14 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.demo_diagnosis import pictures
-from pipeline.demo.demo import SIZES, distill_config, evaluate_runs, prepare_benchmark
+from bench.demo_diagnosis import interval, pictures
+from pipeline.demo.demo import INFLATED, SIZES, distill_config, evaluate_runs, prepare_benchmark
 from pipeline.distill.train import run_distill
 
 STUDENT = "efficientnet3d_lite0"
 ROWS = {"checkpoint": "distilled", "inflate": "inflated", "scratch": "random"}
 STARTS = {"scratch": "distilled", "inflate": "inflated-then-distilled"}  # the distilled rows, by --init
-METRICS = [("linear", "video_top1"), ("finetune", "video_top1")]
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def interval(values):
-    """(mean, half-width of the 95 % t-interval) of paired per-seed values."""
-    values = np.asarray(values, float)
-    if len(values) < 2:
-        return float(values.mean()), float("nan")
-    return float(values.mean()), T_975.get(len(values) - 1, 1.96) * float(values.std(ddof=1)) / math.sqrt(len(values))
-
-
+METRICS = [("linear", "video_top1"), ("knn", "k20_top1"), ("finetune", "video_top1")]
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", required=True, help="a `cli.py demo` folder (prepared here if it has no cache)")
@@ -54,7 +42,12 @@ def main():
     ap.add_argument("--steps", type=int, default=600, help="distillation steps of the EfficientNet student")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--validation", action="store_true", help="score the validation split instead of the test split")
-    ap.add_argument("--lr", type=float, default=None, help="distillation learning rate (default: the demo's)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="the distilled-from-random student's learning rate (default: the demo's r3d_cpu students')")
+    ap.add_argument("--lr-inflated", type=float, default=INFLATED["lr"],
+                    help="the inflated-then-distilled student's (default: the demo's inflated students')")
+    ap.add_argument("--protocols", nargs="+", default=[p for p, _ in METRICS], choices=[p for p, _ in METRICS],
+                    help="fine-tuning costs most: 8 of an EfficientNet per seed")
     ap.add_argument("--crop", type=int, default=None, help="distillation clip size (default: the demo's)")
     args = ap.parse_args()
     work = args.work or os.path.join(args.demo, "distinit_init")
@@ -67,7 +60,10 @@ def main():
     saved = json.load(open(saved_path)) if os.path.exists(saved_path) else {}
     split = "validation" if args.validation else "test"
     knobs = {k: v for k, v in (("lr", args.lr), ("crop", args.crop)) if v is not None}
-    tag = "".join(f"-{k}{v:g}" for k, v in knobs.items())
+    start_knobs = {"scratch": knobs, "inflate": dict(knobs, lr=args.lr_inflated)}
+    tag = "".join(f"-{k}{v:g}" for k, v in knobs.items()) + (
+        f"-lrinflated{args.lr_inflated:g}" if args.lr_inflated != INFLATED["lr"] else "") + (
+        "-" + "+".join(args.protocols) if len(args.protocols) < len(METRICS) else "")
     for seed in args.seeds:
         key = f"{split}|seed{seed}|{args.steps}{tag}"
         if key in saved:
@@ -76,7 +72,8 @@ def main():
         for init, name in STARTS.items():
             run = os.path.join(work, "runs", f"distinit-{STUDENT}-{init}-seed{seed}-{args.steps}{tag}")
             t = time.time()
-            run_distill(distill_config(cache, run, "distinit", args.steps, seed, student=STUDENT, init=init, **knobs))
+            run_distill(distill_config(cache, run, "distinit", args.steps, seed, student=STUDENT, init=init,
+                                       **start_knobs[init]))
             minutes[name] = (time.time() - t) / 60
             last = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))][-1]
             agree[name] = last["health/distinit/top1_agree"]
@@ -84,7 +81,7 @@ def main():
                 for r in evaluate_runs(args.demo, {name: os.path.join(run, "checkpoint.pt")}, label_set, seed,
                                        SIZES["default"]["eval_clips"], progress=False, validation=args.validation,
                                        baselines=("scratch", "inflate") if init == "scratch" else (),
-                                       protocols=("linear", "finetune")):
+                                       protocols=tuple(args.protocols)):
                     row = name if r["init"] == "checkpoint" else ROWS[r["init"]]
                     got[f"{row}|{label_set} {r['protocol']} {r['metric']}"] = r["value"]
         saved[key] = {"accuracy": got, "distill_minutes": minutes, "teacher_top1_agreement": agree}
@@ -96,8 +93,8 @@ def main():
               flush=True)
     runs = [saved[f"{split}|seed{s}|{args.steps}{tag}"]["accuracy"] for s in args.seeds]
     agreement = [saved[f"{split}|seed{s}|{args.steps}{tag}"]["teacher_top1_agreement"] for s in args.seeds]
-    cols = [f"{ls} {p} {m}" for ls in ("object", "motion") for p, m in METRICS]
-    print(f"\n{STUDENT}, {split} split, {args.steps} distillation steps {knobs or ''}, seeds {args.seeds}: accuracy %, "
+    cols = [f"{ls} {p} {m}" for ls in ("object", "motion") for p, m in METRICS if p in args.protocols]
+    print(f"\n{STUDENT}, {split} split, {args.steps} distillation steps {start_knobs}, seeds {args.seeds}: accuracy %, "
           "mean ± std; the distilled students' top-1 agreement with the teacher on held-back clips: "
           + ", ".join(f"{name} {100 * np.mean([a[name] for a in agreement]):.0f} %" for name in STARTS.values()))
     print("| initialisation | " + " | ".join(cols) + " |")

@@ -149,13 +149,23 @@ def build_motion_pathway(student_feature_dim=512):
     return ResNet3d(width=max(8, student_feature_dim // 64), blocks=(1, 1, 1, 1), in_channels=2)
 
 
+class HeadLinear(nn.Linear):
+    """A head's linear layer, computed in fp32 even under bf16 autocast: a head's outputs are what the
+    losses compare (logits over 1000 classes, embeddings), and bf16 keeps 8 bits of them; a head costs
+    nothing next to the 3D network it sits on."""
+
+    def forward(self, x):  # [B,D_in] -> [B,D_out] float32
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 class ProjectionHead(nn.Module):
-    """2-layer MLP to a 128-d L2-normalised embedding (MoCo v2 / MaCLR)."""
+    """2-layer MLP to a 128-d L2-normalised embedding (MoCo v2 / MaCLR), in fp32 (HeadLinear)."""
 
     def __init__(self, dim_in, dim_hidden=None, dim_out=128):
         super().__init__()
         dim_hidden = dim_hidden or dim_in
-        self.net = nn.Sequential(nn.Linear(dim_in, dim_hidden), nn.ReLU(inplace=True), nn.Linear(dim_hidden, dim_out))
+        self.net = nn.Sequential(HeadLinear(dim_in, dim_hidden), nn.ReLU(inplace=True), HeadLinear(dim_hidden, dim_out))
 
     def forward(self, x):  # [B,D] -> [B,128], unit norm
         return nn.functional.normalize(self.net(x), dim=1)

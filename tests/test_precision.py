@@ -10,6 +10,7 @@ import torch
 from helpers import extract_config, make_video
 
 from models.checkpoint import load_checkpoint
+from models.students import HeadLinear, ProjectionHead
 from pipeline.common.config import DistillConfig, EvalConfig
 from pipeline.common.errors import DistillError
 from pipeline.common.precision import (
@@ -126,6 +127,24 @@ def test_grouped_convolutions_run_in_fp32_under_cpu_bf16_the_dense_ones_in_bf16(
             out = depthwise(x)
             assert out.dtype == torch.float32 and torch.allclose(out, exact, atol=1e-6)
             assert dense(x).dtype == torch.bfloat16
+
+
+def test_the_heads_compute_in_fp32_under_bf16_autocast_with_their_gradients():
+    """A teacher head's logits (and a projection head's embedding) are what the losses compare: in bf16 a
+    logit of 10 is off by up to 0.03, so the heads run in fp32 on a bf16 feature, with fp32's values."""
+    torch.manual_seed(0)
+    head, projection = HeadLinear(64, 1000), ProjectionHead(64, dim_out=16)
+    feat = torch.randn(4, 64).bfloat16().float().requires_grad_()  # a bf16 backbone's feature, as fp32
+    exact_logits, exact_embed = head(feat), projection(feat)
+    exact_grad, = torch.autograd.grad(exact_logits.square().sum(), feat)
+    with autocast("bf16", "cpu"):
+        logits, embed = head(feat.bfloat16()), projection(feat.bfloat16())
+    assert logits.dtype == embed.dtype == torch.float32
+    assert torch.equal(logits, exact_logits) and torch.equal(embed, exact_embed)
+    grad, = torch.autograd.grad(logits.square().sum(), feat)
+    assert torch.allclose(grad, exact_grad, rtol=1e-2, atol=1e-2)  # through the bf16 cast of the feature
+    with autocast("bf16", "cpu"):  # what the head replaced: nn.Linear would round its logits to bf16
+        assert torch.nn.Linear.forward(head, feat).dtype == torch.bfloat16
 
 
 def test_colour_augmentation_stays_fp32_under_bf16_autocast():

@@ -18,6 +18,11 @@ And one choice of speed: oneDNN's bf16 kernels for grouped 3D convolutions (Effi
 ones) are slower than its fp32 ones, so much that an efficientnet3d_lite0 step in bf16 took 1.5x its
 fp32 time; with its depthwise convolutions in fp32 and the rest in bf16 it is 1.1x faster than fp32
 (8x64^2 clips, batch 8, one thread, AVX512_BF16). check_convolutions() runs them in fp32 on CPU.
+
+The students' heads (models/students.py HeadLinear: teacher heads, projection and concept heads, the
+fine-tuning classifier) compute in fp32 on the backbone's bf16 features: their outputs are what the losses
+compare, and a bf16 logit near 10 is off by up to 0.03. With the heads in bf16, distinit's training loss
+ended 4 % higher than fp32's; with them in fp32 it matches (BENCHMARKS.md, "Precision").
 """
 import copy
 import types

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from cache.fingerprint import sha256_file, teacher_array
 from models.start import start_backbone
-from models.students import ProjectionHead, build_motion_pathway, build_student, normalize_video
+from models.students import HeadLinear, ProjectionHead, build_motion_pathway, build_student, normalize_video
 from pipeline.common.config import objective_parts
 from pipeline.distill.augment import colour_augment
 from pipeline.distill.balance import EMA, balanced_scales, part_norms, part_of, term_gradients, term_shares
@@ -59,9 +59,9 @@ class Distiller(nn.Module):
         self.teacher_in_text_space = self.use_lss and concepts["identity"]["teacher_space"] == "joint"
         self.teachers = teachers if self.use_distinit else []
         for t in self.teachers:  # distill_head (the first teacher's, as in a cache of one), distill_head_<slot>
-            setattr(self, teacher_array("distill_head", t["slot"]), nn.Linear(d, t["num_classes"]))
+            setattr(self, teacher_array("distill_head", t["slot"]), HeadLinear(d, t["num_classes"]))
             if cfg.embed_weight > 0:
-                setattr(self, teacher_array("embed_head", t["slot"]), nn.Linear(d, t["embed_dim"]))
+                setattr(self, teacher_array("embed_head", t["slot"]), HeadLinear(d, t["embed_dim"]))
         if self.use_modist:
             self.proj_rgb = ProjectionHead(d, dim_out=cfg.proj_dim)
             self.motion = build_motion_pathway(d)

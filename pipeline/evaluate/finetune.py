@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.students import channels_last, normalize_video
+from models.students import HeadLinear, channels_last, normalize_video
 from pipeline.common.precision import autocast, check_convolutions, resolve_precision
 from pipeline.common.progress import progress_bar
 from pipeline.distill.clips import ClipDataset
@@ -17,7 +17,7 @@ def finetune(backbone, reader, train, test, num_classes, pre, cfg, device):
     (random box, flip); tested over the evaluation views. train/test: [(video id, label)]."""
     torch.manual_seed(cfg.seed)
     layout = torch.channels_last_3d  # as in distill: oneDNN's 3D convolutions are faster channels-last
-    model = channels_last(nn.Sequential(backbone, nn.Linear(backbone.feature_dim, num_classes)).to(device)).train()
+    model = channels_last(nn.Sequential(backbone, HeadLinear(backbone.feature_dim, num_classes)).to(device)).train()
     precision = resolve_precision(cfg.precision, device)
     if precision == "bf16":
         check_convolutions(model)  # as in distill: layers whose bf16 weight gradients oneDNN gets wrong train in fp32
