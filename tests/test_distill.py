@@ -622,6 +622,10 @@ def test_every_objective_logs_its_training_health_and_gradient_shares(eight_vide
     shares = {k: v for k, v in rec.items() if k.startswith("share/")}
     assert abs(sum(shares.values()) - 1) < 1e-6 and all(v >= 0 for v in shares.values())
     assert set(shares) == {f"share/{k}" for k in rec if k in ("distinit", "rgb_nce", "cross_nce", "concept", "align")}
+    # and, in a combination, each objective's share of the summed gradient (what --balance grad evens out)
+    objectives = {k: v for k, v in rec.items() if k.startswith("objective_share/")}
+    assert set(objectives) == ({f"objective_share/{h}" for h in heads} if len(heads) > 1 else set())
+    assert not objectives or abs(sum(objectives.values()) - 1) < 1e-6
 
 
 def test_a_student_that_learns_nothing_gets_one_warning(eight_video_cache, tmp_path, capsys):
@@ -639,7 +643,7 @@ def test_a_student_that_learns_nothing_gets_one_warning(eight_video_cache, tmp_p
 
 
 def test_balance_grad_gives_each_objective_its_share_of_the_gradient_reaching_the_backbone(eight_video_cache, tmp_path):
-    from pipeline.distill.balance import balanced_scales, part_norms, term_gradients
+    from pipeline.distill.balance import balanced_scales, objective_shares, part_norms, term_gradients
     feat = torch.randn(4, 8, requires_grad=True)
     terms = {"distinit": (feat * 0.01).sum(), "rgb_nce": (feat * 3.0).pow(2).sum(), "flow_nce": torch.ones((), requires_grad=True)}
     grads = term_gradients(terms, feat)
@@ -653,6 +657,10 @@ def test_balance_grad_gives_each_objective_its_share_of_the_gradient_reaching_th
     run_distill(tiny(eight_video_cache, out, steps=3, objective="both", balance="grad"))
     rec = json.loads(open(out / "log.jsonl").readlines()[-1])
     assert rec["scale/distinit"] != 1.0 and rec["scale/modist"] != 1.0
+    # an objective's share: its scaled summed gradient's norm over the total, not the sum of its terms' shares
+    assert objective_shares(norms, {"distinit": 1.0, "modist": 3.0}, ("distinit", "modist")) == pytest.approx(
+        {"objective_share/distinit": float(norms[0] / (norms[0] + 3 * norms[1])),
+         "objective_share/modist": float(3 * norms[1] / (norms[0] + 3 * norms[1]))})
     ckpt = load_checkpoint(str(out / "checkpoint.pt"))
     assert (ckpt["model"]["part_grad_norms"] > 0).all() and ckpt["config"]["balance"] == "grad"
     with pytest.raises(DistillError, match="--balance must be none or grad"):

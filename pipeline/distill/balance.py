@@ -59,6 +59,16 @@ def term_shares(grads, scales):
     return {f"share/{name}": size / total for name, size in sizes.items()}
 
 
+def objective_shares(norms, scales, parts):
+    """{"objective_share/<objective>": its part of the summed norms of every objective's scaled feature
+    gradient}: what --balance grad evens out (smoothed). Summing its terms' shares instead would overstate
+    an objective whose terms pull against each other (lss's concept and align terms): what moves the
+    backbone is their sum. norms [P] (this step's, unscaled, in `parts` order), scales {part: scale}."""
+    sizes = [scales[part] * float(n) for part, n in zip(parts, norms)]
+    total = sum(sizes) or 1.0
+    return {f"objective_share/{part}": size / total for part, size in zip(parts, sizes)}
+
+
 def balanced_scales(weights, norms):
     """Scales s_p such that part p's backbone gradient s_p * n_p is the share w_p / sum(w) of the total
     sum(n): the total gradient keeps its size, its direction takes the asked mix.

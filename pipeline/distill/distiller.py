@@ -12,7 +12,15 @@ from models.start import start_backbone
 from models.students import HeadLinear, ProjectionHead, build_motion_pathway, build_student, normalize_video
 from pipeline.common.config import objective_parts
 from pipeline.distill.augment import colour_augment
-from pipeline.distill.balance import EMA, balanced_scales, part_norms, part_of, term_gradients, term_shares
+from pipeline.distill.balance import (
+    EMA,
+    balanced_scales,
+    objective_shares,
+    part_norms,
+    part_of,
+    term_gradients,
+    term_shares,
+)
 from pipeline.distill.losses import (
     bridged_teacher,
     concept_align,
@@ -285,15 +293,18 @@ class Distiller(nn.Module):
         return sum(self.weighted_terms(losses).values())
 
     def measure_shares(self, losses):
-        """Each term's share of the gradient reaching the backbone (for the log), and, balancing, the
-        objectives' norms moved towards this step's. Call between forward and backward."""
+        """Each term's and, in a combination, each objective's share of the gradient reaching the backbone
+        (for the log), and, balancing, the objectives' norms moved towards this step's. Call between forward
+        and backward."""
         within = self.term_weights()
         grads = term_gradients({k: within[k] * v for k, v in losses.items()}, self.features)
         norms = part_norms(grads, self.parts).to(self.part_grad_norms.device)
         with torch.no_grad():
             seen = self.part_grad_norms > 0
             self.part_grad_norms.copy_(torch.where(seen, EMA * self.part_grad_norms + (1 - EMA) * norms, norms))
-        return term_shares(grads, self.part_scales())
+        scales = self.part_scales()
+        shares = term_shares(grads, scales)
+        return shares | objective_shares(norms, scales, self.parts) if len(self.parts) > 1 else shares
 
 
 def shuffled_forward(encoder, x, groups):

@@ -447,10 +447,10 @@ def train_loop(run, loader, step, batches_used):
     return step, clips, bad_steps
 
 
-# what a log.jsonl record holds besides the total and the loss terms (and the share/, scale/ and health/
-# figures: which term drives the backbone, each objective's scale, the training-health check)
+# what a log.jsonl record holds besides the total and the loss terms (and the share/, objective_share/, scale/ and
+# health/ figures: which term and objective drive the backbone, each objective's scale, the training-health check)
 LOG_FIELDS = ("step", "epoch", "lr", "grad_norm", "clips_per_s", "loader_share")
-LOG_GROUPS = ("share/", "scale/", "health/")
+LOG_GROUPS = ("share/", "objective_share/", "scale/", "health/")
 
 
 def loss_keys(record):
