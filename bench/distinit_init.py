@@ -46,6 +46,8 @@ def main():
                     help="the distilled-from-random student's learning rate (default: the demo's r3d_cpu students')")
     ap.add_argument("--lr-inflated", type=float, default=INFLATED["lr"],
                     help="the inflated-then-distilled student's (default: the demo's inflated students')")
+    ap.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS),
+                    help="which distilled students: from random weights, from the inflated network, or both")
     ap.add_argument("--protocols", nargs="+", default=[p for p, _ in METRICS], choices=[p for p, _ in METRICS],
                     help="fine-tuning costs most: 8 of an EfficientNet per seed")
     ap.add_argument("--crop", type=int, default=None, help="distillation clip size (default: the demo's)")
@@ -61,16 +63,19 @@ def main():
     split = "validation" if args.validation else "test"
     knobs = {k: v for k, v in (("lr", args.lr), ("crop", args.crop)) if v is not None}
     start_knobs = {"scratch": knobs, "inflate": dict(knobs, lr=args.lr_inflated)}
-    tag = "".join(f"-{k}{v:g}" for k, v in knobs.items()) + (
-        f"-lrinflated{args.lr_inflated:g}" if args.lr_inflated != INFLATED["lr"] else "") + (
-        "-" + "+".join(args.protocols) if len(args.protocols) < len(METRICS) else "")
+    runs_tag = "".join(f"-{k}{v:g}" for k, v in knobs.items()) + (
+        f"-lrinflated{args.lr_inflated:g}" if args.lr_inflated != INFLATED["lr"] else "")
+    # results are kept per protocol set; the distilled students are shared (a later run adds fine-tuning)
+    tag = runs_tag + ("-" + "+".join(args.protocols) if len(args.protocols) < len(METRICS) else "") + (
+        "-" + "+".join(args.starts) if len(args.starts) < len(STARTS) else "")
+    starts = {init: STARTS[init] for init in args.starts}
     for seed in args.seeds:
         key = f"{split}|seed{seed}|{args.steps}{tag}"
         if key in saved:
             continue
         got, minutes, agree = {}, {}, {}
-        for init, name in STARTS.items():
-            run = os.path.join(work, "runs", f"distinit-{STUDENT}-{init}-seed{seed}-{args.steps}{tag}")
+        for init, name in starts.items():
+            run = os.path.join(work, "runs", f"distinit-{STUDENT}-{init}-seed{seed}-{args.steps}{runs_tag}")
             t = time.time()
             run_distill(distill_config(cache, run, "distinit", args.steps, seed, student=STUDENT, init=init,
                                        **start_knobs[init]))
@@ -80,7 +85,7 @@ def main():
             for label_set in ("object", "motion"):
                 for r in evaluate_runs(args.demo, {name: os.path.join(run, "checkpoint.pt")}, label_set, seed,
                                        SIZES["default"]["eval_clips"], progress=False, validation=args.validation,
-                                       baselines=("scratch", "inflate") if init == "scratch" else (),
+                                       baselines=("scratch", "inflate") if init == args.starts[0] else (),
                                        protocols=tuple(args.protocols)):
                     row = name if r["init"] == "checkpoint" else ROWS[r["init"]]
                     got[f"{row}|{label_set} {r['protocol']} {r['metric']}"] = r["value"]
@@ -96,16 +101,16 @@ def main():
     cols = [f"{ls} {p} {m}" for ls in ("object", "motion") for p, m in METRICS if p in args.protocols]
     print(f"\n{STUDENT}, {split} split, {args.steps} distillation steps {start_knobs}, seeds {args.seeds}: accuracy %, "
           "mean ± std; the distilled students' top-1 agreement with the teacher on held-back clips: "
-          + ", ".join(f"{name} {100 * np.mean([a[name] for a in agreement]):.0f} %" for name in STARTS.values()))
+          + ", ".join(f"{name} {100 * np.mean([a[name] for a in agreement]):.0f} %" for name in starts.values()))
     print("| initialisation | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
-    for row in list(STARTS.values()) + ["inflated", "random"]:
+    for row in list(starts.values()) + ["inflated", "random"]:
         cells = []
         for c in cols:
             v = [100 * r[f"{row}|{c}"] for r in runs]
             cells.append(f"{np.mean(v):.1f} ± {np.std(v):.1f}")
         print(f"| {row} | " + " | ".join(cells) + " |")
-    for name in STARTS.values():
+    for name in starts.values():
         gaps = []
         for c in cols:
             mean, half = interval([100 * (r[f"{name}|{c}"] - r[f"inflated|{c}"]) for r in runs])
