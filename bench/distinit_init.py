@@ -9,8 +9,9 @@ to the inflated network are reported with 95 % t-intervals. A distilled student 
 its teacher: its training-health top-1 agreement (pipeline/distill/health.py, on fixed held-back clips)
 is printed beside it; the comparison means something at >= 80 %.
 
-    python bench/distinit_init.py --demo demo_out --seeds 0 1 2 --steps 600     # ~75 min on 2 cores
-    python bench/distinit_init.py --demo demo_out --validation --lr 5e-4 --crop 96  # choosing knobs
+    python bench/distinit_init.py --demo demo_out --seeds 0 1 2 --steps 300 --lr 5e-4 --protocols linear knn  # ~50 min
+    python bench/distinit_init.py --demo demo_out --seeds 0 1 2 --steps 300 --lr 5e-4   # + fine-tuning, ~20 min a seed more
+    python bench/distinit_init.py --demo other_out --pictures other --generator-seed 1 --starts inflate
 
 Writes WORK/distinit_init.json (WORK: DEMO/distinit_init); a rerun reuses finished runs and evaluations.
 """
