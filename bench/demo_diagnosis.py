@@ -203,7 +203,9 @@ def mean_std(values):
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
 
 
-def print_tables(results, names, seeds, steps, paired=False):
+def print_tables(results, names, seeds, steps, paired=()):
+    """The accuracy table of `names`, then `paired` (names, the first the reference) as per-seed differences,
+    then the loss terms and the shortcut probe where the runs have them."""
     columns = [f"{ls} {p} {m}" for ls, p, m in COLUMNS]
     print(f"\naccuracy on the validation split, %, mean ± std over seeds {seeds}, {steps} steps")
     print("| row | " + " | ".join(columns) + " | mean of means |")
@@ -216,13 +218,13 @@ def print_tables(results, names, seeds, steps, paired=False):
         cells = [mean_std([r["accuracy"].get(c) for r in runs]) for c in columns]
         means = [np.mean([r["accuracy"][c] for r in runs]) for c in columns if all(c in r["accuracy"] for r in runs)]
         print(f"| {name} | " + " | ".join(cells) + f" | {100 * np.mean(means):.1f} |")
-    if paired and len(names) > 1:
-        reference = names[0]
+    if len(paired) > 1:
+        reference = paired[0]
         print(f"\npaired against {reference} (the same seed: the same initial weights and clips), % points, the mean "
               f"difference over seeds and its 95 % t-interval")
         print("| row − " + reference + " | " + " | ".join(columns) + " |")
         print("|---|" + "---|" * len(columns))
-        for name in names[1:]:
+        for name in paired[1:]:
             pairs = [(results.get(f"{reference}|{s}|{steps}"), results.get(f"{name}|{s}|{steps}")) for s in seeds]
             pairs = [(a["accuracy"], b["accuracy"]) for a, b in pairs if a and b]
             cells = []
@@ -334,8 +336,8 @@ def main():
     for seed in args.seeds:
         for row in BASELINES:
             results[f"{row}|{seed}|{args.steps}"] = {"accuracy": results[f"baselines|{seed}"][row]}
-    print_tables(results, [v[0] for v in variants] + ([] if args.paired else list(BASELINES)), args.seeds, args.steps,
-                 args.paired)
+    names = [v[0] for v in variants]
+    print_tables(results, names + list(BASELINES), args.seeds, args.steps, paired=names if args.paired else ())
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@ distilled from the teacher on the unlabelled pool from random weights (DistInit)
 teacher's ImageNet weights (`inflate`), inflated and then distilled (`distill --init inflate`), and
 random (`scratch`). Each is then fine-tuned on the labelled clips (the paper's protocol) and also
 linear-probed and kNN-scored, on both label sets of the demo's benchmark, over seeds. The paired gaps
-to the inflated network are reported with 95 % t-intervals. A distilled student is compared only once it agrees with
-its teacher: its training-health top-1 agreement (pipeline/distill/health.py, on fixed held-back clips)
-is printed beside it; the comparison means something at >= 80 %.
+to the inflated network are reported with 95 % t-intervals. A distilled student is compared only once
+it agrees with its teacher: its training-health top-1 agreement (pipeline/distill/health.py, on fixed
+held-back clips) is printed beside it; the comparison means something at >= 80 %.
 
     python bench/distinit_init.py --demo demo_out --seeds 0 1 2 --steps 300 --lr 5e-4 --protocols linear knn  # ~50 min
-    python bench/distinit_init.py --demo demo_out --seeds 0 1 2 --steps 300 --lr 5e-4   # + fine-tuning, ~20 min a seed more
+    python bench/distinit_init.py --demo demo_out --seeds 0 1 2 --steps 300 --lr 5e-4   # + 8 EfficientNet fine-tunes a seed
     python bench/distinit_init.py --demo other_out --pictures other --generator-seed 1 --starts inflate
 
 Writes WORK/distinit_init.json (WORK: DEMO/distinit_init); a rerun reuses finished runs and evaluations.
@@ -34,6 +34,8 @@ STUDENT = "efficientnet3d_lite0"
 ROWS = {"checkpoint": "distilled", "inflate": "inflated", "scratch": "random"}
 STARTS = {"scratch": "distilled", "inflate": "inflated-then-distilled"}  # the distilled rows, by --init
 METRICS = [("linear", "video_top1"), ("knn", "k20_top1"), ("finetune", "video_top1")]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", required=True, help="a `cli.py demo` folder (prepared here if it has no cache)")

@@ -10,7 +10,7 @@ modist is in the combination); from the inflated network it is the demo's inflat
 (INFLATED; lss with its self-distillation, as the demo's `lss ← inflate`). Shares need no labels: nothing
 is evaluated, so the runs can be short.
 
-    python bench/gradient_shares.py --demo demo_out                 # 16 runs of 40 steps, ~20 min on 2 cores
+    python bench/gradient_shares.py --demo demo_out                 # 16 runs of 40 steps, ~40 min on 2 cores
     python bench/gradient_shares.py --demo demo_out --starts scratch --objectives both distinit+lss
 
 Writes WORK/gradient_shares.json (WORK: DEMO/gradient_shares); a rerun reuses finished runs.
@@ -50,16 +50,14 @@ def settled_shares(log_path):
     gradient norm before clipping."""
     late = [json.loads(line) for line in open(log_path)]
     late = late[len(late) // 2:]
-    shares, terms, scales = {}, {}, {}
+    means = {"objective_share": {}, "share": {}, "scale": {}}  # a term's share is summed into its objective's
     for rec in late:
         for key, value in rec.items():
             group, _, name = key.partition("/")
-            if group in ("objective_share", "scale"):
-                into = shares if group == "objective_share" else scales
-                into[name] = into.get(name, 0.0) + value / len(late)
-            elif group == "share":
-                terms[part_of(name)] = terms.get(part_of(name), 0.0) + value / len(late)
-    return shares, terms, scales, float(np.mean([r["grad_norm"] for r in late]))
+            if group in means:
+                name = part_of(name) if group == "share" else name
+                means[group][name] = means[group].get(name, 0.0) + value / len(late)
+    return means["objective_share"], means["share"], means["scale"], float(np.mean([r["grad_norm"] for r in late]))
 
 
 def main():

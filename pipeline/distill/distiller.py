@@ -304,7 +304,9 @@ class Distiller(nn.Module):
             self.part_grad_norms.copy_(torch.where(seen, EMA * self.part_grad_norms + (1 - EMA) * norms, norms))
         scales = self.part_scales()
         shares = term_shares(grads, scales)
-        return shares | objective_shares(norms, scales, self.parts) if len(self.parts) > 1 else shares
+        if len(self.parts) > 1:  # one objective's share is 1
+            shares |= objective_shares(norms, scales, self.parts)
+        return shares
 
 
 def shuffled_forward(encoder, x, groups):
