@@ -280,6 +280,10 @@ def _add_teacher(cache, teacher, device, stall_timeout):
               help="Steps at the start in which only the heads learn; then the backbone warms up and decays over "
                    "the rest. For a start that already knows (--init inflate or PATH): the new heads first fit its "
                    "features, so their first large gradients do not rewrite them (e.g. 20 of 100 steps).")
+@click.option("--backbone-lr-scale", default=D.backbone_lr_scale, show_default=True, type=float,
+              help="The backbone's learning rate as a share of --lr. For a start that already knows: it stays near "
+                   "what it knows while the fresh heads and motion pathway learn at --lr (e.g. --lr 2e-3 "
+                   "--backbone-lr-scale 0.25).")
 @click.option("--clip-len", default=D.clip_len, help="Frames per clip (0: 16 on GPU, 8 on CPU).")
 @click.option("--stride", default=D.stride, show_default=True, help="Cached frames between clip frames.")
 @click.option("--crop", default=D.crop, show_default=True, help="Random-resized-crop output size.")

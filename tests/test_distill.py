@@ -655,8 +655,11 @@ def test_balance_grad_gives_each_objective_its_share_of_the_gradient_reaching_th
     # in a run: the objectives' scales move off their weights, and are logged with the shares
     out = tmp_path / "balanced"
     run_distill(tiny(eight_video_cache, out, steps=3, objective="both", balance="grad"))
-    rec = json.loads(open(out / "log.jsonl").readlines()[-1])
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    rec = records[-1]
     assert rec["scale/distinit"] != 1.0 and rec["scale/modist"] != 1.0
+    # scaled by this step's norms, not an average that lags a growing gradient: every step is even
+    assert len(records) == 3 and all(r["objective_share/distinit"] == pytest.approx(0.5, abs=1e-5) for r in records)
     # an objective's share: its scaled summed gradient's norm over the total, not the sum of its terms' shares
     assert objective_shares(norms, {"distinit": 1.0, "modist": 3.0}, ("distinit", "modist")) == pytest.approx(
         {"objective_share/distinit": float(norms[0] / (norms[0] + 3 * norms[1])),
@@ -700,3 +703,25 @@ def test_hold_backbone_trains_only_the_heads_first_then_the_backbone(eight_video
                          hold_backbone=4))
     with pytest.raises(DistillError, match="--hold-backbone must be 0 or more, not -1"):
         run_distill(tiny(eight_video_cache, tmp_path / "negative", steps=2, hold_backbone=-1))
+
+
+def test_backbone_lr_scale_gives_the_backbone_its_share_of_the_lr_on_the_same_schedule(eight_video_cache, tmp_path):
+    from pipeline.distill.train import build_training, check_cache, plan_steps, resolve
+    cfg = resolve(tiny(eight_video_cache, tmp_path / "x", steps=6, backbone_lr_scale=0.25, objective="both"))
+    cfg, plan = plan_steps(cfg, 8, 1, 0)
+    model, opt, sched = build_training(cfg, check_cache(cfg), plan)
+    backbone = {id(p) for p in model.backbone.parameters() if p.requires_grad}
+    assert {id(p) for p in opt.param_groups[0]["params"]} == backbone
+    assert not backbone & {id(p) for p in opt.param_groups[1]["params"]}  # heads and the motion pathway: full lr
+    for _ in range(6):  # warm-up and cosine alike: the backbone at a quarter of the rest's lr, every step
+        opt.step()
+        sched.step()
+        lr_backbone, lr_rest = sched.get_last_lr()
+        assert lr_backbone == pytest.approx(0.25 * lr_rest)
+    out = tmp_path / "scaled"  # the log shows the backbone's lr
+    run_distill(tiny(eight_video_cache, out, steps=2, backbone_lr_scale=0.25))
+    rec = json.loads(open(out / "log.jsonl").readlines()[-1])
+    assert rec["lr_backbone"] == pytest.approx(0.25 * rec["lr"])
+    for bad in (0.0, 1.5):
+        with pytest.raises(DistillError, match=rf"--backbone-lr-scale must be in \(0, 1\], not {bad}"):
+            run_distill(tiny(eight_video_cache, tmp_path / f"bad{bad}", steps=2, backbone_lr_scale=bad))

@@ -106,6 +106,9 @@ class DistillConfig:
     # over the rest (LP-FT, Kumar et al. 2022): a start that knows (inflate, PATH) first gets heads that fit
     # its features, instead of fresh heads whose large first gradients rewrite them
     hold_backbone: int = 0
+    # the backbone's learning rate as a share of --lr: below 1, a start that knows keeps near what it
+    # knows while the fresh heads and the motion pathway, which start from random weights, learn at --lr
+    backbone_lr_scale: float = 1.0
     clip_len: int = 0  # 0: 16 on CUDA, 8 on CPU
     stride: int = 2
     crop: int = 112

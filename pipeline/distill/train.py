@@ -67,6 +67,9 @@ def resolve(cfg):
         raise DistillError(f"--bn-stats must be batch or frozen, not {cfg.bn_stats!r}")
     if cfg.hold_backbone < 0:
         raise DistillError(f"--hold-backbone must be 0 or more, not {cfg.hold_backbone}")
+    if not 0 < cfg.backbone_lr_scale <= 1:
+        raise DistillError(f"--backbone-lr-scale must be in (0, 1], not {cfg.backbone_lr_scale} "
+                           f"(to hold the backbone for a while, use --hold-backbone)")
     if cfg.balance not in ("none", "grad"):
         raise DistillError(f"--balance must be none or grad, not {cfg.balance!r}")
     if cfg.colour_views not in ("key", "all"):
@@ -161,9 +164,10 @@ def build_training(cfg, fingerprint, plan, ckpt=None):
     schedule = lambda s: lr_lambda(s, plan["warmup"], plan["total"])  # noqa: E731
     params = [p for p in model.parameters() if p.requires_grad]
     groups, schedules = [{"params": params}], [schedule]
-    if hold:  # the backbone in a group of its own, held, then warmed up and decayed over the steps left
+    if hold or cfg.backbone_lr_scale != 1:  # the backbone in a group of its own: held, then warmed up and
+        # decayed over the steps left; at its share of the lr
         backbone = {id(p) for p in model.backbone.parameters()}
-        groups = [{"params": [p for p in params if id(p) in backbone]},
+        groups = [{"params": [p for p in params if id(p) in backbone], "lr": cfg.lr * cfg.backbone_lr_scale},
                   {"params": [p for p in params if id(p) not in backbone]}]
         schedules = [lambda s: 0.0 if s < hold else lr_lambda(s - hold, plan["warmup"], plan["total"] - hold),
                      schedule]
@@ -219,14 +223,14 @@ def train_step(model, forward, opt, sched, batch, amp, measure=False):
     measure: also measure each term's share of the gradient reaching the backbone (model.shares)."""
     with amp:
         losses = forward(batch)
-        loss = model.total(losses)
     opt.zero_grad(set_to_none=True)
     detached = {k: v.detach() for k, v in losses.items()}
-    if not all_finite(loss.detach()):
+    if not all_finite(torch.stack([v.float() for v in detached.values()])):
         model.drop_step()
         return None, detached, None
-    if measure:
+    if measure:  # before the total: --balance grad scales the objectives by this step's gradient norms
         model.shares = model.measure_shares(losses)
+    loss = model.total(losses)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], model.cfg.grad_clip)
     if not all_finite(grad_norm):  # clipping a NaN gradient still leaves NaN: skip, or the weights are lost
@@ -361,6 +365,7 @@ def describe_plan(cfg, plan, short_videos, world):
     lines = [f"plan: {p['videos']} videos x {p['clips_per_video']} clip(s) each per epoch = {p['per_epoch']} steps "
              f"of {cfg.batch_size} x {world} clips; {p['total']} steps = {p['total'] / p['per_epoch']:.1f} epochs; "
              f"warm-up {p['warmup']} steps, peak lr {cfg.lr:g}"
+             + (f" (backbone {cfg.lr * cfg.backbone_lr_scale:g})" if cfg.backbone_lr_scale != 1 else "")
              + (f", key momentum {p['momentum']:.3f}" if "modist" in objective_parts(cfg.objective) else ""),
              f"student: {cfg.student}, starting from {describe_start(cfg)}"]
     lines.append(describe_precision(cfg.precision, cfg.device))  # a warning when bf16 would be emulated
@@ -421,7 +426,7 @@ def train_loop(run, loader, step, batches_used):
                    "lr": run["sched"].get_last_lr()[-1], "grad_norm": float(grad_norm), "clips_per_s": clips_per_s,
                    **{k: float(v) for k, v in losses.items()}, **model.shares,
                    **{f"scale/{p}": v for p, v in model.part_scales().items()}}
-            if cfg.hold_backbone:
+            if cfg.hold_backbone or cfg.backbone_lr_scale != 1:
                 rec["lr_backbone"] = run["sched"].get_last_lr()[0]
             rec["loader_share"] = waited / max(time.perf_counter() - t_log, 1e-9)  # of the wall time since the last record
             if step % cfg.health_every == 0 or step == total:
