@@ -13,11 +13,6 @@ pooled features [B,D] (the heads, the projection, lss's concept head sit above t
 term sends into the features is what it asks of the backbone; measuring it costs a backward pass
 through the small heads only, every step (GradNorm measures at the last shared layer for the same
 reason). A term that never reaches the features (flow<->flow trains the motion pathway) has share 0.
-
-Why this step's norms and not an average over steps: an objective whose gradient grows as its head
-learns (distinit's) outruns an average. Scaled by norms smoothed over ~10 steps, distinit took
-0.55-0.65 of two objectives and 0.40-0.46 of three instead of its 0.5 and 0.33 (BENCHMARKS.md,
-"Objectives that add up"); scaled by this step's, every step gives each objective exactly its share.
 """
 import torch
 import torch.distributed as dist
@@ -25,6 +20,10 @@ import torch.distributed as dist
 # which objective a loss term belongs to ("distinit/<teacher>" and "embed/<teacher>" too)
 TERM_PART = {"distinit": "distinit", "embed": "distinit", "rgb_nce": "modist", "cross_nce": "modist",
              "flow_nce": "modist", "concept": "lss", "align": "lss", "concept_self": "lss"}
+# of the measured norms, per step: smooths one batch's noise over ~10 steps. It lags a growing gradient
+# (distinit's: 0.55-0.65 of two objectives), but scaling by each step's own norms, which gives exact
+# shares, lost 8 object and 6 motion points on validation (BENCHMARKS.md, "Objectives that add up")
+EMA = 0.9
 
 
 def part_of(term):
@@ -77,8 +76,8 @@ def balanced_scales(weights, norms):
     """Scales s_p such that part p's backbone gradient s_p * n_p is the share w_p / sum(w) of the total
     sum(n): the total gradient keeps its size, its direction takes the asked mix.
 
-    weights [P] (the parts' --*-weight), norms [P] (this step's norm of each part's unscaled feature
-    gradient) -> [P]. A part whose gradient is 0 keeps its weight."""
+    weights [P] (the parts' --*-weight), norms [P] (EMA of each part's unscaled feature gradient norm)
+    -> [P]. A part not measured yet (norm 0) keeps its weight."""
     if (norms <= 0).any():
         return weights
     return weights / weights.sum() * norms.sum() / norms

@@ -13,6 +13,7 @@ from models.students import HeadLinear, ProjectionHead, build_motion_pathway, bu
 from pipeline.common.config import objective_parts
 from pipeline.distill.augment import colour_augment
 from pipeline.distill.balance import (
+    EMA,
     balanced_scales,
     objective_shares,
     part_norms,
@@ -47,7 +48,7 @@ class Distiller(nn.Module):
         d = self.backbone.feature_dim
         self.parts = parts = objective_parts(cfg.objective)
         self.use_distinit, self.use_modist, self.use_lss = ("distinit" in parts), ("modist" in parts), ("lss" in parts)
-        # each objective's gradient norm at the backbone's output this step (0: not measured yet), for --balance grad
+        # each objective's gradient norm at the backbone's output (EMA; 0: not measured yet), for --balance grad
         self.register_buffer("part_grad_norms", torch.zeros(len(parts)))
         self.shares = {}  # {"share/<term>": ...} of the last measured step
         if self.use_lss:
@@ -293,11 +294,14 @@ class Distiller(nn.Module):
 
     def measure_shares(self, losses):
         """Each term's and, in a combination, each objective's share of the gradient reaching the backbone
-        (for the log), and this step's norms, which balancing scales by. Call between forward and backward."""
+        (for the log), and, balancing, the objectives' norms moved towards this step's. Call between forward
+        and backward."""
         within = self.term_weights()
         grads = term_gradients({k: within[k] * v for k, v in losses.items()}, self.features)
-        norms = part_norms(grads, self.parts)
-        self.part_grad_norms.copy_(norms)
+        norms = part_norms(grads, self.parts).to(self.part_grad_norms.device)
+        with torch.no_grad():
+            seen = self.part_grad_norms > 0
+            self.part_grad_norms.copy_(torch.where(seen, EMA * self.part_grad_norms + (1 - EMA) * norms, norms))
         scales = self.part_scales()
         shares = term_shares(grads, scales)
         if len(self.parts) > 1:  # one objective's share is 1

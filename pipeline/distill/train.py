@@ -223,14 +223,14 @@ def train_step(model, forward, opt, sched, batch, amp, measure=False):
     measure: also measure each term's share of the gradient reaching the backbone (model.shares)."""
     with amp:
         losses = forward(batch)
+        loss = model.total(losses)
     opt.zero_grad(set_to_none=True)
     detached = {k: v.detach() for k, v in losses.items()}
-    if not all_finite(torch.stack([v.float() for v in detached.values()])):
+    if not all_finite(loss.detach()):
         model.drop_step()
         return None, detached, None
-    if measure:  # before the total: --balance grad scales the objectives by this step's gradient norms
+    if measure:
         model.shares = model.measure_shares(losses)
-    loss = model.total(losses)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], model.cfg.grad_clip)
     if not all_finite(grad_norm):  # clipping a NaN gradient still leaves NaN: skip, or the weights are lost
