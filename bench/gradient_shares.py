@@ -10,7 +10,7 @@ modist is in the combination); from the inflated network it is the demo's inflat
 (INFLATED; lss with its self-distillation, as the demo's `lss ← inflate`). Shares need no labels: nothing
 is evaluated, so the runs can be short.
 
-    python bench/gradient_shares.py --demo demo_out                 # 16 runs of 40 steps, ~40 min on 2 cores
+    python bench/gradient_shares.py --demo demo_out                 # 16 runs of 40 steps: 40 min on 2 shared cores
     python bench/gradient_shares.py --demo demo_out --starts scratch --objectives both distinit+lss
 
 Writes WORK/gradient_shares.json (WORK: DEMO/gradient_shares); a rerun reuses finished runs.

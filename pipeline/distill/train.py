@@ -164,8 +164,8 @@ def build_training(cfg, fingerprint, plan, ckpt=None):
     schedule = lambda s: lr_lambda(s, plan["warmup"], plan["total"])  # noqa: E731
     params = [p for p in model.parameters() if p.requires_grad]
     groups, schedules = [{"params": params}], [schedule]
-    if hold or cfg.backbone_lr_scale != 1:  # the backbone in a group of its own: held, then warmed up and
-        # decayed over the steps left; at its share of the lr
+    if hold or cfg.backbone_lr_scale != 1:  # the backbone in a group of its own, at its share of the lr:
+        # held, then warmed up and decayed over the steps left
         backbone = {id(p) for p in model.backbone.parameters()}
         groups = [{"params": [p for p in params if id(p) in backbone], "lr": cfg.lr * cfg.backbone_lr_scale},
                   {"params": [p for p in params if id(p) not in backbone]}]
@@ -426,7 +426,7 @@ def train_loop(run, loader, step, batches_used):
                    "lr": run["sched"].get_last_lr()[-1], "grad_norm": float(grad_norm), "clips_per_s": clips_per_s,
                    **{k: float(v) for k, v in losses.items()}, **model.shares,
                    **{f"scale/{p}": v for p, v in model.part_scales().items()}}
-            if cfg.hold_backbone or cfg.backbone_lr_scale != 1:
+            if len(run["opt"].param_groups) > 1:  # the backbone's group (build_training)
                 rec["lr_backbone"] = run["sched"].get_last_lr()[0]
             rec["loader_share"] = waited / max(time.perf_counter() - t_log, 1e-9)  # of the wall time since the last record
             if step % cfg.health_every == 0 or step == total:
