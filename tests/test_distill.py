@@ -629,7 +629,7 @@ def test_every_objective_logs_its_training_health_and_gradient_shares(eight_vide
 
 
 def test_a_student_that_learns_nothing_gets_one_warning(eight_video_cache, tmp_path, capsys):
-    from pipeline.distill.health import unhealthy
+    from pipeline.distill.health import health_advice, unhealthy
     run_distill(tiny(eight_video_cache, tmp_path / "frozen", steps=4, lr=0.0, warmup_steps=1, health_every=2))
     warnings = [l for l in capsys.readouterr().out.splitlines() if "no better than a student that ignores its input" in l]
     assert len(warnings) == 1 and warnings[0].startswith("warning: step 2: distinit") and "--lr (now 0)" in warnings[0]
@@ -640,6 +640,11 @@ def test_a_student_that_learns_nothing_gets_one_warning(eight_video_cache, tmp_p
     assert unhealthy(dict(healthy, **{"health/modist/rgb_to_flow_top1": 1 / 32})) == ["modist"]
     assert unhealthy(dict(healthy, **{"health/distinit/kl": 0.5})) == []  # it still finds the teacher's class
     assert unhealthy(dict(healthy, **{"health/distinit/kl": 0.5, "health/distinit/top1_agree": 0.3})) == ["distinit"]
+    # and the advice fits the head: contrastive retrieval is usually just early, a teacher head is not
+    assert "teacher outputs" in health_advice(["distinit"], 0.0) and "--steps" not in health_advice(["distinit"], 0.0)
+    assert "more --steps" in health_advice(["modist"], 5e-4) and "teacher outputs" not in health_advice(["modist"], 5e-4)
+    both_kinds = health_advice(["lss", "modist"], 5e-4)
+    assert "teacher outputs" in both_kinds and "cache's flow" in both_kinds
 
 
 def test_balance_grad_gives_each_objective_its_share_of_the_gradient_reaching_the_backbone(eight_video_cache, tmp_path):

@@ -97,6 +97,19 @@ def describe_health(record):
     return "; ".join(parts)
 
 
+def health_advice(heads, lr):
+    """What to check for the heads unhealthy() named: a teacher head that matches only the mean target is
+    usually a learning rate or a cache problem; contrastive retrieval at chance is usually just early
+    (MoDist needed ~600 steps on the demo's 128 videos, a student from the inflated start still more)."""
+    advice = []
+    if set(heads) - {"modist"}:
+        advice.append(f"check --lr (now {lr:g}) and the cache's teacher outputs")
+    if "modist" in heads:
+        advice.append(f"contrastive retrieval often stays at chance for a few hundred steps: if it still is at the "
+                      f"end, give it more --steps, then check --lr (now {lr:g}) and the cache's flow")
+    return "; ".join(advice)
+
+
 def unhealthy(record):
     """The heads no better than their baseline: a KL not below the mean target's and a top-1 agreement not
     above it (a student that ignores its input scores exactly both), or retrieval at chance."""

@@ -32,7 +32,7 @@ from pipeline.common.tensorboard import TrainEvents
 from pipeline.distill.clips import ClipDataset, clip_span, make_loader
 from pipeline.distill.concepts import read_bank
 from pipeline.distill.distiller import Distiller
-from pipeline.distill.health import describe_health, health_sample, measure_health, unhealthy
+from pipeline.distill.health import describe_health, health_advice, health_sample, measure_health, unhealthy
 from pipeline.distill.resume import (
     checkpoint_state,
     choose_run_folder,
@@ -436,8 +436,8 @@ def train_loop(run, loader, step, batches_used):
                 if sick:
                     warned = True
                     print(f"warning: step {step}: {', '.join(sick)} no better than a student that ignores its input "
-                          f"({describe_health(rec)}, on {len(run['health_sample']['video'])} fixed clips); the run is "
-                          f"not learning: check --lr (now {cfg.lr:g}) and the cache's teacher outputs")
+                          f"({describe_health(rec)}, on {len(run['health_sample']['video'])} fixed clips): "
+                          f"{health_advice(sick, cfg.lr)}")
             waited, t_log = 0.0, time.perf_counter()
             with open(run["log_path"], "a") as f:
                 f.write(json.dumps(rec) + "\n")
