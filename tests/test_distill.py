@@ -469,10 +469,32 @@ def test_lss_self_distillation_follows_an_ema_copy_on_a_second_clip(eight_video_
     model.momentum_update()
     for b, q, k in zip(before, student, model.ema_concepts.parameters()):
         torch.testing.assert_close(k, 0.9 * b + 0.1 * q)
+    # DINO's centring keeps self-distillation from collapsing onto one concept: the EMA teacher's mean scores
+    # of an accepted step move the centres by (1 - 0.9); a skipped step's are dropped
+    model(batch)
+    ema_scores = [c.clone() for c in model.pending_centers]  # [C], [A]
+    assert [len(c) for c in ema_scores] == [len(model.category_vectors), len(model.description_vectors)]
+    model.drop_step()
+    model.after_step()
+    assert float(model.center_categories.abs().sum()) == 0 and float(model.center_descriptions.abs().sum()) == 0
+    model(batch)
+    ema_scores = [c.clone() for c in model.pending_centers]
+    model.after_step()
+    torch.testing.assert_close(model.center_categories, 0.1 * ema_scores[0])
+    torch.testing.assert_close(model.center_descriptions, 0.1 * ema_scores[1])
     out = tmp_path / "run"
     run_distill(tiny(eight_video_cache, out, steps=2, objective="lss", concepts=concept_bank, concept_self_weight=0.5))
     assert "concept_self" in json.loads(open(out / "log.jsonl").readlines()[-1])
-    assert any(k.startswith("ema_concepts.1.") for k in load_checkpoint(str(out / "checkpoint.pt"))["model"])
+    saved = load_checkpoint(str(out / "checkpoint.pt"))["model"]
+    assert any(k.startswith("ema_concepts.1.") for k in saved)
+    assert float(saved["center_categories"].abs().sum()) > 0  # the centres travel with the run, for a resume
+    # a run saved before the centres existed is refused in one line naming its checkpoint, not a traceback
+    old = load_checkpoint(str(out / "checkpoint.pt"))
+    del old["model"]["center_categories"], old["model"]["center_descriptions"]
+    torch.save(old, out / "checkpoint.pt")
+    with pytest.raises(DistillError, match=r"run/checkpoint.pt does not fit this vidistill's model \(Missing key.*"
+                                           r"center_categories.*use another --out"):
+        run_distill(tiny(eight_video_cache, out, steps=3, objective="lss", concepts=concept_bank, concept_self_weight=0.5))
 
 
 def test_a_checkpoint_older_than_a_setting_resumes_at_that_settings_default(eight_video_cache, tmp_path):

@@ -134,6 +134,15 @@ def test_concept_distill_is_cross_entropy_and_pulls_the_student_to_the_teacher()
     assert concept_distill(moved, teacher, concepts, 0.1, 0.04) < loss
     # lower when the student stands where the teacher does than anywhere random
     assert concept_distill(teacher, teacher, concepts, 0.1, 0.04) < loss
+    # a centre is subtracted from the teacher's cosines before its softmax (DINO's centring): the concept
+    # every clip's teacher favours loses its lead, and a centre that is the same for every concept changes nothing
+    center = (teacher @ concepts.t()).mean(0)  # [K]
+    centred = concept_distill(student.detach(), teacher, concepts, 0.1, 0.04, center)
+    p_c = F.softmax((teacher @ concepts.t() - center) / 0.04, -1)
+    assert torch.allclose(centred, -(p_c * F.log_softmax(student.detach() @ concepts.t() / 0.1, -1)).sum(-1).mean())
+    favoured = int((teacher @ concepts.t()).mean(0).argmax())
+    assert p_c[:, favoured].mean() < p_t[:, favoured].mean()
+    assert torch.allclose(concept_distill(student, teacher, concepts, 0.1, 0.04, torch.full((7,), 0.3)), loss)
 
 
 def test_concept_align_is_lowest_when_descriptions_follow_categories():

@@ -32,6 +32,8 @@ from pipeline.distill.losses import (
     teacher_targets,
 )
 
+CENTER_MOMENTUM = 0.9  # of the centres of lss's EMA teacher's concept scores: DINO's
+
 
 class Distiller(nn.Module):
     """The student backbone plus whatever the objective needs: heads, motion pathway, momentum copies."""
@@ -58,9 +60,15 @@ class Distiller(nn.Module):
             self.concept_head = ProjectionHead(d, dim_out=self.category_vectors.shape[1])
         # LSS self-distillation's teacher: an EMA copy of the student and its concept head
         self.ema_concepts = None
+        self.pending_centers = None  # this step's mean EMA concept scores, folded in once the step is accepted
         if self.use_lss and cfg.concept_self_weight > 0:
             self.ema_concepts = nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.concept_head))
             self.ema_concepts.requires_grad_(False)
+            # DINO's centring: the running mean of the EMA teacher's scores, subtracted before its sharper
+            # softmax. Sharpening alone collapses self-distillation onto one concept for every clip (on the
+            # demo the concept KL to the image teacher rose while the self term fell to a constant's)
+            self.register_buffer("center_categories", torch.zeros(len(self.category_vectors)))
+            self.register_buffer("center_descriptions", torch.zeros(len(self.description_vectors)))
         self.bank = concepts["identity"] if self.use_lss else None  # which bank: saved in the checkpoint
         # a CLIP teacher's cached embeddings already live in the bank's space; an ImageNet teacher's
         # logits reach it through the bridge
@@ -126,18 +134,22 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def after_step(self):
         """What an accepted optimiser step is followed by: the momentum copies move towards the updated
-        student and this step's keys enter the queue. A step skipped for a non-finite loss does neither
-        (its keys are dropped), so one bad batch cannot poison the queue or the key encoders. Moving the
-        copies after the step rather than before the next forward is MoCo's order too."""
+        student, this step's keys enter the queue and its EMA concept scores lss's centres. A step skipped
+        for a non-finite loss does none of it (its keys are dropped), so one bad batch cannot poison the
+        queue, the centres or the key encoders. Moving the copies after the step rather than before the
+        next forward is MoCo's order too."""
         self.momentum_update()
         if self.pending_keys is not None:
             self.enqueue(*self.pending_keys)
-        self.pending_keys = None
+        if self.pending_centers is not None:
+            for center, batch_mean in zip((self.center_categories, self.center_descriptions), self.pending_centers):
+                center.mul_(CENTER_MOMENTUM).add_(all_gather(batch_mean[None]).mean(0), alpha=1 - CENTER_MOMENTUM)
+        self.pending_keys = self.pending_centers = None
 
     def drop_step(self):
-        """A skipped step: forget its keys and put back the BatchNorm statistics its forward pass moved
-        (a non-finite batch would otherwise leave NaN in them for good)."""
-        self.pending_keys = None
+        """A skipped step: forget its keys and concept scores and put back the BatchNorm statistics its
+        forward pass moved (a non-finite batch would otherwise leave NaN in them for good)."""
+        self.pending_keys = self.pending_centers = None
         with torch.no_grad():
             for buffer, saved in zip(self.batchnorm_buffers(), self.saved_statistics):
                 buffer.copy_(saved)
@@ -226,15 +238,18 @@ class Distiller(nn.Module):
         student = self.concept_head(feat)  # [B,D] unit
         teacher = (joint_teacher(batch["teacher_embed"], batch["teacher_mask"]) if self.teacher_in_text_space
                    else bridged_teacher(batch["teacher_logits"], batch["teacher_mask"], self.bridge_vectors))  # [B,D]
-        def distill(target):  # over the categories and over the descriptions
-            return sum(concept_distill(student, target, vectors, cfg.concept_tau, cfg.concept_teacher_tau)
-                       for vectors in (self.category_vectors, self.description_vectors))
+        vectors = (self.category_vectors, self.description_vectors)
+
+        def distill(target, centers=(0.0, 0.0)):  # over the categories and over the descriptions
+            return sum(concept_distill(student, target, v, cfg.concept_tau, cfg.concept_teacher_tau, c)
+                       for v, c in zip(vectors, centers))
         losses = {"concept": distill(teacher)}
         if self.ema_concepts is not None:  # the EMA student's view of another clip of the video
             with torch.no_grad():
                 video2 = self.video_input(self.augment(batch["video2"]))
-                ema = shuffled_forward(self.ema_concepts, video2, cfg.shuffle_bn_groups)  # [B,D] unit
-            losses["concept_self"] = distill(ema)
+                ema = shuffled_forward(self.ema_concepts, video2, cfg.shuffle_bn_groups).float()  # [B,D] unit
+                self.pending_centers = [(ema @ v.t()).mean(0) for v in vectors]  # [C], [A]: after_step folds them in
+            losses["concept_self"] = distill(ema, (self.center_categories, self.center_descriptions))
         if cfg.align_weight > 0:
             losses["align"] = concept_align(student, self.category_vectors, self.description_vectors, self.membership,
                                             cfg.concept_tau)

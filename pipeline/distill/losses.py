@@ -93,14 +93,15 @@ def joint_teacher(teacher_embed, teacher_mask):
     return F.normalize(frame_mean(teacher_embed, teacher_mask), dim=-1)
 
 
-def concept_distill(student, teacher, concepts, tau_student, tau_teacher):
+def concept_distill(student, teacher, concepts, tau_student, tau_teacher, center=0.0):
     """LSS concept distillation: cross-entropy between the teacher's and the student's distributions
-    over the concepts, softmax of cosine / tau (the teacher's sharper), mean over the batch.
+    over the concepts, softmax of cosine / tau (the teacher's sharper), mean over the batch. center:
+    what is subtracted from the teacher's cosines first (DINO's centring, for a teacher that learns).
 
-    student [B,D], teacher [B,D] (unit), concepts [K,D] (unit) -> scalar.
+    student [B,D], teacher [B,D] (unit), concepts [K,D] (unit), center [K] or 0 -> scalar.
     """
     with torch.autocast(student.device.type, enabled=False):
-        target = F.softmax(teacher.float() @ concepts.t() / tau_teacher, dim=-1)  # [B,K]
+        target = F.softmax((teacher.float() @ concepts.t() - center) / tau_teacher, dim=-1)  # [B,K]
         log_p = F.log_softmax(student.float() @ concepts.t() / tau_student, dim=-1)  # [B,K]
         return -(target * log_p).sum(-1).mean()
 
