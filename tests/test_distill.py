@@ -482,6 +482,22 @@ def test_lss_self_distillation_follows_an_ema_copy_on_a_second_clip(eight_video_
     model.after_step()
     torch.testing.assert_close(model.center_categories, 0.1 * ema_scores[0])
     torch.testing.assert_close(model.center_descriptions, 0.1 * ema_scores[1])
+    # and the self term reads them: its target is the EMA view's cosines minus the centres
+    from pipeline.distill.losses import concept_distill
+    torch.manual_seed(0)
+    model.center_categories.copy_(torch.randn(len(model.category_vectors)))
+    model.center_descriptions.copy_(torch.randn(len(model.description_vectors)))
+    torch.manual_seed(1)
+    got = model(batch)["concept_self"]
+    torch.manual_seed(1)
+    feat = model.backbone(model.video_input(batch["video"]))
+    student, ema = model.concept_head(feat), model.ema_concepts(model.video_input(batch["video2"]))
+    want = sum(concept_distill(student, ema, v, cfg.concept_tau, cfg.concept_teacher_tau, c) for v, c in
+               ((model.category_vectors, model.center_categories), (model.description_vectors, model.center_descriptions)))
+    uncentred = sum(concept_distill(student, ema, v, cfg.concept_tau, cfg.concept_teacher_tau)
+                    for v in (model.category_vectors, model.description_vectors))
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, uncentred)
     out = tmp_path / "run"
     run_distill(tiny(eight_video_cache, out, steps=2, objective="lss", concepts=concept_bank, concept_self_weight=0.5))
     assert "concept_self" in json.loads(open(out / "log.jsonl").readlines()[-1])

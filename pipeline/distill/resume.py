@@ -144,7 +144,7 @@ def resume(ckpt, log_path, cfg, model, opt, sched, world, rank):
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:  # e.g. saved before lss's self-distillation kept its centres
         raise DistillError(f"{os.path.join(cfg.out, 'checkpoint.pt')} does not fit this vidistill's model "
-                           f"({str(e).splitlines()[1].strip()}); use another --out to start a new run") from None
+                           f"({str(e).strip().splitlines()[-1].strip()}); use another --out to start a new run") from None
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     step = ckpt["step"]
